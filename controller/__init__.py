@@ -1,0 +1,62 @@
+"""fc-controller: a fast, asyncio-native drop-in replacement for FastChat's controller.
+
+The public API is what this module exports. Names are loaded on first use, so a worker
+that imports only ``controller.client`` (the worker-side helper) never loads the server.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import CONTROLLER_KEY, Controller
+    from .config import ControllerConfig
+    from .errors import BadRequestError, ConfigError, ControllerError, NotRunningError
+    from .models import DispatchMethod, ErrorProfile, WorkerInfo, WorkerStatus
+    from .protocol import SERVER_ERROR_MSG
+
+__all__ = [
+    "CONTROLLER_KEY",
+    "SERVER_ERROR_MSG",
+    "BadRequestError",
+    "ConfigError",
+    "Controller",
+    "ControllerConfig",
+    "ControllerError",
+    "DispatchMethod",
+    "ErrorProfile",
+    "NotRunningError",
+    "WorkerInfo",
+    "WorkerStatus",
+]
+
+__version__ = "0.1.0"
+
+_HOME = {
+    "CONTROLLER_KEY": "app",
+    "Controller": "app",
+    "ControllerConfig": "config",
+    "BadRequestError": "errors",
+    "ConfigError": "errors",
+    "ControllerError": "errors",
+    "NotRunningError": "errors",
+    "DispatchMethod": "models",
+    "ErrorProfile": "models",
+    "WorkerInfo": "models",
+    "WorkerStatus": "models",
+    "SERVER_ERROR_MSG": "protocol",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'controller' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,406 @@
+"""The Controller: owns the configuration, the registry, the one ClientSession and the
+background tasks, and runs either inside a host aiohttp application or on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Generator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import dispatch, protocol
+from .config import ControllerConfig
+from .errors import BadRequestError, NotRunningError
+from .models import WorkerInfo, WorkerStatus
+from .protocol import RegisterRequest
+from .proxy import DisconnectWatch, Outcome, relay_stream, worker_url
+from .registry import Clock, Registry
+
+__all__ = ["CONTROLLER_KEY", "Controller"]
+
+log = logging.getLogger(__name__)
+
+# Bounded so that stopping is quick; streams still running then are cut.
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class Controller:
+    """A FastChat-compatible controller.
+
+    Three ways to run one:
+
+    * inside a host application that has not started yet::
+
+          controller = await Controller.start(app, config)
+
+      The host's runner serves the controller's routes; its background work starts and
+      stops with the host application.
+    * standalone, from async code::
+
+          async with Controller.serve(config) as controller:
+              print(controller.url)
+
+      or ``controller = await Controller.serve(config)`` and later
+      ``await controller.aclose()``.
+    * from the command line: ``fc-controller`` (see ``controller.cli``).
+
+    ``clock`` (monotonic seconds) and ``rng`` are injectable so tests can drive time and
+    dispatch randomness.
+    """
+
+    def __init__(
+        self,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config if config is not None else ControllerConfig()
+        self.registry = Registry(self.config.heart_beat_expiration, clock)
+        self.rng = rng if rng is not None else random.Random()
+        #: serialises registry writes that follow an await (probe, then record)
+        self.lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._watch = DisconnectWatch()
+        self._refreshing: asyncio.Future[None] | None = None
+        cfg = self.config
+        self._probe_timeout = aiohttp.ClientTimeout(total=cfg.status_probe_timeout)
+        # No total: a long generation that keeps producing must never be cut.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=cfg.status_probe_timeout,
+            sock_read=cfg.worker_api_timeout,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        app: web.Application,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> Controller:
+        """Attach a new controller to ``app``, which must not have started yet."""
+        controller = cls(config, clock=clock, rng=rng)
+        controller.attach(app)
+        return controller
+
+    def attach(self, app: web.Application) -> None:
+        """Add the routes and the background work to ``app`` (before it starts)."""
+        from .handlers import add_routes
+
+        if app.frozen:
+            raise RuntimeError("attach the controller before the application starts")
+        if CONTROLLER_KEY in app:
+            raise RuntimeError("this application already has a controller")
+        app[CONTROLLER_KEY] = self
+        add_routes(app, self)
+        app.cleanup_ctx.append(self._app_context)
+
+    @classmethod
+    def serve(
+        cls,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> _Serving:
+        """Run a controller on its own listening socket.
+
+        Await the result for a running controller, or use it with ``async with``.
+        """
+        return _Serving(cls(config, clock=clock, rng=rng))
+
+    async def _serve(self) -> Controller:
+        cfg = self.config
+        app = web.Application(client_max_size=cfg.max_body_size, handler_args={"access_log": None})
+        self.attach(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, cfg.host, cfg.port, ssl_context=self._ssl_context(), reuse_address=True
+            )
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        return self
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if cfg.ssl_certfile is None or cfg.ssl_keyfile is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+        return context
+
+    async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
+        await self._open()
+        try:
+            yield
+        finally:
+            await self._close_resources()
+
+    async def _open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._stream_timeout, auto_decompress=False
+        )
+        self._tasks = [
+            asyncio.create_task(self._expire_forever(), name="fc-controller-expiry"),
+            asyncio.create_task(self._watch.run(), name="fc-controller-disconnect-watch"),
+        ]
+
+    async def _close_resources(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def aclose(self) -> None:
+        """Stop serving (if standalone), end background tasks and close the session.
+
+        Idempotent. For a controller attached to a host application, the host's cleanup does
+        this; calling it earlier stops the controller's background work only.
+        """
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        await self._close_resources()
+
+    async def __aenter__(self) -> Controller:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def running(self) -> bool:
+        return self._session is not None
+
+    @property
+    def url(self) -> str:
+        """The base URL a standalone controller listens on (the real port if 0 was asked)."""
+        if self._runner is None:
+            raise NotRunningError("url is known only for a controller started with serve()")
+        port = self.config.port
+        for address in self._runner.addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                port = address[1]
+                break
+        host = self.config.host or "0.0.0.0"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.config.scheme}://{host}:{port}"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise NotRunningError("the controller is not running: start() or serve() it first")
+        return self._session
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def register(self, request: RegisterRequest) -> bool:
+        """Register a worker, asking it for its status when the request carried none."""
+        status = request.worker_status
+        if status is None:
+            status = await self.probe(request.worker_name)
+            if status is None:
+                log.warning(
+                    "Not registering %s: it did not answer /worker_get_status",
+                    request.worker_name,
+                )
+                return False
+        async with self.lock:
+            info, is_new = self.registry.register(
+                request.worker_name,
+                status,
+                check_heart_beat=request.check_heart_beat,
+                multimodal=request.multimodal,
+            )
+        log.info(
+            "%s worker %s: models=%s speed=%s queue_length=%d",
+            "Registered new" if is_new else "Re-registered",
+            info.name,
+            list(info.model_names),
+            info.speed,
+            info.queue_length,
+        )
+        return True
+
+    def unregister(self, worker_name: str) -> bool:
+        info = self.registry.remove(worker_name)
+        if info is not None:
+            log.info("Removed worker %s: it said it is leaving", worker_name)
+        return info is not None
+
+    def heartbeat(self, worker_name: str, queue_length: int) -> bool:
+        exists = self.registry.heartbeat(worker_name, queue_length)
+        if not exists:
+            log.debug("Heartbeat from unknown worker %s", worker_name)
+        return exists
+
+    def dispatch(self, model: str) -> WorkerInfo | None:
+        """Pick a worker for ``model`` and count the request against it."""
+        worker = dispatch.choose(
+            self.config.dispatch_method, self.registry.candidates(model), self.rng
+        )
+        if worker is not None:
+            worker.dispatched()
+        log.debug("dispatch %r -> %s", model, worker.name if worker else None)
+        return worker
+
+    async def probe(self, worker_name: str) -> WorkerStatus | None:
+        """Ask a worker for its status; ``None`` if it fails to answer well in time."""
+        url = worker_url(worker_name, "/worker_get_status")
+        try:
+            async with self.session.post(url, timeout=self._probe_timeout) as response:
+                if response.status != 200:
+                    log.debug("status probe of %s: HTTP %d", worker_name, response.status)
+                    return None
+                body = await response.read()
+            return protocol.parse_worker_status(protocol.decode_body(body), "status")
+        except (aiohttp.ClientError, TimeoutError, BadRequestError) as e:
+            log.debug("status probe of %s failed: %r", worker_name, e)
+            return None
+
+    async def refresh_all_workers(self) -> None:
+        """Re-ask every worker for its status at once; drop those that fail to answer.
+
+        Workers stay routable while they are probed. Concurrent calls share one round of
+        probes instead of each starting its own.
+        """
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+            return
+        self._refreshing = asyncio.get_running_loop().create_future()
+        try:
+            await self._refresh()
+        finally:
+            self._refreshing.set_result(None)
+            self._refreshing = None
+
+    async def _refresh(self) -> None:
+        entries = [(w, w.generation) for w in self.registry]
+        statuses = await asyncio.gather(*(self.probe(w.name) for w, _ in entries))
+        async with self.lock:
+            for (worker, generation), status in zip(entries, statuses, strict=True):
+                if status is not None:
+                    self.registry.update_if_current(worker, generation, status)
+                elif self.registry.remove_if_current(worker, generation):
+                    log.info("Removed worker %s: it did not answer /worker_get_status", worker.name)
+
+    async def aggregate_status(self) -> WorkerStatus:
+        """The sum of what every registered worker says now, as if this were one worker."""
+        workers = list(self.registry)
+        statuses = await asyncio.gather(*(self.probe(w.name) for w in workers))
+        names: set[str] = set()
+        speed: float = 0
+        queue = 0
+        for status in statuses:
+            if status is not None:
+                names.update(status.model_names)
+                speed += status.speed
+                queue += status.queue_length
+        return WorkerStatus(tuple(sorted(names)), speed, queue)
+
+    async def generate_stream(
+        self, request: web.Request, body: bytes, model: str
+    ) -> web.StreamResponse:
+        """Relay a generation to a worker serving ``model``; errors travel in-band."""
+        profile = self.config.error_profile
+        worker = self.dispatch(model)
+        if worker is None:
+            log.debug("no worker for model %r", model)
+            return web.Response(body=protocol.stream_error(profile.no_worker))
+        worker.active_streams += 1
+        try:
+            response, outcome = await relay_stream(
+                request,
+                self.session,
+                worker.name,
+                body,
+                client_timeout=self._stream_timeout,
+                error_code=profile.worker_error,
+                watch=self._watch,
+            )
+        finally:
+            worker.active_streams -= 1
+            worker.stream_ended()
+        if outcome is not Outcome.COMPLETED:
+            log.debug("stream to %s ended: %s", worker.name, outcome.value)
+        return response
+
+    # -- background work -----------------------------------------------------------------
+
+    async def _expire_forever(self) -> None:
+        interval = self.config.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_now()
+
+    def expire_now(self) -> list[WorkerInfo]:
+        """Remove expired workers now and log each; the background task calls this."""
+        removed = self.registry.expire()
+        for info, silent in removed:
+            log.info(
+                "Removed worker %s: no heartbeat for %.1f s (expiration %g s)",
+                info.name,
+                silent,
+                self.config.heart_beat_expiration,
+            )
+        return [info for info, _ in removed]
+
+
+class _Serving:
+    """What ``Controller.serve()`` returns: await it, or use it with ``async with``."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def __await__(self) -> Generator[Any, None, Controller]:
+        return self._controller._serve().__await__()
+
+    async def __aenter__(self) -> Controller:
+        return await self._controller._serve()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._controller.aclose()
+
+
+CONTROLLER_KEY = web.AppKey("fc_controller", Controller)

@@ -1,0 +1,276 @@
+"""The ``fc-controller`` command: flags and environment in, a running controller out.
+
+This is the only module that reads ``sys.argv`` or ``os.environ``, configures logging or
+chooses the event loop. Precedence for every setting: flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import __version__
+from .app import Controller
+from .config import (
+    DEFAULT_HEART_BEAT_EXPIRATION,
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_PORT,
+    DEFAULT_STATUS_PROBE_TIMEOUT,
+    DEFAULT_WORKER_API_TIMEOUT,
+    ControllerConfig,
+)
+from .errors import ConfigError
+from .models import DispatchMethod
+
+__all__ = ["build_parser", "load_config", "main"]
+
+log = logging.getLogger("controller")
+
+ENV_EXPIRATION = "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION"
+ENV_API_TIMEOUT = "FASTCHAT_WORKER_API_TIMEOUT"
+ENV_SSL_KEYFILE = "SSL_KEYFILE"
+ENV_SSL_CERTFILE = "SSL_CERTFILE"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    factor = units.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(digits) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size in bytes such as 1048576 or 64MiB, got {text!r}"
+        ) from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"expected at least 1024 bytes, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fc-controller",
+        description=(
+            "A fast, asyncio-native controller for FastChat and TinyChat model workers. "
+            "Flags take precedence over environment variables, which take precedence "
+            "over defaults."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to listen on")
+    parser.add_argument(
+        "--dispatch-method",
+        choices=[m.value for m in DispatchMethod],
+        default=DispatchMethod.SHORTEST_QUEUE.value,
+        help="how /get_worker_address picks among the workers serving a model",
+    )
+    parser.add_argument(
+        "--ssl",
+        action="store_true",
+        help=f"serve HTTPS with the key and certificate files named by the {ENV_SSL_KEYFILE} "
+        f"and {ENV_SSL_CERTFILE} environment variables",
+    )
+    parser.add_argument(
+        "--heart-beat-expiration",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"drop a worker silent for this long (env {ENV_EXPIRATION}; "
+        f"default {DEFAULT_HEART_BEAT_EXPIRATION:g})",
+    )
+    parser.add_argument(
+        "--worker-api-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"longest silence allowed between two reads of a worker's stream "
+        f"(env {ENV_API_TIMEOUT}; default {DEFAULT_WORKER_API_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--status-probe-timeout",
+        type=_seconds,
+        default=DEFAULT_STATUS_PROBE_TIMEOUT,
+        metavar="SECONDS",
+        help="bound on each /worker_get_status probe of a worker and on connecting to one",
+    )
+    parser.add_argument(
+        "--max-body-size",
+        type=_size,
+        default=DEFAULT_MAX_BODY_SIZE,
+        metavar="BYTES",
+        help="request bodies larger than this get HTTP 413 (suffixes KiB, MiB, GiB accepted)",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="how much to log to stderr"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _from_env(
+    parser: argparse.ArgumentParser,
+    environ: Mapping[str, str],
+    name: str,
+    convert: Callable[[str], Any],
+    default: Any,
+) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"environment variable {name}: {e}")
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[ControllerConfig, str]:
+    """Build the configuration and the log level from flags and environment.
+
+    Exits with status 2 and a message naming the flag or variable when one is invalid.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
+    expiration = args.heart_beat_expiration
+    if expiration is None:
+        expiration = _from_env(parser, env, ENV_EXPIRATION, _seconds, DEFAULT_HEART_BEAT_EXPIRATION)
+    api_timeout = args.worker_api_timeout
+    if api_timeout is None:
+        api_timeout = _from_env(parser, env, ENV_API_TIMEOUT, _seconds, DEFAULT_WORKER_API_TIMEOUT)
+    certfile = keyfile = None
+    if args.ssl:
+        keyfile, certfile = env.get(ENV_SSL_KEYFILE), env.get(ENV_SSL_CERTFILE)
+        named = ((ENV_SSL_KEYFILE, keyfile), (ENV_SSL_CERTFILE, certfile))
+        missing = [name for name, value in named if not value]
+        if missing:
+            parser.error(
+                f"--ssl needs the environment variables {ENV_SSL_KEYFILE} and "
+                f"{ENV_SSL_CERTFILE} set to the key and certificate files; "
+                f"not set: {', '.join(missing)}"
+            )
+        for name, path in ((ENV_SSL_KEYFILE, keyfile), (ENV_SSL_CERTFILE, certfile)):
+            if not os.path.isfile(str(path)):
+                parser.error(f"{name}={path!r} is not a readable file")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(certfile), str(keyfile)
+            )
+        except (OSError, ssl.SSLError) as e:
+            parser.error(
+                f"cannot load {ENV_SSL_CERTFILE}={certfile!r} "
+                f"with {ENV_SSL_KEYFILE}={keyfile!r}: {e}"
+            )
+    try:
+        config = ControllerConfig(
+            host=args.host,
+            port=args.port,
+            dispatch_method=args.dispatch_method,
+            heart_beat_expiration=expiration,
+            worker_api_timeout=api_timeout,
+            status_probe_timeout=args.status_probe_timeout,
+            max_body_size=args.max_body_size,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+        )
+    except ConfigError as e:
+        parser.error(str(e))
+    return config, args.log_level
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        stream=sys.stderr,
+    )
+    # aiohttp's own access log would be one line per request: never wanted at INFO here.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _run(config: ControllerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("Second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("Received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        controller = await Controller.serve(config)
+    except OSError as e:
+        log.error("Cannot listen on %s:%d: %s", config.host, config.port, e)
+        return 1
+    try:
+        log.info(
+            "Dispatch %s, heartbeat expiration %g s, worker API timeout %g s",
+            config.dispatch_method.value,
+            config.heart_beat_expiration,
+            config.worker_api_timeout,
+        )
+        # Deployment scripts wait for this line (FastChat's printed Uvicorn's equivalent).
+        print(
+            f"fc-controller running on {controller.url} (Press CTRL+C to quit)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await controller.aclose()
+    log.info("Stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the controller until SIGINT or SIGTERM; returns the process exit status."""
+    config, level = load_config(argv, environ)
+    _configure_logging(level)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_run(config))

@@ -1,0 +1,96 @@
+"""The controller's settings, validated once when they are made."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+from .models import DispatchMethod, ErrorProfile
+
+__all__ = ["ControllerConfig"]
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 21001
+DEFAULT_HEART_BEAT_EXPIRATION = 90.0
+DEFAULT_WORKER_API_TIMEOUT = 100.0
+DEFAULT_STATUS_PROBE_TIMEOUT = 5.0
+# Large enough for multimodal prompts carrying several base64 images.
+DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+
+
+def _positive(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{attribute.name} must be a positive number of seconds, got {value!r}")
+
+
+def _port(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(f"port must be an integer from 0 to 65535, got {value!r}")
+
+
+def _body_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise ConfigError(f"max_body_size must be an integer of at least 1024 bytes, got {value!r}")
+
+
+def _dispatch(value: DispatchMethod | str) -> DispatchMethod:
+    if isinstance(value, DispatchMethod):
+        return value
+    try:
+        return DispatchMethod.from_str(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+@attrs.frozen(kw_only=True)
+class ControllerConfig:
+    """Everything that decides how a controller behaves.
+
+    Times are in seconds. ``port=0`` asks the OS for a free port (see ``Controller.url``).
+    Build one directly when embedding, or let ``controller.cli`` build it from flags and
+    ``FASTCHAT_*`` environment variables.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = attrs.field(default=DEFAULT_PORT, validator=_port)
+    dispatch_method: DispatchMethod = attrs.field(
+        default=DispatchMethod.SHORTEST_QUEUE, converter=_dispatch
+    )
+    #: a worker registered with ``check_heart_beat`` that stays silent this long is dropped
+    heart_beat_expiration: float = attrs.field(
+        default=DEFAULT_HEART_BEAT_EXPIRATION, validator=_positive
+    )
+    #: the longest silence tolerated between two reads of a worker's stream
+    worker_api_timeout: float = attrs.field(default=DEFAULT_WORKER_API_TIMEOUT, validator=_positive)
+    #: bound on each ``/worker_get_status`` probe and on connecting to a worker
+    status_probe_timeout: float = attrs.field(
+        default=DEFAULT_STATUS_PROBE_TIMEOUT, validator=_positive
+    )
+    #: request bodies larger than this get HTTP 413
+    max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_body_size)
+    #: the in-band error codes sent to clients (FastChat's unless told otherwise)
+    error_profile: ErrorProfile = attrs.field(factory=ErrorProfile.fastchat)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ConfigError("ssl_certfile and ssl_keyfile must be given together")
+
+    @property
+    def sweep_interval(self) -> float:
+        """How often expired workers are removed from the registry.
+
+        Routing already ignores an expired worker the moment it expires; the sweep only
+        forgets it and logs the removal, at most one second late.
+        """
+        return min(1.0, self.heart_beat_expiration / 2)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"

@@ -1,0 +1,31 @@
+"""The controller's exceptions: small, specific, and each tells the reader what went wrong."""
+
+from __future__ import annotations
+
+__all__ = ["BadRequestError", "ConfigError", "ControllerError", "NotRunningError"]
+
+
+class ControllerError(Exception):
+    """Base class of every error raised by fc-controller."""
+
+
+class ConfigError(ControllerError, ValueError):
+    """A configuration value is invalid; the message names the setting and the value."""
+
+
+class NotRunningError(ControllerError, RuntimeError):
+    """An operation needs a running controller (call ``start()`` or ``serve()`` first)."""
+
+
+class BadRequestError(ControllerError):
+    """A request body does not follow the wire contract.
+
+    Handlers answer it with HTTP 400 and a JSON body naming ``field`` and ``problem``;
+    nothing in the registry has changed when it is raised.
+    """
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        where = f"{field}: " if field else ""
+        super().__init__(f"{where}{problem}")

@@ -1,0 +1,142 @@
+"""Thin HTTP handlers: parse the request, ask the controller, answer.
+
+Bad input never reaches the registry: parsing raises ``BadRequestError`` first, and it is
+answered here with HTTP 400 and a JSON body naming the field and the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import protocol
+from .errors import BadRequestError
+
+if TYPE_CHECKING:
+    from .app import Controller
+
+__all__ = ["add_routes"]
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON)
+
+
+def _bad_request(error: BadRequestError) -> web.Response:
+    log.debug("bad request: %s", error)
+    return _json(protocol.error_body(error), status=400)
+
+
+async def _read(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        body = protocol.encode(
+            {"error": "payload_too_large", "field": None, "message": e.text or "body too large"}
+        )
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.client_max_size,
+            actual_size=request.content_length or 0,
+            body=body,
+            content_type=_JSON,
+        ) from None
+
+
+async def _read_json(request: web.Request) -> Any:
+    return protocol.decode_body(await _read(request))
+
+
+class _Handlers:
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    async def register_worker(self, request: web.Request) -> web.StreamResponse:
+        try:
+            parsed = protocol.parse_register(await _read_json(request))
+        except BadRequestError as e:
+            return _bad_request(e)
+        await self.c.register(parsed)
+        return _json(protocol.NULL)
+
+    async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
+        try:
+            name = protocol.parse_worker_name(await _read_json(request))
+        except BadRequestError as e:
+            return _bad_request(e)
+        return _json(protocol.encode({"removed": self.c.unregister(name)}))
+
+    async def refresh_all_workers(self, request: web.Request) -> web.StreamResponse:
+        await _read(request)
+        await self.c.refresh_all_workers()
+        return _json(protocol.NULL)
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        return self._models(None)
+
+    async def list_multimodal_models(self, request: web.Request) -> web.StreamResponse:
+        return self._models(True)
+
+    async def list_language_models(self, request: web.Request) -> web.StreamResponse:
+        return self._models(False)
+
+    def _models(self, multimodal: bool | None) -> web.Response:
+        return _json(protocol.encode({"models": self.c.registry.model_names(multimodal)}))
+
+    async def get_worker_address(self, request: web.Request) -> web.StreamResponse:
+        try:
+            model = protocol.parse_model(await _read_json(request))
+        except BadRequestError as e:
+            return _bad_request(e)
+        worker = self.c.dispatch(model)
+        return _json(protocol.encode({"address": worker.name if worker else ""}))
+
+    async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            name, queue_length = protocol.parse_heartbeat(await _read_json(request))
+        except BadRequestError as e:
+            return _bad_request(e)
+        exist = self.c.heartbeat(name, queue_length)
+        return _json(b'{"exist": true}' if exist else b'{"exist": false}')
+
+    async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
+        body = await _read(request)
+        try:
+            model = protocol.parse_generate(body)
+        except BadRequestError as e:
+            return _bad_request(e)
+        return await self.c.generate_stream(request, body, model)
+
+    async def worker_get_status(self, request: web.Request) -> web.StreamResponse:
+        await _read(request)
+        return _json(protocol.status_body(await self.c.aggregate_status()))
+
+    async def test_connection(self, request: web.Request) -> web.StreamResponse:
+        return _json(protocol.SUCCESS)
+
+
+def add_routes(app: web.Application, controller: Controller) -> None:
+    h = _Handlers(controller)
+    posts: dict[str, Handler] = {
+        "/register_worker": h.register_worker,
+        "/unregister_worker": h.unregister_worker,
+        "/refresh_all_workers": h.refresh_all_workers,
+        "/list_models": h.list_models,
+        "/list_multimodal_models": h.list_multimodal_models,
+        "/list_language_models": h.list_language_models,
+        "/get_worker_address": h.get_worker_address,
+        "/receive_heart_beat": h.receive_heart_beat,
+        "/worker_generate_stream": h.worker_generate_stream,
+        "/worker_get_status": h.worker_get_status,
+    }
+    routes = [web.post(path, handler) for path, handler in posts.items()]
+    routes.append(web.get("/test_connection", h.test_connection, allow_head=False))
+    app.add_routes(routes)

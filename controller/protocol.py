@@ -1,0 +1,236 @@
+"""The wire contract: request JSON in, models out; models in, response bytes out.
+
+Every parse function raises :class:`~controller.errors.BadRequestError` naming the field and
+the problem, so handlers can answer 400 without having touched the registry. All JSON
+encoding of responses lives here too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, NoReturn
+
+import attrs
+from yarl import URL
+
+from .errors import BadRequestError
+from .models import WorkerStatus
+
+__all__ = [
+    "NULL",
+    "SERVER_ERROR_MSG",
+    "SUCCESS",
+    "RegisterRequest",
+    "decode_body",
+    "encode",
+    "error_body",
+    "parse_generate",
+    "parse_heartbeat",
+    "parse_model",
+    "parse_register",
+    "parse_worker_name",
+    "parse_worker_status",
+    "status_body",
+    "stream_error",
+]
+
+#: the text FastChat's clients show for any controller-side failure, byte for byte
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
+
+NULL = b"null"
+SUCCESS = b'"success"'
+
+# Sanity bounds: a number past these is a bug or an attack, never a real worker.
+MAX_QUEUE_LENGTH = 10**9
+MAX_SPEED = 1e12
+
+
+@attrs.frozen
+class RegisterRequest:
+    worker_name: str
+    check_heart_beat: bool
+    #: ``None`` when the worker sent no usable status and must be asked for it
+    worker_status: WorkerStatus | None
+    multimodal: bool
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_body(raw: bytes) -> Any:
+    """Decode a request body; an empty body (FastChat clients send some) decodes to ``None``."""
+    if not raw or raw.isspace():
+        return None
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequestError(None, "request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
+
+
+def _object(data: Any, field: str | None = None) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        what = "request body" if field is None else "value"
+        raise BadRequestError(field, f"{what} must be a JSON object, got {_describe(data)}")
+    return data
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        name = "an object"
+    elif isinstance(value, list):
+        name = "an array"
+    elif isinstance(value, str):
+        name = "a string"
+    elif isinstance(value, int | float):
+        name = "a number"
+    else:
+        name = type(value).__name__
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{name} ({text})" if not isinstance(value, dict | list) else name
+
+
+def _require(data: dict[str, Any], key: str, field: str | None = None) -> Any:
+    if key not in data:
+        raise BadRequestError(field or key, "is required")
+    return data[key]
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequestError(field, f"must be a string, got {_describe(value)}")
+    return value
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequestError(field, f"must be true or false, got {_describe(value)}")
+    return value
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, float) and value.is_integer():
+        count = int(value)
+    else:
+        raise BadRequestError(field, f"must be a whole number, got {_describe(value)}")
+    if not 0 <= count <= MAX_QUEUE_LENGTH:
+        raise BadRequestError(field, f"must be from 0 to {MAX_QUEUE_LENGTH}, got {count}")
+    return count
+
+
+def _speed(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequestError(field, f"must be a number, got {_describe(value)}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_SPEED):
+        raise BadRequestError(field, f"must be from 0 to {MAX_SPEED:g}, got {value!r}")
+    return value
+
+
+def _worker_url(value: Any, field: str) -> str:
+    name = _string(value, field)
+    try:
+        url = URL(name)
+    except (ValueError, TypeError):
+        url = None
+    if (
+        url is None
+        or url.scheme not in ("http", "https")
+        or not url.host
+        or any(c.isspace() for c in name)
+    ):
+        raise BadRequestError(
+            field, f"must be the worker's base URL such as 'http://10.0.0.5:21002', got {name!r}"
+        )
+    return name
+
+
+def parse_worker_status(data: Any, field: str = "worker_status") -> WorkerStatus:
+    """Parse ``{model_names, speed, queue_length}`` (also used for probe answers)."""
+    obj = _object(data, field)
+    names = _require(obj, "model_names", f"{field}.model_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BadRequestError(
+            f"{field}.model_names",
+            f"must be a list of non-empty strings, got {_describe(names)}",
+        )
+    speed = _speed(_require(obj, "speed", f"{field}.speed"), f"{field}.speed")
+    queue = _count(_require(obj, "queue_length", f"{field}.queue_length"), f"{field}.queue_length")
+    return WorkerStatus(tuple(dict.fromkeys(names)), speed, queue)
+
+
+def parse_register(data: Any) -> RegisterRequest:
+    obj = _object(data)
+    name = _worker_url(_require(obj, "worker_name"), "worker_name")
+    check = _bool(_require(obj, "check_heart_beat"), "check_heart_beat")
+    raw_status = obj.get("worker_status")
+    # FastChat asks the worker itself when the status is missing, null or empty.
+    status = parse_worker_status(raw_status) if raw_status else None
+    if raw_status is not None and not raw_status and not isinstance(raw_status, dict):
+        raise BadRequestError(
+            "worker_status", f"must be a JSON object or null, got {_describe(raw_status)}"
+        )
+    multimodal = obj.get("multimodal")
+    return RegisterRequest(
+        name, check, status, False if multimodal is None else _bool(multimodal, "multimodal")
+    )
+
+
+def parse_heartbeat(data: Any) -> tuple[str, int]:
+    obj = _object(data)
+    name = _string(_require(obj, "worker_name"), "worker_name")
+    return name, _count(_require(obj, "queue_length"), "queue_length")
+
+
+def parse_worker_name(data: Any) -> str:
+    obj = _object(data)
+    return _string(_require(obj, "worker_name"), "worker_name")
+
+
+def parse_model(data: Any) -> str:
+    obj = _object(data)
+    return _string(_require(obj, "model"), "model")
+
+
+def parse_generate(raw: bytes) -> str:
+    """The model a generation request names; the body itself is forwarded untouched."""
+    return parse_model(decode_body(raw))
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def error_body(error: BadRequestError) -> bytes:
+    return encode({"error": "bad_request", "field": error.field, "message": error.problem})
+
+
+def status_body(status: WorkerStatus) -> bytes:
+    return encode(
+        {
+            "model_names": list(status.model_names),
+            "speed": status.speed,
+            "queue_length": status.queue_length,
+        }
+    )
+
+
+def stream_error(error_code: int) -> bytes:
+    """One in-band error message of a generation stream, NUL included."""
+    return encode({"text": SERVER_ERROR_MSG, "error_code": error_code}) + b"\0"

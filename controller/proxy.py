@@ -1,0 +1,188 @@
+"""The streaming relay between a client and the worker chosen for it.
+
+A relay forwards whole NUL-terminated messages as soon as they arrive and never buffers a
+response to its end. Before anything has reached the client, a failure becomes a single
+in-band error message; after, the client gets the messages already relayed followed by the
+error message, so every client sees a well-formed stream.
+
+Upstream reads and downstream writes sit in separate ``try`` blocks on purpose:
+``aiohttp.ClientConnectionResetError`` is both a ``ClientError`` and a
+``ConnectionResetError``, so one ``except`` could not tell "worker died" from "client left".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from . import protocol
+
+__all__ = ["DisconnectWatch", "Outcome", "relay_stream", "worker_url"]
+
+log = logging.getLogger(__name__)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+# A worker that sends this much without a single NUL is not speaking the protocol.
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+class Outcome(enum.Enum):
+    """How a relayed stream ended."""
+
+    COMPLETED = "completed"
+    #: the worker could not be reached or failed before its first message
+    FAILED_BEFORE_START = "failed_before_start"
+    #: the worker failed or went silent after messages had been relayed
+    FAILED_MIDSTREAM = "failed_midstream"
+    CLIENT_GONE = "client_gone"
+
+
+def worker_url(worker_name: str, path: str) -> str:
+    """The URL of ``path`` on a worker, whether or not its name ends with a slash."""
+    return worker_name.rstrip("/") + path
+
+
+class DisconnectWatch:
+    """Notices clients that vanished while their worker is silent.
+
+    A client that disconnects is noticed on the next write, but a worker that is thinking
+    (or hung) writes nothing, and aiohttp does not cancel handlers by default. One task
+    checks every relay's client connection a few times a second and closes the upstream
+    response of those that are gone, which ends their read at once.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        # Keyed by id(): requests are mutable mappings, so not hashable.
+        self._relays: dict[int, tuple[web.BaseRequest, aiohttp.ClientResponse]] = {}
+
+    def add(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> None:
+        self._relays[id(request)] = (request, upstream)
+
+    def discard(self, request: web.BaseRequest) -> None:
+        self._relays.pop(id(request), None)
+
+    def sweep(self) -> int:
+        """Close the upstream of every relay whose client is gone; returns how many."""
+        closed = 0
+        for key, (request, upstream) in list(self._relays.items()):
+            if client_gone(request):
+                del self._relays[key]
+                upstream.close()
+                closed += 1
+        return closed
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self._relays:
+                self.sweep()
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def relay_stream(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    worker_name: str,
+    body: bytes,
+    *,
+    client_timeout: aiohttp.ClientTimeout,
+    error_code: int,
+    watch: DisconnectWatch | None = None,
+) -> tuple[web.StreamResponse, Outcome]:
+    """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
+
+    Returns the response (already written) and how the stream ended.
+    """
+    url = worker_url(worker_name, "/worker_generate_stream")
+    try:
+        upstream = await session.post(url, data=body, headers=_JSON_HEADERS, timeout=client_timeout)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        log.debug("worker %s unreachable: %r", worker_name, e)
+        return _error_response(error_code), Outcome.FAILED_BEFORE_START
+
+    try:
+        if upstream.status != 200:
+            log.debug("worker %s answered HTTP %d", worker_name, upstream.status)
+            return _error_response(error_code), Outcome.FAILED_BEFORE_START
+        if watch is not None:
+            watch.add(request, upstream)
+        return await _pump(request, upstream, worker_name, error_code)
+    finally:
+        if watch is not None:
+            watch.discard(request)
+        # Closing (not releasing) drops the connection when the stream did not finish, so
+        # the worker sees its client vanish and can stop generating.
+        upstream.close()
+
+
+async def _pump(
+    request: web.Request, upstream: aiohttp.ClientResponse, worker_name: str, error_code: int
+) -> tuple[web.StreamResponse, Outcome]:
+    # The client's response starts with the worker's first whole message, so a worker that
+    # fails before it can still be answered with a plain in-band error (or retried).
+    response: web.StreamResponse | None = None
+    content = upstream.content
+    pending = b""
+    failure: BaseException | None = None
+    while True:
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            if client_gone(request):
+                return response or web.Response(), Outcome.CLIENT_GONE
+            failure = e
+            break
+        if not chunk:
+            break
+        if not pending and chunk[-1] == 0:
+            out = chunk
+        else:
+            cut = chunk.rfind(b"\0") + 1
+            if cut == 0:
+                pending += chunk
+                if len(pending) > MAX_MESSAGE_SIZE:
+                    failure = ValueError("worker sent a message larger than 16 MiB")
+                    break
+                continue
+            out, pending = pending + chunk[:cut], chunk[cut:]
+        try:
+            if response is None:
+                response = web.StreamResponse()
+                await response.prepare(request)
+            await response.write(out)
+        except ConnectionResetError:
+            return response or web.Response(), Outcome.CLIENT_GONE
+
+    if failure is not None:
+        log.debug("stream from %s failed: %r", worker_name, failure)
+        if response is None:
+            return _error_response(error_code), Outcome.FAILED_BEFORE_START
+        tail = protocol.stream_error(error_code)
+        outcome = Outcome.FAILED_MIDSTREAM
+    else:
+        # A last message without its NUL still counts as a message (FastChat relays it).
+        tail = pending + b"\0" if pending else b""
+        outcome = Outcome.COMPLETED
+    if response is None:
+        return web.Response(body=tail), outcome
+    try:
+        if tail:
+            await response.write(tail)
+        await response.write_eof()
+    except ConnectionResetError:
+        return response, Outcome.CLIENT_GONE
+    return response, outcome
+
+
+def _error_response(error_code: int) -> web.Response:
+    return web.Response(body=protocol.stream_error(error_code))
