@@ -86,15 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
             "Flags take precedence over environment variables, which take precedence "
             "over defaults."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to listen on")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
+    )
     parser.add_argument(
         "--dispatch-method",
         choices=[m.value for m in DispatchMethod],
         default=DispatchMethod.SHORTEST_QUEUE.value,
-        help="how /get_worker_address picks among the workers serving a model",
+        help="how /get_worker_address picks among the workers serving a model "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--ssl",
@@ -123,17 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_STATUS_PROBE_TIMEOUT,
         metavar="SECONDS",
-        help="bound on each /worker_get_status probe of a worker and on connecting to one",
+        help="bound on each /worker_get_status probe of a worker and on connecting to one "
+        "(default: %(default)g)",
     )
     parser.add_argument(
         "--max-body-size",
         type=_size,
         default=DEFAULT_MAX_BODY_SIZE,
         metavar="BYTES",
-        help="request bodies larger than this get HTTP 413 (suffixes KiB, MiB, GiB accepted)",
+        help="request bodies larger than this get HTTP 413; suffixes KiB, MiB and GiB are "
+        "accepted (default: 64MiB)",
     )
     parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="how much to log to stderr"
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="how much to log to stderr (default: %(default)s)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
