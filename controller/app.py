@@ -21,7 +21,7 @@ from .config import ControllerConfig
 from .errors import BadRequestError, NotRunningError
 from .models import WorkerInfo, WorkerStatus
 from .protocol import RegisterRequest
-from .proxy import DisconnectWatch, Outcome, relay_stream, worker_url
+from .proxy import DisconnectWatch, Outcome, forward_request, relay_stream, worker_url
 from .registry import Clock, Registry
 
 __all__ = ["CONTROLLER_KEY", "Controller"]
@@ -270,12 +270,12 @@ class Controller:
             log.debug("Heartbeat from unknown worker %s", worker_name)
         return exists
 
-    def dispatch(self, model: str) -> WorkerInfo | None:
-        """Pick a worker for ``model`` and count the request against it."""
+    def dispatch(self, model: str, *, count: bool = True) -> WorkerInfo | None:
+        """Pick a worker for ``model``; ``count`` adds the request to its queue length."""
         worker = dispatch.choose(
             self.config.dispatch_method, self.registry.candidates(model), self.rng
         )
-        if worker is not None:
+        if worker is not None and count:
             worker.dispatched()
         log.debug("dispatch %r -> %s", model, worker.name if worker else None)
         return worker
@@ -361,6 +361,29 @@ class Controller:
             log.debug("stream to %s ended: %s", worker.name, outcome.value)
         return response
 
+    async def forward(self, path: str, body: bytes, model: str, *, count: bool) -> web.Response:
+        """Relay a worker call answered by one JSON document to a worker serving ``model``.
+
+        This is what lets clients treat this controller as a worker (hierarchical mode).
+        ``count`` says whether the call occupies the worker like a generation does. Failures
+        come back as a worker-shaped error document with HTTP 200, as workers send them.
+        """
+        profile = self.config.error_profile
+        worker = self.dispatch(model, count=count)
+        if worker is None:
+            log.debug("no worker for model %r (%s)", model, path)
+            return _json_response(protocol.error_message(profile.no_worker))
+        try:
+            answer = await forward_request(
+                self.session, worker.name, path, body, client_timeout=self._stream_timeout
+            )
+        finally:
+            if count:
+                worker.stream_ended()
+        if answer is None:
+            return _json_response(protocol.error_message(profile.worker_error))
+        return _json_response(answer)
+
     # -- background work -----------------------------------------------------------------
 
     async def _expire_forever(self) -> None:
@@ -380,6 +403,10 @@ class Controller:
                 self.config.heart_beat_expiration,
             )
         return [info for info, _ in removed]
+
+
+def _json_response(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
 
 
 class _Serving:

@@ -28,7 +28,7 @@ from .config import (
     ControllerConfig,
 )
 from .errors import ConfigError
-from .models import DispatchMethod
+from .models import DispatchMethod, ErrorProfile
 
 __all__ = ["build_parser", "load_config", "main"]
 
@@ -40,6 +40,8 @@ ENV_SSL_KEYFILE = "SSL_KEYFILE"
 ENV_SSL_CERTFILE = "SSL_CERTFILE"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROFILES = ("fastchat", "tinychat")
+TINYCHAT_HEART_BEAT_EXPIRATION = 30.0
 
 
 def _seconds(text: str) -> float:
@@ -107,12 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"and {ENV_SSL_CERTFILE} environment variables",
     )
     parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="fastchat",
+        help="the clients to speak to: 'fastchat' (stream error codes 50005/50006) or "
+        "'tinychat' (codes 2/3 and a 30 s default heartbeat expiration) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--heart-beat-expiration",
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help=f"drop a worker silent for this long (env {ENV_EXPIRATION}; "
-        f"default {DEFAULT_HEART_BEAT_EXPIRATION:g})",
+        help=f"drop a worker silent for this long (env {ENV_EXPIRATION}; default "
+        f"{DEFAULT_HEART_BEAT_EXPIRATION:g}, or {TINYCHAT_HEART_BEAT_EXPIRATION:g} with "
+        "--profile tinychat)",
     )
     parser.add_argument(
         "--worker-api-timeout",
@@ -212,6 +223,9 @@ def load_config(
             worker_api_timeout=api_timeout,
             status_probe_timeout=args.status_probe_timeout,
             max_body_size=args.max_body_size,
+            error_profile=(
+                ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
+            ),
             ssl_certfile=certfile,
             ssl_keyfile=keyfile,
         )

@@ -115,6 +115,19 @@ class _Handlers:
             return _bad_request(e)
         return await self.c.generate_stream(request, body, model)
 
+    def forwarder(self, path: str, *, count: bool) -> Handler:
+        """A handler relaying a worker endpoint answered by one JSON document."""
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            body = await _read(request)
+            try:
+                model = protocol.parse_generate(body)
+            except BadRequestError as e:
+                return _bad_request(e)
+            return await self.c.forward(path, body, model, count=count)
+
+        return forward
+
     async def worker_get_status(self, request: web.Request) -> web.StreamResponse:
         await _read(request)
         return _json(protocol.status_body(await self.c.aggregate_status()))
@@ -136,6 +149,14 @@ def add_routes(app: web.Application, controller: Controller) -> None:
         "/receive_heart_beat": h.receive_heart_beat,
         "/worker_generate_stream": h.worker_generate_stream,
         "/worker_get_status": h.worker_get_status,
+        # The rest of a worker's API, so clients given this controller's address as a
+        # worker's (by a parent controller) work through it. Generation and embeddings
+        # occupy a worker; the others are quick look-ups that do not.
+        "/worker_generate": h.forwarder("/worker_generate", count=True),
+        "/worker_get_embeddings": h.forwarder("/worker_get_embeddings", count=True),
+        "/worker_get_conv_template": h.forwarder("/worker_get_conv_template", count=False),
+        "/model_details": h.forwarder("/model_details", count=False),
+        "/count_token": h.forwarder("/count_token", count=False),
     }
     routes = [web.post(path, handler) for path, handler in posts.items()]
     routes.append(web.get("/test_connection", h.test_connection, allow_head=False))

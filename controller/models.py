@@ -93,7 +93,8 @@ class WorkerInfo:
         self.dispatched_since_report += 1
 
     def stream_ended(self) -> None:
-        """A stream this controller relayed has ended, however it ended."""
+        """A request this controller relayed to the worker (a stream or a single call) has
+        ended, however it ended."""
         self.ended_since_report += 1
         if self.queue_length > 0:
             self.queue_length -= 1

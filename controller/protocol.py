@@ -25,6 +25,7 @@ __all__ = [
     "decode_body",
     "encode",
     "error_body",
+    "error_message",
     "parse_generate",
     "parse_heartbeat",
     "parse_model",
@@ -231,6 +232,11 @@ def status_body(status: WorkerStatus) -> bytes:
     )
 
 
+def error_message(error_code: int) -> bytes:
+    """A worker-shaped error answer: what a worker sends when it cannot generate."""
+    return encode({"text": SERVER_ERROR_MSG, "error_code": error_code})
+
+
 def stream_error(error_code: int) -> bytes:
     """One in-band error message of a generation stream, NUL included."""
-    return encode({"text": SERVER_ERROR_MSG, "error_code": error_code}) + b"\0"
+    return error_message(error_code) + b"\0"

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from . import protocol
 
-__all__ = ["DisconnectWatch", "Outcome", "relay_stream", "worker_url"]
+__all__ = ["DisconnectWatch", "Outcome", "forward_request", "relay_stream", "worker_url"]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,33 @@ async def _pump(
     except ConnectionResetError:
         return response, Outcome.CLIENT_GONE
     return response, outcome
+
+
+async def forward_request(
+    session: aiohttp.ClientSession,
+    worker_name: str,
+    path: str,
+    body: bytes,
+    *,
+    client_timeout: aiohttp.ClientTimeout,
+) -> bytes | None:
+    """POST ``body`` to ``path`` on a worker; its answer, or ``None`` if it failed.
+
+    Used for the worker endpoints that answer with one JSON document. Any answer but an
+    HTTP 200 counts as a failure, which the caller turns into an in-band error.
+    """
+    url = worker_url(worker_name, path)
+    try:
+        async with session.post(
+            url, data=body, headers=_JSON_HEADERS, timeout=client_timeout
+        ) as response:
+            if response.status != 200:
+                log.debug("worker %s answered %s with HTTP %d", worker_name, path, response.status)
+                return None
+            return await response.read()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        log.debug("worker %s failed %s: %r", worker_name, path, e)
+        return None
 
 
 def _error_response(error_code: int) -> web.Response:
