@@ -9,9 +9,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +27,8 @@ from .registry import Clock, Registry
 __all__ = ["CONTROLLER_KEY", "Controller"]
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=web.StreamResponse)
 
 # Bounded so that stopping is quick; streams still running then are cut.
 SHUTDOWN_TIMEOUT = 5.0
@@ -64,7 +66,13 @@ class Controller:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config if config is not None else ControllerConfig()
-        self.registry = Registry(self.config.heart_beat_expiration, clock)
+        self.registry = Registry(
+            self.config.heart_beat_expiration,
+            clock,
+            ejection_base=self.config.ejection_base,
+            ejection_max=self.config.ejection_max,
+        )
+        self.registry.on_back_in_rotation = _log_back_in_rotation
         self.rng = rng if rng is not None else random.Random()
         #: serialises registry writes that follow an await (probe, then record)
         self.lock = asyncio.Lock()
@@ -270,10 +278,12 @@ class Controller:
             log.debug("Heartbeat from unknown worker %s", worker_name)
         return exists
 
-    def dispatch(self, model: str, *, count: bool = True) -> WorkerInfo | None:
+    def dispatch(
+        self, model: str, *, count: bool = True, exclude: Sequence[str] = ()
+    ) -> WorkerInfo | None:
         """Pick a worker for ``model``; ``count`` adds the request to its queue length."""
         worker = dispatch.choose(
-            self.config.dispatch_method, self.registry.candidates(model), self.rng
+            self.config.dispatch_method, self.registry.candidates(model, exclude), self.rng
         )
         if worker is not None and count:
             worker.dispatched()
@@ -337,29 +347,37 @@ class Controller:
     async def generate_stream(
         self, request: web.Request, body: bytes, model: str
     ) -> web.StreamResponse:
-        """Relay a generation to a worker serving ``model``; errors travel in-band."""
-        profile = self.config.error_profile
-        worker = self.dispatch(model)
-        if worker is None:
-            log.debug("no worker for model %r", model)
-            return web.Response(body=protocol.stream_error(profile.no_worker))
-        worker.active_streams += 1
-        try:
-            response, outcome = await relay_stream(
-                request,
-                self.session,
-                worker.name,
-                body,
-                client_timeout=self._stream_timeout,
-                error_code=profile.worker_error,
-                watch=self._watch,
-            )
-        finally:
-            worker.active_streams -= 1
-            worker.stream_ended()
-        if outcome is not Outcome.COMPLETED:
-            log.debug("stream to %s ended: %s", worker.name, outcome.value)
-        return response
+        """Relay a generation to a worker serving ``model``; errors travel in-band.
+
+        A worker that fails before the first byte reaches the client is replaced by another
+        (up to ``stream_attempts`` workers in all), so the client sees no error while a
+        healthy worker exists.
+        """
+        error_code = self.config.error_profile.worker_error
+
+        async def attempt(worker: WorkerInfo) -> tuple[web.StreamResponse, Outcome]:
+            worker.active_streams += 1
+            try:
+                return await relay_stream(
+                    request,
+                    self.session,
+                    worker.name,
+                    body,
+                    client_timeout=self._stream_timeout,
+                    error_code=error_code,
+                    watch=self._watch,
+                )
+            finally:
+                worker.active_streams -= 1
+
+        no_worker = self.config.error_profile.no_worker
+        return await self._with_failover(
+            model,
+            "/worker_generate_stream",
+            attempt,
+            lambda: web.Response(body=protocol.stream_error(no_worker)),
+            count=True,
+        )
 
     async def forward(self, path: str, body: bytes, model: str, *, count: bool) -> web.Response:
         """Relay a worker call answered by one JSON document to a worker serving ``model``.
@@ -369,20 +387,82 @@ class Controller:
         come back as a worker-shaped error document with HTTP 200, as workers send them.
         """
         profile = self.config.error_profile
-        worker = self.dispatch(model, count=count)
-        if worker is None:
-            log.debug("no worker for model %r (%s)", model, path)
-            return _json_response(protocol.error_message(profile.no_worker))
-        try:
+
+        async def attempt(worker: WorkerInfo) -> tuple[web.Response, Outcome]:
             answer = await forward_request(
                 self.session, worker.name, path, body, client_timeout=self._stream_timeout
             )
-        finally:
-            if count:
-                worker.stream_ended()
+            if answer is None:
+                error = protocol.error_message(profile.worker_error)
+                return _json_response(error), Outcome.FAILED_BEFORE_START
+            return _json_response(answer), Outcome.COMPLETED
+
+        return await self._with_failover(
+            model,
+            path,
+            attempt,
+            lambda: _json_response(protocol.error_message(profile.no_worker)),
+            count=count,
+        )
+
+    async def _with_failover(
+        self,
+        model: str,
+        path: str,
+        attempt: Callable[[WorkerInfo], Awaitable[tuple[_R, Outcome]]],
+        no_worker: Callable[[], _R],
+        *,
+        count: bool,
+    ) -> _R:
+        """Run ``attempt`` on workers serving ``model`` until one gets past its first byte.
+
+        Every attempt is counted against its worker's queue while it runs (when ``count``)
+        and settles the worker's health when it ends; a cancelled attempt settles neither
+        health nor anything but the count.
+        """
+        tried: list[str] = []
+        answer: _R | None = None
+        for _ in range(self.config.stream_attempts):
+            worker = self.dispatch(model, count=count, exclude=tried)
+            if worker is None:
+                break
+            try:
+                answer, outcome = await attempt(worker)
+            finally:
+                if count:
+                    worker.stream_ended()
+            self._settle(worker, outcome, path)
+            if outcome is not Outcome.FAILED_BEFORE_START:
+                return answer
+            tried.append(worker.name)
         if answer is None:
-            return _json_response(protocol.error_message(profile.worker_error))
-        return _json_response(answer)
+            log.debug("no worker for model %r (%s)", model, path)
+            return no_worker()
+        # Every worker tried failed before its first byte: the last one's in-band error.
+        return answer
+
+    def _settle(self, worker: WorkerInfo, outcome: Outcome, path: str) -> None:
+        """Update a worker's health from how a relayed request ended; log state changes."""
+        if outcome is Outcome.COMPLETED:
+            failures = self.registry.record_success(worker)
+            if failures:
+                log.info(
+                    "Worker %s is back in rotation: a request succeeded after %d failures",
+                    worker.name,
+                    failures,
+                )
+        elif outcome is not Outcome.CLIENT_GONE:
+            was_ejected = self.registry.is_ejected(worker)
+            duration = self.registry.record_failure(worker)
+            if not was_ejected:
+                log.warning(
+                    "Worker %s failed %s (%s); out of rotation for %g s (%d failures in a row)",
+                    worker.name,
+                    path,
+                    outcome.value.replace("_", " "),
+                    duration,
+                    worker.consecutive_failures,
+                )
 
     # -- background work -----------------------------------------------------------------
 
@@ -403,6 +483,10 @@ class Controller:
                 self.config.heart_beat_expiration,
             )
         return [info for info, _ in removed]
+
+
+def _log_back_in_rotation(worker: WorkerInfo, how: str) -> None:
+    log.info("Worker %s is back in rotation: %s", worker.name, how)
 
 
 def _json_response(body: bytes) -> web.Response:

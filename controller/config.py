@@ -19,6 +19,9 @@ DEFAULT_WORKER_API_TIMEOUT = 100.0
 DEFAULT_STATUS_PROBE_TIMEOUT = 5.0
 # Large enough for multimodal prompts carrying several base64 images.
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+DEFAULT_STREAM_ATTEMPTS = 3
+DEFAULT_EJECTION_BASE = 5.0
+DEFAULT_EJECTION_MAX = 300.0
 
 
 def _positive(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
@@ -36,6 +39,11 @@ def _port(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
 def _body_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
         raise ConfigError(f"max_body_size must be an integer of at least 1024 bytes, got {value!r}")
+
+
+def _attempts(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ConfigError(f"stream_attempts must be an integer from 1 to 100, got {value!r}")
 
 
 def _dispatch(value: DispatchMethod | str) -> DispatchMethod:
@@ -73,12 +81,23 @@ class ControllerConfig:
     )
     #: request bodies larger than this get HTTP 413
     max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_body_size)
+    #: how many workers a stream may be tried on before its first byte reaches the client
+    stream_attempts: int = attrs.field(default=DEFAULT_STREAM_ATTEMPTS, validator=_attempts)
+    #: how long a worker that failed a relayed request is kept out of rotation; doubles
+    #: with each further failure in a row, up to ``ejection_max``
+    ejection_base: float = attrs.field(default=DEFAULT_EJECTION_BASE, validator=_positive)
+    ejection_max: float = attrs.field(default=DEFAULT_EJECTION_MAX, validator=_positive)
     #: the in-band error codes sent to clients (FastChat's unless told otherwise)
     error_profile: ErrorProfile = attrs.field(factory=ErrorProfile.fastchat)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.ejection_max < self.ejection_base:
+            raise ConfigError(
+                f"ejection_max ({self.ejection_max!r}) must be at least "
+                f"ejection_base ({self.ejection_base!r})"
+            )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("ssl_certfile and ssl_keyfile must be given together")
 

@@ -78,6 +78,10 @@ class WorkerInfo:
     generation: int = 0
     #: streams this controller is relaying to the worker right now
     active_streams: int = 0
+    #: relayed requests that failed in a row (reset by one that succeeds)
+    consecutive_failures: int = 0
+    #: the worker is out of rotation until this time (the registry's clock)
+    ejected_until: float = 0.0
 
     def report(self, queue_length: int, now: float) -> None:
         """Take a fresh queue length from the worker; it includes everything before it."""

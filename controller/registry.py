@@ -9,7 +9,7 @@ then recording what it said) take the controller's lock for their write phase an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from .models import WorkerInfo, WorkerStatus
 
@@ -27,9 +27,24 @@ class Registry:
     whether or not :meth:`expire` has removed it yet.
     """
 
-    def __init__(self, expiration: float, clock: Clock = time.monotonic) -> None:
+    #: after this many failed relays in a row a worker is an outlier: only its ejection
+    #: running out brings it back, not a heartbeat or a successful probe
+    OUTLIER_FAILURES = 3
+
+    def __init__(
+        self,
+        expiration: float,
+        clock: Clock = time.monotonic,
+        *,
+        ejection_base: float = 5.0,
+        ejection_max: float = 300.0,
+    ) -> None:
         self.expiration = expiration
         self.clock = clock
+        self.ejection_base = ejection_base
+        self.ejection_max = ejection_max
+        #: called with a worker and the reason when it is back in rotation early
+        self.on_back_in_rotation: Callable[[WorkerInfo, str], None] | None = None
         self._workers: dict[str, WorkerInfo] = {}
         self._by_model: dict[str, list[WorkerInfo]] = {}
 
@@ -50,13 +65,25 @@ class Registry:
             return None
         return info
 
-    def candidates(self, model: str) -> list[WorkerInfo]:
-        """The live workers serving ``model``, in registration order."""
+    def candidates(self, model: str, exclude: Container[str] = ()) -> list[WorkerInfo]:
+        """The live workers in rotation serving ``model``, in registration order.
+
+        Workers ejected after failures are left out, unless all of them are.
+        """
         serving = self._by_model.get(model)
         if not serving:
             return []
-        cutoff = self.clock() - self.expiration
-        return [w for w in serving if not w.check_heart_beat or w.last_heart_beat >= cutoff]
+        now = self.clock()
+        cutoff = now - self.expiration
+        live = [
+            w
+            for w in serving
+            if (not w.check_heart_beat or w.last_heart_beat >= cutoff) and w.name not in exclude
+        ]
+        in_rotation = [w for w in live if w.ejected_until <= now]
+        # When every live worker is ejected, trying them beats certain failure: one may
+        # have recovered (Envoy calls this panic routing).
+        return in_rotation or live
 
     def model_names(self, multimodal: bool | None = None) -> list[str]:
         """Sorted union of the models of live workers; ``multimodal`` filters by kind."""
@@ -98,6 +125,9 @@ class Registry:
             info.speed = status.speed
             info.check_heart_beat = check_heart_beat
             info.multimodal = multimodal
+        # A registration is a fresh start, failures included.
+        info.consecutive_failures = 0
+        info.ejected_until = 0.0
         info.generation += 1
         info.report(status.queue_length, now)
         return info, is_new
@@ -116,6 +146,8 @@ class Registry:
             self._drop(info)
             return False
         info.report(queue_length, now)
+        if info.ejected_until:
+            self._shows_life(info, "it sent a heartbeat")
         return True
 
     def remove(self, name: str) -> WorkerInfo | None:
@@ -135,6 +167,8 @@ class Registry:
             info.model_names = status.model_names
         info.speed = status.speed
         info.report(status.queue_length, self.clock())
+        if info.ejected_until:
+            self._shows_life(info, "it answered a status probe")
         return True
 
     def remove_if_current(self, info: WorkerInfo, generation: int) -> bool:
@@ -152,7 +186,40 @@ class Registry:
             self._drop(w)
         return [(w, now - w.last_heart_beat) for w in gone]
 
+    def record_failure(self, info: WorkerInfo) -> float:
+        """Take a worker out of rotation after a relayed request failed; returns for how long.
+
+        The ejection doubles with each failure in a row, from ``ejection_base`` up to
+        ``ejection_max``.
+        """
+        info.consecutive_failures += 1
+        doublings = min(info.consecutive_failures - 1, 30)
+        duration = min(self.ejection_base * (1 << doublings), self.ejection_max)
+        info.ejected_until = self.clock() + duration
+        return duration
+
+    def record_success(self, info: WorkerInfo) -> int:
+        """A relayed request succeeded; returns how many failures in a row it ends."""
+        failures = info.consecutive_failures
+        if failures:
+            info.consecutive_failures = 0
+            info.ejected_until = 0.0
+        return failures
+
+    def is_ejected(self, info: WorkerInfo) -> bool:
+        return info.ejected_until > self.clock()
+
     # -- internals ---------------------------------------------------------------------
+
+    def _shows_life(self, info: WorkerInfo, how: str) -> None:
+        # A worker that failed once or twice is back as soon as it shows it is alive; an
+        # outlier waits out its ejection whatever it says.
+        if info.consecutive_failures >= self.OUTLIER_FAILURES:
+            return
+        still_out = info.ejected_until > self.clock()
+        info.ejected_until = 0.0
+        if still_out and self.on_back_in_rotation is not None:
+            self.on_back_in_rotation(info, how)
 
     def _expired(self, info: WorkerInfo, now: float) -> bool:
         return info.check_heart_beat and now - info.last_heart_beat > self.expiration
