@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 _R = TypeVar("_R", bound=web.StreamResponse)
 
-# Bounded so that stopping is quick; streams still running then are cut.
-SHUTDOWN_TIMEOUT = 5.0
+# What aiohttp still waits for after the drain: requests that are not relays.
+SHUTDOWN_TIMEOUT = 2.0
 
 
 class Controller:
@@ -81,6 +81,10 @@ class Controller:
         self._runner: web.AppRunner | None = None
         self._watch = DisconnectWatch()
         self._refreshing: asyncio.Future[None] | None = None
+        #: relayed requests (streams and single calls) in progress, for draining
+        self._relays_in_flight = 0
+        self._no_relays = asyncio.Event()
+        self._no_relays.set()
         cfg = self.config
         self._probe_timeout = aiohttp.ClientTimeout(total=cfg.status_probe_timeout)
         # No total: a long generation that keeps producing must never be cut.
@@ -117,6 +121,7 @@ class Controller:
         app[CONTROLLER_KEY] = self
         add_routes(app, self)
         app.cleanup_ctx.append(self._app_context)
+        app.on_shutdown.append(self._drain)
 
     @classmethod
     def serve(
@@ -163,6 +168,25 @@ class Controller:
             yield
         finally:
             await self._close_resources()
+
+    async def _drain(self, app: web.Application | None = None) -> None:
+        """Let relays in flight finish, up to ``drain_timeout``; end the rest in-band.
+
+        aiohttp calls this once the application stopped accepting connections and before it
+        waits for (and then cancels) the handlers still running, so streams that outlive
+        the drain end with the in-band error instead of being cut mid-message.
+        """
+        if self._relays_in_flight:
+            log.info(
+                "Draining %d relayed request(s) for up to %g s",
+                self._relays_in_flight,
+                self.config.drain_timeout,
+            )
+            try:
+                await asyncio.wait_for(self._no_relays.wait(), self.config.drain_timeout)
+            except TimeoutError:
+                cut = self._watch.close_all()
+                log.warning("Drain timeout: ending %d stream(s) with an in-band error", cut)
 
     async def _open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False)
@@ -420,6 +444,24 @@ class Controller:
         and settles the worker's health when it ends; a cancelled attempt settles neither
         health nor anything but the count.
         """
+        self._relays_in_flight += 1
+        self._no_relays.clear()
+        try:
+            return await self._attempts(model, path, attempt, no_worker, count=count)
+        finally:
+            self._relays_in_flight -= 1
+            if not self._relays_in_flight:
+                self._no_relays.set()
+
+    async def _attempts(
+        self,
+        model: str,
+        path: str,
+        attempt: Callable[[WorkerInfo], Awaitable[tuple[_R, Outcome]]],
+        no_worker: Callable[[], _R],
+        *,
+        count: bool,
+    ) -> _R:
         tried: list[str] = []
         answer: _R | None = None
         for _ in range(self.config.stream_attempts):

@@ -19,11 +19,13 @@ from typing import Any
 from . import __version__
 from .app import Controller
 from .config import (
+    DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEART_BEAT_EXPIRATION,
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_PORT,
     DEFAULT_STATUS_PROBE_TIMEOUT,
+    DEFAULT_STREAM_ATTEMPTS,
     DEFAULT_WORKER_API_TIMEOUT,
     ControllerConfig,
 )
@@ -61,6 +63,16 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 100, got {value}")
     return value
 
 
@@ -150,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         "accepted (default: 64MiB)",
     )
     parser.add_argument(
+        "--stream-attempts",
+        type=_attempts,
+        default=DEFAULT_STREAM_ATTEMPTS,
+        metavar="N",
+        help="how many workers a generation may be tried on before its first byte reaches "
+        "the client (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long streams in flight may take to finish before they "
+        "are ended with the in-band error (default: %(default)g)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         default="info",
@@ -223,6 +251,8 @@ def load_config(
             worker_api_timeout=api_timeout,
             status_probe_timeout=args.status_probe_timeout,
             max_body_size=args.max_body_size,
+            stream_attempts=args.stream_attempts,
+            drain_timeout=args.drain_timeout,
             error_profile=(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),

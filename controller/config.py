@@ -20,6 +20,7 @@ DEFAULT_STATUS_PROBE_TIMEOUT = 5.0
 # Large enough for multimodal prompts carrying several base64 images.
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_STREAM_ATTEMPTS = 3
+DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_EJECTION_BASE = 5.0
 DEFAULT_EJECTION_MAX = 300.0
 
@@ -87,6 +88,8 @@ class ControllerConfig:
     #: with each further failure in a row, up to ``ejection_max``
     ejection_base: float = attrs.field(default=DEFAULT_EJECTION_BASE, validator=_positive)
     ejection_max: float = attrs.field(default=DEFAULT_EJECTION_MAX, validator=_positive)
+    #: on shutdown, how long relays in flight may take to finish before they are ended
+    drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
     #: the in-band error codes sent to clients (FastChat's unless told otherwise)
     error_profile: ErrorProfile = attrs.field(factory=ErrorProfile.fastchat)
     ssl_certfile: str | None = None

@@ -77,6 +77,13 @@ class DisconnectWatch:
                 closed += 1
         return closed
 
+    def close_all(self) -> int:
+        """Close every relay's upstream, which ends each stream with the in-band error."""
+        relays, self._relays = self._relays, {}
+        for _, upstream in relays.values():
+            upstream.close()
+        return len(relays)
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
