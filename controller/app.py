@@ -5,6 +5,7 @@ background tasks, and runs either inside a host aiohttp application or on its ow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from . import dispatch, protocol
+from . import dispatch, protocol, state
 from .config import ControllerConfig
 from .errors import BadRequestError, NotRunningError
 from .models import WorkerInfo, WorkerStatus
@@ -29,6 +30,9 @@ __all__ = ["CONTROLLER_KEY", "Controller"]
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R", bound=web.StreamResponse)
+
+# Seconds between two state-file writes at most; changes in between are saved together.
+STATE_SAVE_DEBOUNCE = 0.5
 
 # What aiohttp still waits for after the drain: requests that are not relays.
 SHUTDOWN_TIMEOUT = 2.0
@@ -54,8 +58,9 @@ class Controller:
       ``await controller.aclose()``.
     * from the command line: ``fc-controller`` (see ``controller.cli``).
 
-    ``clock`` (monotonic seconds) and ``rng`` are injectable so tests can drive time and
-    dispatch randomness.
+    ``clock`` (monotonic seconds), ``wall_clock`` (seconds since the epoch, used only for
+    the state file) and ``rng`` are injectable so tests can drive time and dispatch
+    randomness.
     """
 
     def __init__(
@@ -64,8 +69,10 @@ class Controller:
         *,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        wall_clock: Clock = time.time,
     ) -> None:
         self.config = config if config is not None else ControllerConfig()
+        self.wall_clock = wall_clock
         self.registry = Registry(
             self.config.heart_beat_expiration,
             clock,
@@ -85,6 +92,8 @@ class Controller:
         self._relays_in_flight = 0
         self._no_relays = asyncio.Event()
         self._no_relays.set()
+        self._state_changed = asyncio.Event()
+        self._state_save_failed = False
         cfg = self.config
         self._probe_timeout = aiohttp.ClientTimeout(total=cfg.status_probe_timeout)
         # No total: a long generation that keeps producing must never be cut.
@@ -104,9 +113,10 @@ class Controller:
         *,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        wall_clock: Clock = time.time,
     ) -> Controller:
         """Attach a new controller to ``app``, which must not have started yet."""
-        controller = cls(config, clock=clock, rng=rng)
+        controller = cls(config, clock=clock, rng=rng, wall_clock=wall_clock)
         controller.attach(app)
         return controller
 
@@ -130,12 +140,13 @@ class Controller:
         *,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        wall_clock: Clock = time.time,
     ) -> _Serving:
         """Run a controller on its own listening socket.
 
         Await the result for a running controller, or use it with ``async with``.
         """
-        return _Serving(cls(config, clock=clock, rng=rng))
+        return _Serving(cls(config, clock=clock, rng=rng, wall_clock=wall_clock))
 
     async def _serve(self) -> Controller:
         cfg = self.config
@@ -197,8 +208,15 @@ class Controller:
             asyncio.create_task(self._expire_forever(), name="fc-controller-expiry"),
             asyncio.create_task(self._watch.run(), name="fc-controller-disconnect-watch"),
         ]
+        if self.config.state_file is not None:
+            self._restore_state(self.config.state_file)
+            self.registry.on_change = self._state_changed.set
+            self._tasks.append(
+                asyncio.create_task(self._save_state_forever(), name="fc-controller-state")
+            )
 
     async def _close_resources(self) -> None:
+        had_tasks = bool(self._tasks)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -212,6 +230,8 @@ class Controller:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        if had_tasks and self.config.state_file is not None:
+            await self._save_state(self.config.state_file)
 
     async def aclose(self) -> None:
         """Stop serving (if standalone), end background tasks and close the session.
@@ -513,6 +533,71 @@ class Controller:
         while True:
             await asyncio.sleep(interval)
             self.expire_now()
+
+    def _restore_state(self, path: str) -> None:
+        # Read synchronously: this runs once, while the application starts, before any
+        # request is served.
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            log.info("No state file at %s yet: starting with an empty registry", path)
+            return
+        except OSError as e:
+            log.warning("Cannot read state file %s (%s): starting with an empty registry", path, e)
+            return
+        try:
+            saved = state.load(data, self.wall_clock())
+        except state.StateFileError as e:
+            log.warning("Ignoring state file %s: %s; starting with an empty registry", path, e)
+            return
+        now = self.registry.clock()
+        expired = 0
+        for worker in saved:
+            if worker.check_heart_beat and worker.silent_for > self.config.heart_beat_expiration:
+                expired += 1
+                continue
+            self.registry.register(
+                worker.name,
+                worker.status,
+                check_heart_beat=worker.check_heart_beat,
+                multimodal=worker.multimodal,
+                last_heart_beat=now - worker.silent_for,
+            )
+        log.info(
+            "Restored %d worker(s) from %s (%d had expired meanwhile)",
+            len(saved) - expired,
+            path,
+            expired,
+        )
+
+    async def _save_state_forever(self) -> None:
+        path = self.config.state_file
+        assert path is not None
+        # Heartbeats do not trigger a save, so save now and then anyway to keep the saved
+        # heartbeat times recent enough for a restart to trust them.
+        refresh = min(self.config.heart_beat_expiration / 3, 30.0)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), refresh)
+            self._state_changed.clear()
+            await self._save_state(path)
+            # Coalesce bursts of changes (a fleet registering at once) into few writes.
+            await asyncio.sleep(STATE_SAVE_DEBOUNCE)
+
+    async def _save_state(self, path: str) -> None:
+        data = state.dump(self.registry, self.wall_clock())
+        try:
+            # The one use of a thread: file I/O (and fsync) has no non-blocking form.
+            await asyncio.to_thread(state.write_atomically, path, data)
+        except OSError as e:
+            if not self._state_save_failed:
+                log.warning("Cannot save state file %s: %s", path, e)
+            self._state_save_failed = True
+            return
+        if self._state_save_failed:
+            log.info("Saving state file %s works again", path)
+        self._state_save_failed = False
 
     def expire_now(self) -> list[WorkerInfo]:
         """Remove expired workers now and log each; the background task calls this."""

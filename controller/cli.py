@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "are ended with the in-band error (default: %(default)g)",
     )
     parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="save the registry to PATH as it changes and load it at start-up, so a "
+        "restarted controller routes at once (default: off)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         default="info",
@@ -253,6 +260,7 @@ def load_config(
             max_body_size=args.max_body_size,
             stream_attempts=args.stream_attempts,
             drain_timeout=args.drain_timeout,
+            state_file=args.state_file,
             error_profile=(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),

@@ -90,6 +90,8 @@ class ControllerConfig:
     ejection_max: float = attrs.field(default=DEFAULT_EJECTION_MAX, validator=_positive)
     #: on shutdown, how long relays in flight may take to finish before they are ended
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
+    #: where to save the registry as it changes and load it from at start-up (off if None)
+    state_file: str | None = None
     #: the in-band error codes sent to clients (FastChat's unless told otherwise)
     error_profile: ErrorProfile = attrs.field(factory=ErrorProfile.fastchat)
     ssl_certfile: str | None = None

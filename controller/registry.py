@@ -45,6 +45,8 @@ class Registry:
         self.ejection_max = ejection_max
         #: called with a worker and the reason when it is back in rotation early
         self.on_back_in_rotation: Callable[[WorkerInfo, str], None] | None = None
+        #: called after a worker joined, left or changed what it serves
+        self.on_change: Callable[[], None] | None = None
         self._workers: dict[str, WorkerInfo] = {}
         self._by_model: dict[str, list[WorkerInfo]] = {}
 
@@ -96,12 +98,19 @@ class Registry:
     # -- changes -----------------------------------------------------------------------
 
     def register(
-        self, name: str, status: WorkerStatus, *, check_heart_beat: bool, multimodal: bool
+        self,
+        name: str,
+        status: WorkerStatus,
+        *,
+        check_heart_beat: bool,
+        multimodal: bool,
+        last_heart_beat: float | None = None,
     ) -> tuple[WorkerInfo, bool]:
         """Add a worker or replace what is known of it; returns the entry and whether it is new.
 
         A replaced entry keeps its identity and place in line, so streams already relayed to
-        it still settle their count on it when they end.
+        it still settle their count on it when they end. ``last_heart_beat`` (on the
+        registry's clock) is for entries restored from a saved state; it defaults to now.
         """
         now = self.clock()
         info = self._workers.get(name)
@@ -130,6 +139,9 @@ class Registry:
         info.ejected_until = 0.0
         info.generation += 1
         info.report(status.queue_length, now)
+        if last_heart_beat is not None:
+            info.last_heart_beat = last_heart_beat
+        self._changed()
         return info, is_new
 
     def heartbeat(self, name: str, queue_length: int) -> bool:
@@ -165,6 +177,7 @@ class Registry:
             self._unindex(info)
             self._index(info, status.model_names)
             info.model_names = status.model_names
+            self._changed()
         info.speed = status.speed
         info.report(status.queue_length, self.clock())
         if info.ejected_until:
@@ -227,6 +240,11 @@ class Registry:
     def _drop(self, info: WorkerInfo) -> None:
         del self._workers[info.name]
         self._unindex(info)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _index(self, info: WorkerInfo, model_names: tuple[str, ...]) -> None:
         for model in model_names:
