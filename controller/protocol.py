@@ -63,12 +63,18 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# One decoder for every request: json.loads would build a new one per call when given
+# parse_constant (which keeps NaN and Infinity, not JSON, out).
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def decode_body(raw: bytes) -> Any:
     """Decode a request body; an empty body (FastChat clients send some) decodes to ``None``."""
     if not raw or raw.isspace():
         return None
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        # Same encodings as json.loads(bytes): UTF-8 with or without a BOM, UTF-16, UTF-32.
+        return _decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise BadRequestError(None, "request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
