@@ -513,7 +513,7 @@ class Controller:
                     worker.name,
                     failures,
                 )
-        elif outcome is not Outcome.CLIENT_GONE:
+        elif outcome is Outcome.FAILED_BEFORE_START or outcome is Outcome.FAILED_MIDSTREAM:
             was_ejected = self.registry.is_ejected(worker)
             duration = self.registry.record_failure(worker)
             if not was_ejected:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +41,8 @@ class Outcome(enum.Enum):
     #: the worker failed or went silent after messages had been relayed
     FAILED_MIDSTREAM = "failed_midstream"
     CLIENT_GONE = "client_gone"
+    #: the controller ended it (shutting down); says nothing about the worker
+    ABORTED = "aborted"
 
 
 def worker_url(worker_name: str, path: str) -> str:
@@ -48,40 +51,45 @@ def worker_url(worker_name: str, path: str) -> str:
 
 
 class DisconnectWatch:
-    """Notices clients that vanished while their worker is silent.
+    """Notices clients that vanished while their worker is silent, and ends relays on shutdown.
 
-    A client that disconnects is noticed on the next write, but a worker that is thinking
-    (or hung) writes nothing, and aiohttp does not cancel handlers by default. One task
-    checks every relay's client connection a few times a second and closes the upstream
-    response of those that are gone, which ends their read at once.
+    A client that disconnects is noticed on the next write, but a worker that is thinking,
+    queueing the request or hung writes nothing, and aiohttp does not cancel handlers by
+    default. One task checks every relay's client connection a few times a second and
+    stops the relays whose client is gone: before the worker answered, by cancelling the
+    request; after, by closing the worker's response, which ends the read at once.
     """
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
+        #: set by :meth:`close_all`; relays ended after it are aborted, not failed
+        self.closing = False
         # Keyed by id(): requests are mutable mappings, so not hashable.
-        self._relays: dict[int, tuple[web.BaseRequest, aiohttp.ClientResponse]] = {}
+        self._relays: dict[int, tuple[web.BaseRequest, Callable[[], object]]] = {}
 
-    def add(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> None:
-        self._relays[id(request)] = (request, upstream)
+    def add(self, request: web.BaseRequest, stop: Callable[[], object]) -> None:
+        """Watch ``request``'s client; ``stop`` ends its relay (replacing any earlier one)."""
+        self._relays[id(request)] = (request, stop)
 
     def discard(self, request: web.BaseRequest) -> None:
         self._relays.pop(id(request), None)
 
     def sweep(self) -> int:
-        """Close the upstream of every relay whose client is gone; returns how many."""
-        closed = 0
-        for key, (request, upstream) in list(self._relays.items()):
+        """Stop every relay whose client is gone; returns how many."""
+        stopped = 0
+        for key, (request, stop) in list(self._relays.items()):
             if client_gone(request):
                 del self._relays[key]
-                upstream.close()
-                closed += 1
-        return closed
+                stop()
+                stopped += 1
+        return stopped
 
     def close_all(self) -> int:
-        """Close every relay's upstream, which ends each stream with the in-band error."""
+        """Stop every relay; streams end with the in-band error message."""
+        self.closing = True
         relays, self._relays = self._relays, {}
-        for _, upstream in relays.values():
-            upstream.close()
+        for _, stop in relays.values():
+            stop()
         return len(relays)
 
     async def run(self) -> None:
@@ -104,16 +112,28 @@ async def relay_stream(
     *,
     client_timeout: aiohttp.ClientTimeout,
     error_code: int,
-    watch: DisconnectWatch | None = None,
+    watch: DisconnectWatch,
 ) -> tuple[web.StreamResponse, Outcome]:
     """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
 
     Returns the response (already written) and how the stream ended.
     """
     url = worker_url(worker_name, "/worker_generate_stream")
+    # A task of its own, so the watch can cancel the wait for the worker's answer (which
+    # a busy worker delays until a slot frees) when the client leaves.
+    connect = asyncio.ensure_future(
+        session.post(url, data=body, headers=_JSON_HEADERS, timeout=client_timeout)
+    )
+    watch.add(request, connect.cancel)
     try:
-        upstream = await session.post(url, data=body, headers=_JSON_HEADERS, timeout=client_timeout)
+        upstream = await connect
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return _ended_by_watch(request, watch, error_code)
     except (aiohttp.ClientError, TimeoutError) as e:
+        watch.discard(request)
         log.debug("worker %s unreachable: %r", worker_name, e)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
 
@@ -121,19 +141,30 @@ async def relay_stream(
         if upstream.status != 200:
             log.debug("worker %s answered HTTP %d", worker_name, upstream.status)
             return _error_response(error_code), Outcome.FAILED_BEFORE_START
-        if watch is not None:
-            watch.add(request, upstream)
-        return await _pump(request, upstream, worker_name, error_code)
+        watch.add(request, upstream.close)
+        return await _pump(request, upstream, worker_name, error_code, watch)
     finally:
-        if watch is not None:
-            watch.discard(request)
+        watch.discard(request)
         # Closing (not releasing) drops the connection when the stream did not finish, so
         # the worker sees its client vanish and can stop generating.
         upstream.close()
 
 
+def _ended_by_watch(
+    request: web.BaseRequest, watch: DisconnectWatch, error_code: int
+) -> tuple[web.StreamResponse, Outcome]:
+    """What to answer when the watch stopped a relay before the worker's first message."""
+    if client_gone(request):
+        return web.Response(), Outcome.CLIENT_GONE
+    return _error_response(error_code), Outcome.ABORTED
+
+
 async def _pump(
-    request: web.Request, upstream: aiohttp.ClientResponse, worker_name: str, error_code: int
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    worker_name: str,
+    error_code: int,
+    watch: DisconnectWatch,
 ) -> tuple[web.StreamResponse, Outcome]:
     # The client's response starts with the worker's first whole message, so a worker that
     # fails before it can still be answered with a plain in-band error (or retried).
@@ -147,6 +178,8 @@ async def _pump(
         except (aiohttp.ClientError, TimeoutError) as e:
             if client_gone(request):
                 return response or web.Response(), Outcome.CLIENT_GONE
+            if response is None and watch.closing:
+                return _ended_by_watch(request, watch, error_code)
             failure = e
             break
         if not chunk:
@@ -175,7 +208,7 @@ async def _pump(
         if response is None:
             return _error_response(error_code), Outcome.FAILED_BEFORE_START
         tail = protocol.stream_error(error_code)
-        outcome = Outcome.FAILED_MIDSTREAM
+        outcome = Outcome.ABORTED if watch.closing else Outcome.FAILED_MIDSTREAM
     else:
         # A last message without its NUL still counts as a message (FastChat relays it).
         tail = pending + b"\0" if pending else b""

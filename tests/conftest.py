@@ -51,6 +51,8 @@ class FakeWorker:
     status_hang: bool = False
     status_garbage: bool = False
     stream_status: int = 200
+    #: hold the stream's response headers back until ``release`` (a busy worker queueing it)
+    hold_headers: bool = False
     server: TestServer | None = None
     status_calls: int = 0
     stream_bodies: list[bytes] = attrs.Factory(list)
@@ -90,6 +92,12 @@ class FakeWorker:
         self.stream_started.set()
         if self.stream_status != 200:
             return web.Response(status=self.stream_status, text="worker error")
+        if self.hold_headers:
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.upstream_gone.set()
+                raise
         response = web.StreamResponse()
         await response.prepare(request)
         try:

@@ -1,0 +1,76 @@
+"""A client that leaves mid-request frees its worker at once, whatever the worker is doing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from controller import Controller
+
+from .conftest import MakeWorker, RunController, register_body
+
+
+@pytest.fixture
+async def controller(run_controller: RunController) -> Controller:
+    return await run_controller()
+
+
+async def register(http: aiohttp.ClientSession, controller: Controller, body: object) -> None:
+    async with http.post(f"{controller.url}/register_worker", json=body) as r:
+        assert r.status == 200
+
+
+async def settled(controller: Controller, name: str, expected: int) -> None:
+    """Wait until the worker's queue length is back to ``expected`` with nothing relayed."""
+    async with asyncio.timeout(2):
+        while True:
+            info = controller.registry.get(name)
+            assert info is not None
+            if info.queue_length == expected and info.active_streams == 0:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_client_leaving_while_worker_queues_request(
+    controller: Controller, make_worker: MakeWorker
+) -> None:
+    """A client leaving before the worker answered at all cancels the request to the worker."""
+    worker = await make_worker(hold_headers=True, queue_length=1)
+    async with aiohttp.ClientSession() as http:
+        await register(http, controller, register_body(worker))
+        request = asyncio.create_task(
+            http.post(f"{controller.url}/worker_generate_stream", json={"model": "m"})
+        )
+        await asyncio.wait_for(worker.stream_started.wait(), 2)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    # The client's session (and its connection) is gone now.
+    loop = asyncio.get_running_loop()
+    gone_at = loop.time()
+    await asyncio.wait_for(worker.upstream_gone.wait(), 2)
+    # The disconnect watch looks every 50 ms; allow one period plus scheduling slack.
+    assert loop.time() - gone_at < 0.2
+    await settled(controller, worker.url, expected=1)
+
+
+async def test_client_leaving_while_worker_is_silent(
+    controller: Controller, make_worker: MakeWorker
+) -> None:
+    """A client leaving while its worker is silent mid-stream closes the worker's request."""
+    worker = await make_worker(tokens=3, hang_after=1)
+    async with aiohttp.ClientSession() as http:
+        await register(http, controller, register_body(worker))
+        response = await http.post(f"{controller.url}/worker_generate_stream", json={"model": "m"})
+        await response.content.readuntil(b"\0")
+        response.close()
+    loop = asyncio.get_running_loop()
+    gone_at = loop.time()
+    await asyncio.wait_for(worker.upstream_gone.wait(), 2)
+    assert loop.time() - gone_at < 0.2
+    await settled(controller, worker.url, expected=0)
+    info = controller.registry.get(worker.url)
+    assert info is not None
+    assert not controller.registry.is_ejected(info)
