@@ -5,6 +5,7 @@ background tasks, and runs either inside a host aiohttp application or on its ow
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -30,6 +31,20 @@ __all__ = ["CONTROLLER_KEY", "Controller"]
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R", bound=web.StreamResponse)
+#: (wall time, model, method, chosen worker, candidate count, [(worker, queue, service)])
+_Decision = tuple[float, str, str, str | None, int, list[tuple[str, int, float | None]]]
+
+# A request keeps going to the worker of its affinity key unless that worker is expected
+# to take more than this many times as long as the best one.
+AFFINITY_SLACK = 2.0
+# Affinity keys remembered (least recently used ones are forgotten first).
+AFFINITY_KEYS = 100_000
+# Candidates shown per decision in /dispatch_decisions and the debug log.
+DECISION_CANDIDATES = 16
+# The longest wait between two load polls of a worker that keeps failing them.
+MAX_POLL_BACKOFF = 60.0
+# Paths whose completed relays say how long a generation takes at a worker.
+_GENERATION_PATHS = frozenset({"/worker_generate_stream", "/worker_generate"})
 
 # Seconds between two state-file writes at most; changes in between are saved together.
 STATE_SAVE_DEBOUNCE = 0.5
@@ -93,9 +108,17 @@ class Controller:
         self._no_relays = asyncio.Event()
         self._no_relays.set()
         self._state_changed = asyncio.Event()
+        self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: the last dispatch decisions, for /dispatch_decisions (see recent_decisions)
+        self.decisions: collections.deque[_Decision] = collections.deque(
+            maxlen=self.config.decision_log_size
+        )
         self._state_save_failed = False
         cfg = self.config
         self._probe_timeout = aiohttp.ClientTimeout(total=cfg.status_probe_timeout)
+        self._poll_timeout = aiohttp.ClientTimeout(
+            total=min(cfg.status_probe_timeout, max(cfg.load_poll_interval, 0.5))
+        )
         # No total: a long generation that keeps producing must never be cut.
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -208,6 +231,10 @@ class Controller:
             asyncio.create_task(self._expire_forever(), name="fc-controller-expiry"),
             asyncio.create_task(self._watch.run(), name="fc-controller-disconnect-watch"),
         ]
+        if self.config.load_poll_interval > 0:
+            self._tasks.append(
+                asyncio.create_task(self._poll_load_forever(), name="fc-controller-load-poll")
+            )
         if self.config.state_file is not None:
             self._restore_state(self.config.state_file)
             self.registry.on_change = self._state_changed.set
@@ -323,22 +350,121 @@ class Controller:
         return exists
 
     def dispatch(
-        self, model: str, *, count: bool = True, exclude: Sequence[str] = ()
+        self,
+        model: str,
+        *,
+        count: bool = True,
+        exclude: Sequence[str] = (),
+        by_address: bool = False,
+        affinity: str | None = None,
     ) -> WorkerInfo | None:
-        """Pick a worker for ``model``; ``count`` adds the request to its queue length."""
-        worker = dispatch.choose(
-            self.config.dispatch_method, self.registry.candidates(model, exclude), self.rng
-        )
-        if worker is not None and count:
-            worker.dispatched()
-        log.debug("dispatch %r -> %s", model, worker.name if worker else None)
+        """Pick a worker for ``model``.
+
+        ``count`` adds the request to the worker's queue length. ``by_address`` says the
+        controller will not see the request end (the client talks to the worker itself), so
+        it stops counting after the worker's learned service time instead. ``affinity``
+        sends requests with the same key to the same worker while it is not overloaded.
+        """
+        candidates = self.registry.candidates(model, exclude)
+        worker = None
+        if affinity is not None:
+            worker = self._affine_worker(affinity, candidates)
+        if worker is None:
+            worker = dispatch.choose(self.config.dispatch_method, candidates, self.rng)
+        # Recorded before counting: the estimates the choice was made on.
+        self._record_decision(model, candidates, worker)
+        if worker is not None:
+            if count:
+                retire_at = None
+                if by_address:
+                    per_request = worker.service_time
+                    if per_request is None:
+                        prior = dispatch.prior_service_time(candidates)
+                        if prior is not None and worker.speed > 0:
+                            per_request = prior / worker.speed
+                    if per_request is not None:
+                        retire_at = self.registry.clock() + per_request
+                worker.dispatched(retire_at)
+            if affinity is not None:
+                self._remember_affinity(affinity, worker.name)
         return worker
 
-    async def probe(self, worker_name: str) -> WorkerStatus | None:
-        """Ask a worker for its status; ``None`` if it fails to answer well in time."""
+    def _affine_worker(self, key: str, candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
+        name = self._affinity.get(key)
+        if name is None:
+            return None
+        mine = next((w for w in candidates if w.name == name), None)
+        if mine is None:
+            return None
+        best = dispatch.least_time(candidates)
+        prior = dispatch.prior_service_time(candidates)
+        if best is not None and dispatch.expected_time(
+            mine, prior
+        ) > AFFINITY_SLACK * dispatch.expected_time(best, prior):
+            # Overloaded compared with the best choice: give way.
+            return None
+        return mine
+
+    def _remember_affinity(self, key: str, name: str) -> None:
+        self._affinity[key] = name
+        self._affinity.move_to_end(key)
+        if len(self._affinity) > AFFINITY_KEYS:
+            self._affinity.popitem(last=False)
+
+    def _record_decision(
+        self, model: str, candidates: Sequence[WorkerInfo], chosen: WorkerInfo | None
+    ) -> None:
+        shown = [(w.name, w.queue_length, w.service_time) for w in candidates[:DECISION_CANDIDATES]]
+        self.decisions.append(
+            (
+                self.wall_clock(),
+                model,
+                self.config.dispatch_method.value,
+                chosen.name if chosen is not None else None,
+                len(candidates),
+                shown,
+            )
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "dispatch %r by %s: %s -> %s",
+                model,
+                self.config.dispatch_method.value,
+                ", ".join(
+                    f"{name} (queue {queue}, service {_seconds(service)})"
+                    for name, queue, service in shown
+                )
+                or "no candidates",
+                chosen.name if chosen is not None else "none",
+            )
+
+    def recent_decisions(self, n: int) -> list[dict[str, Any]]:
+        """The last ``n`` dispatch decisions, newest last, as JSON-ready dicts."""
+        picked = list(self.decisions)[-n:] if n > 0 else []
+        return [
+            {
+                "time": when,
+                "model": model,
+                "method": method,
+                "chosen": chosen,
+                "candidate_count": total,
+                "candidates": [
+                    {"worker": name, "queue_length": queue, "service_time": service}
+                    for name, queue, service in shown
+                ],
+            }
+            for when, model, method, chosen, total, shown in picked
+        ]
+
+    async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
+        """Ask a worker for its status; ``None`` if it fails to answer well in time.
+
+        A load ``poll`` gets a shorter timeout: its answer is useless once stale.
+        """
         url = worker_url(worker_name, "/worker_get_status")
+        timeout = self._poll_timeout if poll else self._probe_timeout
         try:
-            async with self.session.post(url, timeout=self._probe_timeout) as response:
+            async with self.session.post(url, timeout=timeout) as response:
                 if response.status != 200:
                     log.debug("status probe of %s: HTTP %d", worker_name, response.status)
                     return None
@@ -389,7 +515,7 @@ class Controller:
         return WorkerStatus(tuple(sorted(names)), speed, queue)
 
     async def generate_stream(
-        self, request: web.Request, body: bytes, model: str
+        self, request: web.Request, body: bytes, model: str, affinity: str | None = None
     ) -> web.StreamResponse:
         """Relay a generation to a worker serving ``model``; errors travel in-band.
 
@@ -421,9 +547,12 @@ class Controller:
             attempt,
             lambda: web.Response(body=protocol.stream_error(no_worker)),
             count=True,
+            affinity=affinity,
         )
 
-    async def forward(self, path: str, body: bytes, model: str, *, count: bool) -> web.Response:
+    async def forward(
+        self, path: str, body: bytes, model: str, *, count: bool, affinity: str | None = None
+    ) -> web.Response:
         """Relay a worker call answered by one JSON document to a worker serving ``model``.
 
         This is what lets clients treat this controller as a worker (hierarchical mode).
@@ -447,6 +576,7 @@ class Controller:
             attempt,
             lambda: _json_response(protocol.error_message(profile.no_worker)),
             count=count,
+            affinity=affinity,
         )
 
     async def _with_failover(
@@ -457,6 +587,7 @@ class Controller:
         no_worker: Callable[[], _R],
         *,
         count: bool,
+        affinity: str | None = None,
     ) -> _R:
         """Run ``attempt`` on workers serving ``model`` until one gets past its first byte.
 
@@ -467,7 +598,9 @@ class Controller:
         self._relays_in_flight += 1
         self._no_relays.clear()
         try:
-            return await self._attempts(model, path, attempt, no_worker, count=count)
+            return await self._attempts(
+                model, path, attempt, no_worker, count=count, affinity=affinity
+            )
         finally:
             self._relays_in_flight -= 1
             if not self._relays_in_flight:
@@ -481,18 +614,23 @@ class Controller:
         no_worker: Callable[[], _R],
         *,
         count: bool,
+        affinity: str | None,
     ) -> _R:
         tried: list[str] = []
         answer: _R | None = None
+        learns = path in _GENERATION_PATHS
         for _ in range(self.config.stream_attempts):
-            worker = self.dispatch(model, count=count, exclude=tried)
+            worker = self.dispatch(model, count=count, exclude=tried, affinity=affinity)
             if worker is None:
                 break
+            started = self.registry.clock()
             try:
                 answer, outcome = await attempt(worker)
             finally:
                 if count:
                     worker.stream_ended()
+            if learns and outcome is Outcome.COMPLETED:
+                worker.learn_service_time(self.registry.clock() - started)
             self._settle(worker, outcome, path)
             if outcome is not Outcome.FAILED_BEFORE_START:
                 return answer
@@ -514,17 +652,20 @@ class Controller:
                     failures,
                 )
         elif outcome is Outcome.FAILED_BEFORE_START or outcome is Outcome.FAILED_MIDSTREAM:
-            was_ejected = self.registry.is_ejected(worker)
+            if self.registry.is_ejected(worker):
+                # Part of the incident that ejected it (streams that were running on it
+                # then, or tried on it because every worker is out): counting each would
+                # make one crash with many streams in flight an outlier out for minutes.
+                return
             duration = self.registry.record_failure(worker)
-            if not was_ejected:
-                log.warning(
-                    "Worker %s failed %s (%s); out of rotation for %g s (%d failures in a row)",
-                    worker.name,
-                    path,
-                    outcome.value.replace("_", " "),
-                    duration,
-                    worker.consecutive_failures,
-                )
+            log.warning(
+                "Worker %s failed %s (%s); out of rotation for %g s (%d failures in a row)",
+                worker.name,
+                path,
+                outcome.value.replace("_", " "),
+                duration,
+                worker.consecutive_failures,
+            )
 
     # -- background work -----------------------------------------------------------------
 
@@ -533,6 +674,48 @@ class Controller:
         while True:
             await asyncio.sleep(interval)
             self.expire_now()
+
+    async def _poll_load_forever(self) -> None:
+        interval = self.config.load_poll_interval
+        while True:
+            started = asyncio.get_running_loop().time()
+            await self.poll_load()
+            elapsed = asyncio.get_running_loop().time() - started
+            await asyncio.sleep(max(interval - elapsed, interval / 10))
+
+    async def poll_load(self) -> int:
+        """Ask the workers that got work since their last report for their queue now.
+
+        Stock FastChat workers report only every 45 s; a poll a second keeps the
+        controller's view of their load, and so its dispatch, close to the truth. Only busy
+        workers are asked, all at once; one that fails to answer is asked less and less
+        often. Returns how many answered.
+        """
+        interval = self.config.load_poll_interval
+        now = self.registry.clock()
+        due = [
+            (w, w.generation)
+            for w in self.registry
+            if (w.dispatched_since_report or w.queue_length)
+            and w.next_poll_at <= now
+            and now - w.reported_at >= interval / 2
+        ]
+        if not due:
+            return 0
+        statuses = await asyncio.gather(*(self.probe(w.name, poll=True) for w, _ in due))
+        answered = 0
+        async with self.lock:
+            now = self.registry.clock()
+            for (worker, generation), status in zip(due, statuses, strict=True):
+                if status is None:
+                    worker.poll_failures += 1
+                    backoff = interval * (1 << min(worker.poll_failures, 6))
+                    worker.next_poll_at = now + min(backoff, MAX_POLL_BACKOFF)
+                    continue
+                worker.poll_failures = 0
+                if self.registry.update_if_current(worker, generation, status):
+                    answered += 1
+        return answered
 
     def _restore_state(self, path: str) -> None:
         # Read synchronously: this runs once, while the application starts, before any
@@ -610,6 +793,10 @@ class Controller:
                 self.config.heart_beat_expiration,
             )
         return [info for info, _ in removed]
+
+
+def _seconds(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.3f}s"
 
 
 def _log_back_in_rotation(worker: WorkerInfo, how: str) -> None:

@@ -22,6 +22,7 @@ from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEART_BEAT_EXPIRATION,
     DEFAULT_HOST,
+    DEFAULT_LOAD_POLL_INTERVAL,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_PORT,
     DEFAULT_STATUS_PROBE_TIMEOUT,
@@ -54,6 +55,12 @@ def _seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _seconds(text)
 
 
 def _port(text: str) -> int:
@@ -178,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         "are ended with the in-band error (default: %(default)g)",
     )
     parser.add_argument(
+        "--load-poll-interval",
+        type=_seconds_or_zero,
+        default=DEFAULT_LOAD_POLL_INTERVAL,
+        metavar="SECONDS",
+        help="ask workers that got work since their last report for their queue length this "
+        "often, to dispatch on fresh numbers between heartbeats; 0 turns it off "
+        "(default: %(default)g)",
+    )
+    parser.add_argument(
         "--state-file",
         default=None,
         metavar="PATH",
@@ -222,7 +238,9 @@ def load_config(
     env = os.environ if environ is None else environ
     expiration = args.heart_beat_expiration
     if expiration is None:
-        expiration = _from_env(parser, env, ENV_EXPIRATION, _seconds, DEFAULT_HEART_BEAT_EXPIRATION)
+        tinychat = args.profile == "tinychat"
+        default = TINYCHAT_HEART_BEAT_EXPIRATION if tinychat else DEFAULT_HEART_BEAT_EXPIRATION
+        expiration = _from_env(parser, env, ENV_EXPIRATION, _seconds, default)
     api_timeout = args.worker_api_timeout
     if api_timeout is None:
         api_timeout = _from_env(parser, env, ENV_API_TIMEOUT, _seconds, DEFAULT_WORKER_API_TIMEOUT)
@@ -261,6 +279,7 @@ def load_config(
             stream_attempts=args.stream_attempts,
             drain_timeout=args.drain_timeout,
             state_file=args.state_file,
+            load_poll_interval=args.load_poll_interval,
             error_profile=(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),

@@ -21,6 +21,8 @@ DEFAULT_STATUS_PROBE_TIMEOUT = 5.0
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_STREAM_ATTEMPTS = 3
 DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_LOAD_POLL_INTERVAL = 1.0
+DEFAULT_DECISION_LOG_SIZE = 100
 DEFAULT_EJECTION_BASE = 5.0
 DEFAULT_EJECTION_MAX = 300.0
 
@@ -30,6 +32,18 @@ def _positive(inst: Any, attribute: attrs.Attribute[float], value: float) -> Non
         raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{attribute.name} must be a positive number of seconds, got {value!r}")
+
+
+def _non_negative(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{attribute.name} must be 0 or a positive number, got {value!r}")
+
+
+def _log_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
+        raise ConfigError(f"{attribute.name} must be an integer from 0 to 100000, got {value!r}")
 
 
 def _port(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
@@ -90,6 +104,12 @@ class ControllerConfig:
     ejection_max: float = attrs.field(default=DEFAULT_EJECTION_MAX, validator=_positive)
     #: on shutdown, how long relays in flight may take to finish before they are ended
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
+    #: how often busy workers are asked for their queue length (0 turns polling off)
+    load_poll_interval: float = attrs.field(
+        default=DEFAULT_LOAD_POLL_INTERVAL, validator=_non_negative
+    )
+    #: how many recent dispatch decisions /dispatch_decisions can show
+    decision_log_size: int = attrs.field(default=DEFAULT_DECISION_LOG_SIZE, validator=_log_size)
     #: where to save the registry as it changes and load it from at start-up (off if None)
     state_file: str | None = None
     #: the in-band error codes sent to clients (FastChat's unless told otherwise)

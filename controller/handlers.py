@@ -43,10 +43,12 @@ async def _read(request: web.Request) -> bytes:
         body = protocol.encode(
             {"error": "payload_too_large", "field": None, "message": e.text or "body too large"}
         )
+        # As text: the exception sets a default text itself, and aiohttp refuses a body
+        # beside it (which made every oversized request an HTTP 500).
         raise web.HTTPRequestEntityTooLarge(
             max_size=request.client_max_size,
             actual_size=request.content_length or 0,
-            body=body,
+            text=body.decode(),
             content_type=_JSON,
         ) from None
 
@@ -79,13 +81,19 @@ class _Handlers:
         await self.c.refresh_all_workers()
         return _json(protocol.NULL)
 
+    # The listings take no body but read it anyway, so the body size limit (413) holds on
+    # every endpoint alike.
+
     async def list_models(self, request: web.Request) -> web.StreamResponse:
+        await _read(request)
         return self._models(None)
 
     async def list_multimodal_models(self, request: web.Request) -> web.StreamResponse:
+        await _read(request)
         return self._models(True)
 
     async def list_language_models(self, request: web.Request) -> web.StreamResponse:
+        await _read(request)
         return self._models(False)
 
     def _models(self, multimodal: bool | None) -> web.Response:
@@ -93,10 +101,10 @@ class _Handlers:
 
     async def get_worker_address(self, request: web.Request) -> web.StreamResponse:
         try:
-            model = protocol.parse_model(await _read_json(request))
+            model, affinity = protocol.parse_dispatch(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        worker = self.c.dispatch(model)
+        worker = self.c.dispatch(model, by_address=True, affinity=affinity)
         return _json(protocol.encode({"address": worker.name if worker else ""}))
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
@@ -110,10 +118,10 @@ class _Handlers:
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
         body = await _read(request)
         try:
-            model = protocol.parse_generate(body)
+            model, affinity = protocol.parse_generate(body)
         except BadRequestError as e:
             return _bad_request(e)
-        return await self.c.generate_stream(request, body, model)
+        return await self.c.generate_stream(request, body, model, affinity)
 
     def forwarder(self, path: str, *, count: bool) -> Handler:
         """A handler relaying a worker endpoint answered by one JSON document."""
@@ -121,10 +129,10 @@ class _Handlers:
         async def forward(request: web.Request) -> web.StreamResponse:
             body = await _read(request)
             try:
-                model = protocol.parse_generate(body)
+                model, affinity = protocol.parse_generate(body)
             except BadRequestError as e:
                 return _bad_request(e)
-            return await self.c.forward(path, body, model, count=count)
+            return await self.c.forward(path, body, model, count=count, affinity=affinity)
 
         return forward
 
@@ -134,6 +142,14 @@ class _Handlers:
 
     async def test_connection(self, request: web.Request) -> web.StreamResponse:
         return _json(protocol.SUCCESS)
+
+    async def dispatch_decisions(self, request: web.Request) -> web.StreamResponse:
+        raw = request.query.get("n", "20")
+        if not raw.isdigit():
+            error = BadRequestError("n", f"must be a whole number, got {raw!r}")
+            return _bad_request(error)
+        decisions = self.c.recent_decisions(int(raw))
+        return _json(protocol.encode({"decisions": decisions}))
 
 
 def add_routes(app: web.Application, controller: Controller) -> None:
@@ -160,4 +176,5 @@ def add_routes(app: web.Application, controller: Controller) -> None:
     }
     routes = [web.post(path, handler) for path, handler in posts.items()]
     routes.append(web.get("/test_connection", h.test_connection, allow_head=False))
+    routes.append(web.get("/dispatch_decisions", h.dispatch_decisions, allow_head=False))
     app.add_routes(routes)

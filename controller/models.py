@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 
 import attrs
@@ -14,6 +15,8 @@ class DispatchMethod(enum.Enum):
 
     SHORTEST_QUEUE = "shortest_queue"
     LOTTERY = "lottery"
+    LEAST_TIME = "least_time"
+    POWER_OF_TWO = "power_of_two"
 
     @classmethod
     def from_str(cls, name: str) -> DispatchMethod:
@@ -53,14 +56,23 @@ class WorkerStatus:
     queue_length: int
 
 
+#: weight of a new observation in a worker's learned service time
+SERVICE_TIME_SMOOTHING = 0.25
+#: learned service times are kept within these bounds (seconds)
+MIN_SERVICE_TIME = 0.001
+MAX_SERVICE_TIME = 3600.0
+
+
 @attrs.define(eq=False, slots=True)
 class WorkerInfo:
     """One registered worker and the controller's view of its load.
 
     ``queue_length`` is the number the dispatcher uses: what the worker last reported, plus
-    what was dispatched to it since that report, minus the streams this controller relayed
-    to it that have ended since (never below zero). It is kept up to date on each event, so
-    reading it costs nothing; the per-report counters beside it say how it was reached.
+    what was dispatched to it since that report, minus the requests this controller relayed
+    to it that have ended since, minus the requests handed out by address that are presumed
+    finished because the worker's learned service time has passed (never below zero). It is
+    kept up to date on each event, so reading it costs nothing; the per-report counters
+    beside it say how it was reached.
     """
 
     name: str
@@ -73,6 +85,14 @@ class WorkerInfo:
     reported_queue_length: int = 0
     dispatched_since_report: int = 0
     ended_since_report: int = 0
+    #: when the worker last reported its queue (0 before the first report)
+    reported_at: float = 0.0
+    #: learned seconds a request spends at this worker (queueing included); None until
+    #: there is evidence
+    service_time: float | None = None
+    #: when each request handed out by address since the last report is presumed done,
+    #: in dispatch order (None while there are none, to keep idle entries small)
+    retire_at: collections.deque[float] | None = None
     #: incremented by every registration of this name; lets an operation that awaited
     #: (a refresh probe) tell whether the entry it looked at is still the current one
     generation: int = 0
@@ -82,19 +102,59 @@ class WorkerInfo:
     consecutive_failures: int = 0
     #: the worker is out of rotation until this time (the registry's clock)
     ejected_until: float = 0.0
+    #: load polls of this worker wait until then (backs off after failed polls)
+    next_poll_at: float = 0.0
+    poll_failures: int = 0
 
     def report(self, queue_length: int, now: float) -> None:
-        """Take a fresh queue length from the worker; it includes everything before it."""
+        """Take a fresh queue length from the worker; it includes everything before it.
+
+        Between two reports, Little's law relates what the worker holds on average, how
+        many requests it finished and how long each took; that gives one observation of its
+        service time (reports are snapshots, so the average is the mean of the two).
+        """
+        if self.reported_at:
+            interval = now - self.reported_at
+            finished = self.reported_queue_length + self.dispatched_since_report - queue_length
+            held = (self.reported_queue_length + queue_length) / 2
+            if finished > 0 and interval > 0 and held > 0:
+                self.learn_service_time(held * interval / finished)
         self.queue_length = queue_length
         self.reported_queue_length = queue_length
         self.dispatched_since_report = 0
         self.ended_since_report = 0
+        self.retire_at = None
+        self.reported_at = now
         self.last_heart_beat = now
 
-    def dispatched(self) -> None:
-        """One more request was sent (or handed out) to this worker."""
+    def learn_service_time(self, seconds: float) -> None:
+        """Fold one observation of the time a request spent at the worker into the estimate."""
+        seconds = min(max(seconds, MIN_SERVICE_TIME), MAX_SERVICE_TIME)
+        if self.service_time is None:
+            self.service_time = seconds
+        else:
+            self.service_time += SERVICE_TIME_SMOOTHING * (seconds - self.service_time)
+
+    def dispatched(self, retire_at: float | None = None) -> None:
+        """One more request was sent (or handed out) to this worker.
+
+        ``retire_at`` is when a request handed out by address (whose end this controller
+        will not see) stops counting; ``None`` keeps it until the next report.
+        """
         self.queue_length += 1
         self.dispatched_since_report += 1
+        if retire_at is not None:
+            if self.retire_at is None:
+                self.retire_at = collections.deque()
+            self.retire_at.append(retire_at)
+
+    def retire(self, now: float) -> None:
+        """Stop counting the requests handed out by address that are presumed finished."""
+        pending = self.retire_at
+        while pending and pending[0] <= now:
+            pending.popleft()
+            if self.queue_length > 0:
+                self.queue_length -= 1
 
     def stream_ended(self) -> None:
         """A request this controller relayed to the worker (a stream or a single call) has

@@ -26,6 +26,7 @@ __all__ = [
     "encode",
     "error_body",
     "error_message",
+    "parse_dispatch",
     "parse_generate",
     "parse_heartbeat",
     "parse_model",
@@ -212,9 +213,17 @@ def parse_model(data: Any) -> str:
     return _string(_require(obj, "model"), "model")
 
 
-def parse_generate(raw: bytes) -> str:
-    """The model a generation request names; the body itself is forwarded untouched."""
-    return parse_model(decode_body(raw))
+def parse_dispatch(data: Any) -> tuple[str, str | None]:
+    """The model a request names, and its optional ``affinity_key`` (our extension)."""
+    obj = _object(data)
+    model = _string(_require(obj, "model"), "model")
+    key = obj.get("affinity_key")
+    return model, None if key is None else _string(key, "affinity_key")
+
+
+def parse_generate(raw: bytes) -> tuple[str, str | None]:
+    """What a generation request asks for; the body itself is forwarded untouched."""
+    return parse_dispatch(decode_body(raw))
 
 
 # -- encoding ---------------------------------------------------------------------------

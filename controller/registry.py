@@ -82,6 +82,9 @@ class Registry:
             for w in serving
             if (not w.check_heart_beat or w.last_heart_beat >= cutoff) and w.name not in exclude
         ]
+        for w in live:
+            if w.retire_at:
+                w.retire(now)
         in_rotation = [w for w in live if w.ejected_until <= now]
         # When every live worker is ejected, trying them beats certain failure: one may
         # have recovered (Envoy calls this panic routing).

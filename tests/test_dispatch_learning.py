@@ -1,0 +1,261 @@
+"""Dispatch between heartbeats: learned service times, retirement on time, load polls,
+the time-based policies, affinity, and the decision log."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controller import Controller, ControllerConfig, DispatchMethod
+
+from .conftest import FakeClock, MakeWorker, RunController, register_body
+
+
+def status(queue: int = 0, speed: float = 1, models: list[str] | None = None) -> dict[str, Any]:
+    return {"model_names": models or ["m"], "speed": speed, "queue_length": queue}
+
+
+async def call(http: aiohttp.ClientSession, controller: Controller, path: str, body: Any) -> Any:
+    async with http.post(f"{controller.url}{path}", json=body) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def register(
+    http: aiohttp.ClientSession, controller: Controller, name: str, **kw: Any
+) -> None:
+    body = {"worker_name": name, "check_heart_beat": True, "worker_status": status(**kw)}
+    await call(http, controller, "/register_worker", body)
+
+
+def cfg(**kwargs: Any) -> ControllerConfig:
+    kwargs.setdefault("load_poll_interval", 0)
+    return ControllerConfig(host="127.0.0.1", port=0, **kwargs)
+
+
+async def test_heartbeats_teach_service_time_by_littles_law(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """Two reports and the dispatches between them give the worker's time per request."""
+    controller = await run_controller(cfg(), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1", queue=2)
+    for _ in range(8):
+        await call(http, controller, "/get_worker_address", {"model": "m"})
+    clock.advance(10)
+    beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 2}
+    await call(http, controller, "/receive_heart_beat", beat)
+
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    # It held 2 on average and finished 2 + 8 - 2 = 8 in 10 s: 2 * 10 / 8 seconds each.
+    assert info.service_time == pytest.approx(2.5)
+
+
+async def test_requests_handed_out_by_address_retire_after_service_time(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A /get_worker_address dispatch stops counting once the learned service time passed."""
+    controller = await run_controller(cfg(), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1")
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    info.learn_service_time(3.0)
+
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    clock.advance(2.9)
+    assert [w.queue_length for w in controller.registry.candidates("m")] == [1]
+    clock.advance(0.2)
+    assert [w.queue_length for w in controller.registry.candidates("m")] == [0]
+
+
+async def test_without_evidence_handed_out_requests_wait_for_a_report(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """With no service time known anywhere, a dispatch counts until the worker reports."""
+    controller = await run_controller(cfg(), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1")
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    clock.advance(60)
+    assert [w.queue_length for w in controller.registry.candidates("m")] == [1]
+
+
+async def test_relayed_stream_teaches_service_time(
+    run_controller: RunController, make_worker: MakeWorker, http: aiohttp.ClientSession
+) -> None:
+    """A completed relayed stream's duration becomes the worker's first service-time estimate."""
+    controller = await run_controller(cfg())
+    worker = await make_worker(tokens=3, token_delay=0.05)
+    await call(http, controller, "/register_worker", register_body(worker))
+    async with http.post(f"{controller.url}/worker_generate_stream", json={"model": "m"}) as r:
+        await r.read()
+
+    info = controller.registry.get(worker.url)
+    assert info is not None
+    assert info.service_time is not None
+    assert 0.15 <= info.service_time < 2.0
+
+
+async def test_least_time_prefers_faster_worker_over_shorter_queue(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """least_time sends work to a busier fast worker rather than an idle one 4x slower."""
+    controller = await run_controller(cfg(dispatch_method="least_time"))
+    await register(http, controller, "http://127.0.0.1:1", queue=0)
+    await register(http, controller, "http://127.0.0.1:2", queue=2)
+    slow, fast = controller.registry.candidates("m")
+    slow.learn_service_time(0.8)
+    fast.learn_service_time(0.2)
+
+    answer = await call(http, controller, "/get_worker_address", {"model": "m"})
+
+    # Expected finish: slow (0 + 1) * 0.8 = 0.8 s; fast (2 + 1) * 0.2 = 0.6 s.
+    assert answer == {"address": "http://127.0.0.1:2"}
+
+
+async def test_shortest_queue_keeps_fastchat_meaning(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """shortest_queue still compares queue/speed, whatever service times were learned."""
+    controller = await run_controller(cfg(dispatch_method="shortest_queue"))
+    await register(http, controller, "http://127.0.0.1:1", queue=0)
+    await register(http, controller, "http://127.0.0.1:2", queue=2)
+    slow, fast = controller.registry.candidates("m")
+    slow.learn_service_time(0.8)
+    fast.learn_service_time(0.2)
+
+    answer = await call(http, controller, "/get_worker_address", {"model": "m"})
+
+    assert answer == {"address": "http://127.0.0.1:1"}
+
+
+async def test_power_of_two_never_picks_the_worst_of_three(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """Power of two choices compares two random workers, so the worst of three never wins."""
+    controller = await run_controller(cfg(dispatch_method="power_of_two"), rng=random.Random(7))
+    for port, queue in ((1, 0), (2, 1), (3, 5)):
+        await register(http, controller, f"http://127.0.0.1:{port}", queue=queue)
+
+    picks = Counter(
+        worker.name
+        for _ in range(300)
+        if (worker := controller.dispatch("m", count=False)) is not None
+    )
+
+    assert set(picks) == {"http://127.0.0.1:1", "http://127.0.0.1:2"}
+    # Worker 1 wins both pairs it is in (2 of 3 pairs), worker 2 the remaining one.
+    assert 150 < picks["http://127.0.0.1:1"] < 250
+
+
+async def test_affinity_returns_to_the_same_worker_until_it_is_overloaded(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """Requests with one affinity_key stick to one worker, and move when it is overloaded."""
+    controller = await run_controller(cfg(dispatch_method="shortest_queue"))
+    await register(http, controller, "http://127.0.0.1:1")
+    await register(http, controller, "http://127.0.0.1:2")
+    ask = {"model": "m", "affinity_key": "conversation-42"}
+
+    first = (await call(http, controller, "/get_worker_address", ask))["address"]
+    # The same key follows its worker although it is now busier than the other.
+    again = (await call(http, controller, "/get_worker_address", ask))["address"]
+    assert again == first
+    # Load the chosen worker until it is expected to take over twice as long as the other.
+    beat = {"worker_name": first, "queue_length": 6}
+    await call(http, controller, "/receive_heart_beat", beat)
+    moved = (await call(http, controller, "/get_worker_address", ask))["address"]
+    assert moved != first
+    assert (await call(http, controller, "/get_worker_address", ask))["address"] == moved
+
+
+async def test_affinity_key_must_be_a_string(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """A non-string affinity_key is a 400 naming the field."""
+    controller = await run_controller(cfg())
+    async with http.post(
+        f"{controller.url}/get_worker_address", json={"model": "m", "affinity_key": 5}
+    ) as r:
+        assert r.status == 400
+        assert (await r.json())["field"] == "affinity_key"
+
+
+async def test_decisions_endpoint_explains_recent_dispatches(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """/dispatch_decisions lists the last decisions with candidates, estimates and choice."""
+    controller = await run_controller(cfg())
+    await register(http, controller, "http://127.0.0.1:1", queue=3)
+    await register(http, controller, "http://127.0.0.1:2", queue=1)
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    await call(http, controller, "/get_worker_address", {"model": "other"})
+
+    async with http.get(f"{controller.url}/dispatch_decisions?n=2") as r:
+        decisions = (await r.json())["decisions"]
+
+    assert [d["model"] for d in decisions] == ["m", "other"]
+    first, second = decisions
+    assert first["chosen"] == "http://127.0.0.1:2"
+    assert first["method"] == "shortest_queue"
+    assert [(c["worker"], c["queue_length"]) for c in first["candidates"]] == [
+        ("http://127.0.0.1:1", 3),
+        ("http://127.0.0.1:2", 1),
+    ]
+    assert second["chosen"] is None
+    assert second["candidates"] == []
+    async with http.get(f"{controller.url}/dispatch_decisions?n=x") as r:
+        assert r.status == 400
+
+
+async def test_load_poll_refreshes_busy_workers_queue(
+    run_controller: RunController, make_worker: MakeWorker, http: aiohttp.ClientSession
+) -> None:
+    """A load poll replaces the estimate of a worker that got work with what it says now."""
+    controller = await run_controller(cfg())
+    busy = await make_worker(queue_length=0)
+    idle = await make_worker(queue_length=0)
+    await call(http, controller, "/register_worker", register_body(busy))
+    await call(http, controller, "/register_worker", register_body(idle))
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    busy.queue_length = 4
+    idle.queue_length = 9
+    calls_before = idle.status_calls
+
+    assert await controller.poll_load() == 1
+
+    queues = {w.name: w.queue_length for w in controller.registry}
+    # The busy worker's own number replaced the estimate; the idle one was not asked.
+    assert queues == {busy.url: 4, idle.url: 0}
+    assert idle.status_calls == calls_before
+
+
+async def test_load_poll_backs_off_from_a_worker_that_does_not_answer(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """A worker failing its load poll is not polled again at once."""
+    controller = await run_controller(cfg(load_poll_interval=1.0, status_probe_timeout=0.5))
+    await register(http, controller, "http://127.0.0.1:9")
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    info = controller.registry.get("http://127.0.0.1:9")
+    assert info is not None
+    info.reported_at -= 10
+
+    assert await controller.poll_load() == 0
+    assert info.poll_failures == 1
+    assert info.next_poll_at > controller.registry.clock()
+    # Not due yet: nothing is asked.
+    assert await controller.poll_load() == 0
+    assert info.poll_failures == 1
+
+
+def test_every_policy_is_a_cli_choice() -> None:
+    """Each dispatch policy can be chosen from the command line."""
+    from controller.cli import build_parser
+
+    help_text = build_parser().format_help()
+    for method in DispatchMethod:
+        assert method.value in help_text
