@@ -36,9 +36,25 @@ def _bad_request(error: BadRequestError) -> web.Response:
     return _json(protocol.error_body(error), status=400)
 
 
+def _refusal(exception: type[web.HTTPClientError], message: str) -> web.HTTPClientError:
+    body = protocol.encode({"error": "bad_request", "field": None, "message": message})
+    return exception(text=body.decode(), content_type=_JSON)
+
+
 async def _read(request: web.Request) -> bytes:
     try:
         return await request.read()
+    except web.RequestPayloadError:
+        # The body does not decode (corrupt gzip or deflate data): the client's fault, and
+        # aiohttp would make it a 500.
+        message = "request body cannot be decoded as its Content-Encoding says"
+        raise _refusal(web.HTTPBadRequest, message) from None
+    except ConnectionResetError:
+        # The client left halfway through its body. Nobody reads the answer; raising an
+        # HTTP error (rather than letting this through) keeps aiohttp from logging a
+        # traceback at ERROR for every such client.
+        log.debug("client left while sending its request body")
+        raise _refusal(web.HTTPBadRequest, "request body ended early") from None
     except web.HTTPRequestEntityTooLarge as e:
         body = protocol.encode(
             {"error": "payload_too_large", "field": None, "message": e.text or "body too large"}
@@ -145,7 +161,8 @@ class _Handlers:
 
     async def dispatch_decisions(self, request: web.Request) -> web.StreamResponse:
         raw = request.query.get("n", "20")
-        if not raw.isdigit():
+        # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             error = BadRequestError("n", f"must be a whole number, got {raw!r}")
             return _bad_request(error)
         decisions = self.c.recent_decisions(int(raw))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,9 +39,14 @@ class FakeWorker:
 
     ``tokens`` messages are streamed with cumulative text; ``hang_after`` stops sending (but
     keeps the connection open) after that many messages; ``die_after`` drops the connection
-    after that many; ``split`` sends each message in two writes to exercise reassembly;
+    after that many; ``split`` sends each message in two writes to exercise reassembly
+    (``split_gap`` seconds apart);
     ``status_hang`` makes ``/worker_get_status`` never answer; ``status_garbage`` makes it
-    answer something that is not a status; ``stream_status`` is the HTTP status of streams.
+    answer something that is not a status; ``stream_status`` is the HTTP status of streams;
+    ``drop_at_once`` closes the connection before sending anything, headers included.
+
+    A stream request may override the stream knobs for itself alone with a ``fake`` object
+    in its body, such as ``{"model": "m", "fake": {"die_after": 1}}``.
     """
 
     model_names: list[str] = attrs.Factory(lambda: ["m"])
@@ -48,12 +57,18 @@ class FakeWorker:
     hang_after: int | None = None
     die_after: int | None = None
     split: bool = False
+    split_gap: float = 0.0
     status_hang: bool = False
     status_garbage: bool = False
     stream_status: int = 200
     #: hold the stream's response headers back until ``release`` (a busy worker queueing it)
     hold_headers: bool = False
+    drop_at_once: bool = False
     server: TestServer | None = None
+    #: streams being served right now (what a real worker reports as its queue length)
+    active: int = 0
+    #: ``loop.time()`` when ``upstream_gone`` was last set
+    upstream_gone_at: float | None = None
     status_calls: int = 0
     stream_bodies: list[bytes] = attrs.Factory(list)
     #: set when a stream's client (the controller) went away before the stream finished
@@ -87,53 +102,120 @@ class FakeWorker:
             return web.Response(text="<html>not json</html>")
         return web.json_response(self.status())
 
+    def knobs(self, body: bytes) -> StreamKnobs:
+        """The stream knobs for one request: the worker's, with the body's ``fake`` applied."""
+        knobs = StreamKnobs(
+            tokens=self.tokens,
+            token_delay=self.token_delay,
+            hang_after=self.hang_after,
+            die_after=self.die_after,
+            split=self.split,
+            split_gap=self.split_gap,
+            stream_status=self.stream_status,
+            hold_headers=self.hold_headers,
+            drop_at_once=self.drop_at_once,
+        )
+        try:
+            overrides = json.loads(body).get("fake")
+        except (ValueError, AttributeError):
+            overrides = None
+        return attrs.evolve(knobs, **overrides) if isinstance(overrides, dict) else knobs
+
+    def _gone(self) -> None:
+        self.upstream_gone_at = asyncio.get_running_loop().time()
+        self.upstream_gone.set()
+
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
-        self.stream_bodies.append(await request.read())
+        body = await request.read()
+        self.stream_bodies.append(body)
         self.stream_started.set()
-        if self.stream_status != 200:
-            return web.Response(status=self.stream_status, text="worker error")
-        if self.hold_headers:
+        self.active += 1
+        try:
+            return await self._stream(request, self.knobs(body))
+        finally:
+            self.active -= 1
+
+    async def _stream(self, request: web.Request, k: StreamKnobs) -> web.StreamResponse:
+        if k.stream_status != 200:
+            return web.Response(status=k.stream_status, text="worker error")
+        if k.drop_at_once:
+            assert request.transport is not None
+            request.transport.close()
+            # Nothing can be sent any more; aiohttp drops this answer.
+            return web.Response()
+        if k.hold_headers:
             try:
                 await self.release.wait()
             except asyncio.CancelledError:
-                self.upstream_gone.set()
+                self._gone()
                 raise
         response = web.StreamResponse()
-        await response.prepare(request)
         try:
-            for i in range(self.tokens):
-                if self.hang_after is not None and i == self.hang_after:
+            await response.prepare(request)
+            for i in range(k.tokens):
+                if k.hang_after is not None and i == k.hang_after:
                     await self.release.wait()
-                if self.die_after is not None and i == self.die_after:
+                if k.die_after is not None and i == k.die_after:
                     assert request.transport is not None
                     request.transport.close()
                     return response
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
+                if k.token_delay:
+                    await asyncio.sleep(k.token_delay)
                 data = self.message(i)
-                if self.split:
+                if k.split:
                     await response.write(data[:5])
+                    if k.split_gap:
+                        await asyncio.sleep(k.split_gap)
                     await response.write(data[5:])
                 else:
                     await response.write(data)
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.upstream_gone.set()
+        except ConnectionResetError:
+            # The controller went away: what a real worker sees, and no error of its own.
+            self._gone()
+        except asyncio.CancelledError:
+            self._gone()
             raise
         return response
 
-    async def start(self) -> FakeWorker:
+    async def start(self, port: int | None = None) -> FakeWorker:
+        """Listen on a free loopback port, or on ``port`` (to come back after :meth:`stop`)."""
         app = web.Application()
         app.router.add_post("/worker_get_status", self.handle_status)
         app.router.add_post("/worker_generate_stream", self.handle_stream)
-        self.server = TestServer(app, host="127.0.0.1")
+        self.server = TestServer(app, host="127.0.0.1", port=port)
         await self.server.start_server()
         return self
+
+    async def stop(self) -> int:
+        """Crash: drop every connection at once, stop listening; returns the port to reuse."""
+        assert self.server is not None and self.server.port is not None
+        assert self.server.runner is not None and self.server.runner.server is not None
+        port = self.server.port
+        for connection in list(self.server.runner.server.connections):
+            connection.force_close()
+        await self.server.close()
+        return port
 
     async def close(self) -> None:
         self.release.set()
         if self.server is not None:
             await self.server.close()
+
+
+@attrs.frozen(kw_only=True)
+class StreamKnobs:
+    """The knobs that shape one stream (see :class:`FakeWorker`)."""
+
+    tokens: int
+    token_delay: float
+    hang_after: int | None
+    die_after: int | None
+    split: bool
+    split_gap: float
+    stream_status: int
+    hold_headers: bool
+    drop_at_once: bool
 
 
 MakeWorker = Callable[..., Awaitable[FakeWorker]]
@@ -179,6 +261,109 @@ async def run_controller() -> AsyncIterator[RunController]:
         await controller.aclose()
 
 
+_STARTED = re.compile(r"running on (https?://\S+)")
+
+
+@attrs.define(eq=False)
+class ControllerProcess:
+    """A controller in a process of its own (``python -m controller``), on a loopback port.
+
+    ``lines`` collects its stderr (the log) as it comes; :meth:`wait_for_line` waits for one.
+    """
+
+    process: asyncio.subprocess.Process
+    url: str = ""
+    lines: list[str] = attrs.Factory(list)
+    _new_line: asyncio.Event = attrs.Factory(asyncio.Event)
+    _reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, *args: str, timeout: float = 20.0) -> ControllerProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "controller",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self = cls(process)
+        self._reader = asyncio.create_task(self._read())
+        try:
+            line = await self.wait_for_line("running on", timeout)
+        except BaseException:
+            await self.kill()
+            raise
+        match = _STARTED.search(line)
+        assert match is not None, line
+        self.url = match.group(1)
+        return self
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._new_line.set()
+        self._new_line.set()
+
+    async def wait_for_line(self, text: str, timeout: float = 10.0) -> str:
+        """The first log line containing ``text``, waiting up to ``timeout`` seconds for it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                if self._reader is not None and self._reader.done():
+                    raise AssertionError(f"exited before logging {text!r}: {self.lines[-20:]}")
+                self._new_line.clear()
+                await self._new_line.wait()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; its exit status."""
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+SpawnController = Callable[..., Awaitable[ControllerProcess]]
+
+
+@pytest.fixture
+async def spawn_controller() -> AsyncIterator[SpawnController]:
+    """Factory for controller processes (flags as arguments); all are killed and waited."""
+    processes: list[ControllerProcess] = []
+
+    async def spawn(*args: str) -> ControllerProcess:
+        process = await ControllerProcess.start(*args)
+        processes.append(process)
+        return process
+
+    yield spawn
+    for process in processes:
+        await process.kill()
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
@@ -195,6 +380,16 @@ def register_body(worker: FakeWorker | str, *, status: bool = True, **extra: Any
             body["worker_status"] = worker.status()
     body.update(extra)
     return body
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait for ``predicate`` to hold, checking every few milliseconds; fail after ``timeout``.
+
+    For state with no event to wait on (a count in the registry); never a fixed sleep.
+    """
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
 
 
 def split_stream(raw: bytes) -> list[dict[str, Any]]:
