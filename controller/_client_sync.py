@@ -1,0 +1,258 @@
+"""The heartbeat client for workers that are not asyncio programs: one daemon thread.
+
+Import it from ``controller.client``. It uses only the standard library (``urllib``) for
+HTTP, so a threaded worker needs nothing beyond what this package already requires.
+"""
+
+from __future__ import annotations
+
+import http.client
+import inspect
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from types import TracebackType
+from typing import Literal, Self, TypeAlias
+
+from ._client_core import (
+    JSON_HEADERS,
+    BadAnswer,
+    Core,
+    HeartbeatConfig,
+    HeartbeatStats,
+    SupportsQueueLength,
+    check_register_answer,
+    describe,
+    log,
+    log_unregister_failed,
+    log_unregistered,
+    parse_heartbeat_answer,
+    parse_unregister_answer,
+)
+
+__all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource"]
+
+#: A plain callable, or an object with a ``queue_length`` attribute. It is called from the
+#: heartbeat thread, so it must be safe to call from there.
+SyncQueueLengthSource: TypeAlias = Callable[[], int] | SupportsQueueLength
+
+_CALL_ERRORS = (OSError, http.client.HTTPException, BadAnswer)
+
+
+def _queue_length_function(source: SyncQueueLengthSource | None) -> Callable[[], int]:
+    if source is None:
+        return lambda: 0
+    if callable(source):
+        if inspect.iscoroutinefunction(source):
+            raise TypeError(
+                "SyncHeartbeatClient calls queue_length from a thread and cannot await it; "
+                "pass a plain function, or use HeartbeatClient in an asyncio program"
+            )
+        return source
+    if hasattr(source, "queue_length"):
+        return lambda: source.queue_length
+    raise TypeError(
+        f"queue_length must be a callable or have a queue_length attribute, got {source!r}"
+    )
+
+
+class SyncHeartbeatClient:
+    """Registers a worker with a controller and keeps it registered, from a daemon thread.
+
+    Behaves like ``HeartbeatClient`` (same ``HeartbeatConfig``, backoff, re-registration
+    and goodbye) for programs without an event loop, such as FastChat's threaded workers.
+    ``queue_length`` is called from the heartbeat thread.
+
+    Use it as a context manager, or call ``start()`` and later ``close()``.
+    """
+
+    def __init__(
+        self,
+        config: HeartbeatConfig,
+        queue_length: SyncQueueLengthSource | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._queue_length = _queue_length_function(queue_length)
+        self._core = Core(config, rng if rng is not None else random.Random())
+        self._state: Literal["new", "running", "closed"] = "new"
+        self._stop = threading.Event()
+        # Guards the core (mutated by the thread, read by callers) and wakes waiters.
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        # No proxies: the controller is an internal address (aiohttp's default too).
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start registering and heartbeating in a daemon thread; returns at once."""
+        if self._state != "new":
+            raise RuntimeError(
+                "this SyncHeartbeatClient was already started; make a new one to start again"
+            )
+        self._state = "running"
+        self._thread = threading.Thread(
+            target=self._run, name=f"fc-heartbeat {self.config.worker_address}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread and tell the controller the worker is leaving. Never raises.
+
+        Waits for a call in flight to end (at most about ``request_timeout``), then sends
+        the goodbye, bounded by ``unregister_timeout``. Idempotent.
+        """
+        if self._state == "closed":
+            return
+        was_running = self._state == "running"
+        self._state = "closed"
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            # urllib cannot be interrupted; its own timeout bounds the wait.
+            thread.join(timeout=2 * self.config.request_timeout + 1)
+            if thread.is_alive():
+                log.warning("The heartbeat thread did not stop in time; leaving it behind")
+        try:
+            if was_running and self.config.unregister_on_close and self._core.register_attempted:
+                self._unregister()
+        finally:
+            with self._changed:
+                self._core.closed = True
+                self._changed.notify_all()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        """The controller accepted our registration and has not said it forgot us since."""
+        return self._core.registered
+
+    def statistics(self) -> HeartbeatStats:
+        """A snapshot of the client's state and counters."""
+        with self._changed:
+            return self._core.statistics()
+
+    def wait_until(
+        self, predicate: Callable[[HeartbeatStats], bool], timeout: float | None = None
+    ) -> HeartbeatStats | None:
+        """Wait until ``predicate(statistics())`` holds; that snapshot, or ``None`` on timeout.
+
+        Also returns ``None`` if the client closes before the condition holds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                stats = self._core.statistics()
+                if predicate(stats):
+                    return stats
+                if stats.closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
+
+    def wait_registered(self, timeout: float | None = None) -> bool:
+        """Wait until the worker is registered; ``False`` on timeout."""
+        return self.wait_until(lambda s: s.registered, timeout) is not None
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.config.interval
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._exchange()
+            except _CALL_ERRORS as e:
+                delay = self._failed(describe(e, self.config.request_timeout))
+            except Exception as e:
+                # A bug here must not end the thread: log it loudly and carry on.
+                delay = self._failed(describe(e, 0), e)
+            else:
+                delay = max(0.0, started + interval - time.monotonic())
+            if self._stop.wait(delay):
+                return
+
+    def _failed(self, reason: str, error: BaseException | None = None) -> float:
+        with self._changed:
+            delay = self._core.on_failure(reason, time.monotonic(), error)
+            self._changed.notify_all()
+        return delay
+
+    def _exchange(self) -> None:
+        core = self._core
+        queue_length = self._read_queue_length()
+        if core.registered:
+            with self._changed:
+                url, body = core.heartbeat_request(queue_length)
+            status, answer = self._post(url, body, self.config.request_timeout)
+            exist = parse_heartbeat_answer(status, answer)
+            with self._changed:
+                core.on_heartbeat(exist, time.monotonic())
+                self._changed.notify_all()
+            if exist:
+                return
+        if self._stop.is_set():
+            return
+        with self._changed:
+            url, body = core.register_request(queue_length)
+        status, answer = self._post(url, body, self.config.request_timeout)
+        check_register_answer(status, answer)
+        with self._changed:
+            core.on_registered(time.monotonic())
+            self._changed.notify_all()
+
+    def _read_queue_length(self) -> int:
+        try:
+            value: object = self._queue_length()
+            if inspect.isawaitable(value):
+                close = getattr(value, "close", None)
+                if close is not None:
+                    close()  # a never-awaited coroutine would warn
+                raise TypeError("queue_length returned an awaitable; the thread cannot await it")
+            with self._changed:
+                return self._core.queue_length_ok(value)
+        except Exception as e:
+            with self._changed:
+                return self._core.queue_length_failed(e)
+
+    def _post(self, url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        request = urllib.request.Request(url, data=body, headers=JSON_HEADERS, method="POST")
+        try:
+            with self._opener.open(request, timeout=timeout) as response:
+                return int(response.status), response.read()
+        except urllib.error.HTTPError as e:
+            # Not an I/O failure: the controller answered with an error status.
+            try:
+                return e.code, e.read()
+            finally:
+                e.close()
+
+    def _unregister(self) -> None:
+        timeout = self.config.unregister_timeout
+        try:
+            status, body = self._post(*self._core.unregister_request(), timeout)
+            removed = parse_unregister_answer(status, body)
+        except Exception as e:
+            log_unregister_failed(self.config, describe(e, timeout))
+            return
+        log_unregistered(self.config, removed)
