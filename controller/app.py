@@ -20,8 +20,9 @@ from aiohttp import web
 
 from . import dispatch, protocol, state
 from .config import ControllerConfig
-from .errors import BadRequestError, NotRunningError
+from .errors import BadRequestError, ConfigError, NotRunningError
 from .models import WorkerInfo, WorkerStatus
+from .parent import ParentLink
 from .protocol import RegisterRequest
 from .proxy import DisconnectWatch, Outcome, forward_request, relay_stream, worker_url
 from .registry import Clock, Registry
@@ -101,6 +102,8 @@ class Controller:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        #: set while serve() sets up its own runner (so the parent link waits for the port)
+        self._runner_pending: web.AppRunner | None = None
         self._watch = DisconnectWatch()
         self._refreshing: asyncio.Future[None] | None = None
         #: relayed requests (streams and single calls) in progress, for draining
@@ -108,6 +111,8 @@ class Controller:
         self._no_relays = asyncio.Event()
         self._no_relays.set()
         self._state_changed = asyncio.Event()
+        self._parent: ParentLink | None = None
+        self.registry.on_change = self._registry_changed
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
         #: the last dispatch decisions, for /dispatch_decisions (see recent_decisions)
         self.decisions: collections.deque[_Decision] = collections.deque(
@@ -176,6 +181,7 @@ class Controller:
         app = web.Application(client_max_size=cfg.max_body_size, handler_args={"access_log": None})
         self.attach(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self._runner_pending = runner
         await runner.setup()
         try:
             site = web.TCPSite(
@@ -186,6 +192,9 @@ class Controller:
             await runner.cleanup()
             raise
         self._runner = runner
+        self._runner_pending = None
+        if cfg.parent_controller is not None:
+            self._start_parent_link(cfg.advertise_address or self.url)
         return self
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -203,13 +212,37 @@ class Controller:
         finally:
             await self._close_resources()
 
+    def _registry_changed(self) -> None:
+        self._state_changed.set()
+        if self._parent is not None:
+            self._parent.registry_changed()
+
+    def _start_parent_link(self, advertise_address: str) -> None:
+        cfg = self.config
+        if cfg.parent_controller is None or self._parent is not None:
+            return
+        self._parent = ParentLink(
+            self,
+            cfg.parent_controller,
+            advertise_address,
+            interval=cfg.parent_heart_beat_interval,
+        )
+        self._parent.start()
+
+    async def _withdraw_from_parent(self) -> None:
+        parent, self._parent = self._parent, None
+        if parent is not None:
+            await parent.aclose()
+
     async def _drain(self, app: web.Application | None = None) -> None:
         """Let relays in flight finish, up to ``drain_timeout``; end the rest in-band.
 
         aiohttp calls this once the application stopped accepting connections and before it
         waits for (and then cancels) the handlers still running, so streams that outlive
-        the drain end with the in-band error instead of being cut mid-message.
+        the drain end with the in-band error instead of being cut mid-message. A parent
+        controller is told first, so it stops sending work here.
         """
+        await self._withdraw_from_parent()
         if self._relays_in_flight:
             log.info(
                 "Draining %d relayed request(s) for up to %g s",
@@ -235,25 +268,30 @@ class Controller:
             self._tasks.append(
                 asyncio.create_task(self._poll_load_forever(), name="fc-controller-load-poll")
             )
+        if self.config.parent_controller is not None and self._runner_pending is None:
+            # Embedded: the host's runner listens, so the address must have been given.
+            if self.config.advertise_address is None:
+                raise ConfigError(
+                    "an embedded controller with parent_controller needs advertise_address: "
+                    "the URL the parent reaches this application at"
+                )
+            self._start_parent_link(self.config.advertise_address)
         if self.config.state_file is not None:
             self._restore_state(self.config.state_file)
-            self.registry.on_change = self._state_changed.set
             self._tasks.append(
                 asyncio.create_task(self._save_state_forever(), name="fc-controller-state")
             )
 
     async def _close_resources(self) -> None:
+        await self._withdraw_from_parent()
         had_tasks = bool(self._tasks)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        if tasks:
+            # wait() (not awaiting each task) so that a caller already being cancelled
+            # still closes the session below instead of stopping at the first task.
+            await asyncio.wait(tasks)
         session, self._session = self._session, None
         if session is not None:
             await session.close()

@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_HOST,
     DEFAULT_LOAD_POLL_INTERVAL,
     DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_PARENT_HEART_BEAT_INTERVAL,
     DEFAULT_PORT,
     DEFAULT_STATUS_PROBE_TIMEOUT,
     DEFAULT_STREAM_ATTEMPTS,
@@ -39,6 +40,7 @@ log = logging.getLogger("controller")
 
 ENV_EXPIRATION = "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION"
 ENV_API_TIMEOUT = "FASTCHAT_WORKER_API_TIMEOUT"
+ENV_WORKER_INTERVAL = "FASTCHAT_WORKER_HEART_BEAT_INTERVAL"
 ENV_SSL_KEYFILE = "SSL_KEYFILE"
 ENV_SSL_CERTFILE = "SSL_CERTFILE"
 
@@ -194,6 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)g)",
     )
     parser.add_argument(
+        "--parent-controller",
+        default=None,
+        metavar="URL",
+        help="register with this parent controller as one worker offering every model this "
+        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode)",
+    )
+    parser.add_argument(
+        "--advertise-address",
+        default=None,
+        metavar="URL",
+        help="the URL the parent controller reaches this controller at "
+        "(default: http(s)://HOST:PORT)",
+    )
+    parser.add_argument(
+        "--parent-heart-beat-interval",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds between two heartbeats to the parent controller (env "
+        f"{ENV_WORKER_INTERVAL}; default {DEFAULT_PARENT_HEART_BEAT_INTERVAL:g})",
+    )
+    parser.add_argument(
         "--state-file",
         default=None,
         metavar="PATH",
@@ -244,6 +268,17 @@ def load_config(
     api_timeout = args.worker_api_timeout
     if api_timeout is None:
         api_timeout = _from_env(parser, env, ENV_API_TIMEOUT, _seconds, DEFAULT_WORKER_API_TIMEOUT)
+    parent_interval = args.parent_heart_beat_interval
+    if parent_interval is None:
+        parent_interval = _from_env(
+            parser, env, ENV_WORKER_INTERVAL, _seconds, DEFAULT_PARENT_HEART_BEAT_INTERVAL
+        )
+    for flag, value in (
+        ("--parent-controller", args.parent_controller),
+        ("--advertise-address", args.advertise_address),
+    ):
+        if value is not None and not value.startswith(("http://", "https://")):
+            parser.error(f"{flag} must be a URL such as http://10.0.0.1:21001, got {value!r}")
     certfile = keyfile = None
     if args.ssl:
         keyfile, certfile = env.get(ENV_SSL_KEYFILE), env.get(ENV_SSL_CERTFILE)
@@ -280,6 +315,9 @@ def load_config(
             drain_timeout=args.drain_timeout,
             state_file=args.state_file,
             load_poll_interval=args.load_poll_interval,
+            parent_controller=args.parent_controller,
+            advertise_address=args.advertise_address,
+            parent_heart_beat_interval=parent_interval,
             error_profile=(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),
@@ -321,8 +359,19 @@ async def _run(config: ControllerConfig) -> int:
         log.info("Received %s: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await _serve_until(stop, config)
+    finally:
+        # Left installed, uvloop's handlers would swallow these signals for the rest of
+        # the process (as when main() is called in-process, by tests for one).
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _serve_until(stop: asyncio.Event, config: ControllerConfig) -> int:
     try:
         controller = await Controller.serve(config)
     except OSError as e:

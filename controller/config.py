@@ -22,6 +22,7 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_STREAM_ATTEMPTS = 3
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_LOAD_POLL_INTERVAL = 1.0
+DEFAULT_PARENT_HEART_BEAT_INTERVAL = 45.0
 DEFAULT_DECISION_LOG_SIZE = 100
 DEFAULT_EJECTION_BASE = 5.0
 DEFAULT_EJECTION_MAX = 300.0
@@ -44,6 +45,15 @@ def _non_negative(inst: Any, attribute: attrs.Attribute[float], value: float) ->
 def _log_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
         raise ConfigError(f"{attribute.name} must be an integer from 0 to 100000, got {value!r}")
+
+
+def _optional_url(inst: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{attribute.name} must be a URL such as 'http://10.0.0.1:21001', got {value!r}"
+        )
 
 
 def _port(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
@@ -110,6 +120,15 @@ class ControllerConfig:
     )
     #: how many recent dispatch decisions /dispatch_decisions can show
     decision_log_size: int = attrs.field(default=DEFAULT_DECISION_LOG_SIZE, validator=_log_size)
+    #: register with this parent controller as one worker (hierarchical mode)
+    parent_controller: str | None = attrs.field(default=None, validator=_optional_url)
+    #: the URL the parent reaches this controller at; by default ``http(s)://host:port``
+    #: (required when embedded, or when listening on every interface)
+    advertise_address: str | None = attrs.field(default=None, validator=_optional_url)
+    #: seconds between two heartbeats to the parent
+    parent_heart_beat_interval: float = attrs.field(
+        default=DEFAULT_PARENT_HEART_BEAT_INTERVAL, validator=_positive
+    )
     #: where to save the registry as it changes and load it from at start-up (off if None)
     state_file: str | None = None
     #: the in-band error codes sent to clients (FastChat's unless told otherwise)
@@ -122,6 +141,15 @@ class ControllerConfig:
             raise ConfigError(
                 f"ejection_max ({self.ejection_max!r}) must be at least "
                 f"ejection_base ({self.ejection_base!r})"
+            )
+        if (
+            self.parent_controller is not None
+            and self.advertise_address is None
+            and self.host in ("", "0.0.0.0", "::")
+        ):
+            raise ConfigError(
+                f"listening on {self.host or 'every interface'!r} with a parent controller "
+                "needs advertise_address: the URL the parent reaches this controller at"
             )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("ssl_certfile and ssl_keyfile must be given together")

@@ -1,0 +1,143 @@
+"""Hierarchical mode: this controller registered with a parent controller as one worker.
+
+The link uses the worker-side heartbeat client, so a child controller behaves towards its
+parent exactly like a well-behaved worker: it registers with the sorted union of its live
+workers' models, their summed speed and summed queue length; heartbeats with the summed
+queue length; registers again when the parent forgets it; and says goodbye on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from .client import HeartbeatClient, HeartbeatConfig
+from .proxy import worker_url
+
+if TYPE_CHECKING:
+    from .app import Controller
+
+__all__ = ["ParentLink"]
+
+log = logging.getLogger(__name__)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class ParentLink:
+    """Keeps a controller registered with its parent while it serves at least one model.
+
+    What the child offers changes as its workers come and go; each change of the model set
+    or the total speed makes a fresh registration, replacing the old one at the parent.
+    A child with no live worker withdraws until it has one again.
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        parent_address: str,
+        advertise_address: str,
+        *,
+        interval: float,
+        goodbye_timeout: float = 2.0,
+    ) -> None:
+        self.controller = controller
+        self.parent_address = parent_address.rstrip("/")
+        self.advertise_address = advertise_address.rstrip("/")
+        self.interval = interval
+        self.goodbye_timeout = goodbye_timeout
+        self.client: HeartbeatClient | None = None
+        self._offer: tuple[tuple[str, ...], float] | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._changed.set()
+        self._task = asyncio.create_task(self._run(), name="fc-controller-parent-link")
+
+    def registry_changed(self) -> None:
+        self._changed.set()
+
+    def queue_length(self) -> int:
+        return sum(w.queue_length for w in self.controller.registry)
+
+    def offer(self) -> tuple[tuple[str, ...], float]:
+        """The models this controller serves now and their workers' summed speed."""
+        workers = list(self.controller.registry)
+        names = tuple(sorted({m for w in workers for m in w.model_names}))
+        return names, sum(w.speed for w in workers)
+
+    async def _run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            offer = self.offer()
+            if offer == self._offer:
+                continue
+            was_offering = self.client is not None
+            self._offer = offer
+            names, speed = offer
+            await self._stop_client()
+            if not names:
+                if was_offering:
+                    log.info("No live worker left: withdrawing from parent %s", self.parent_address)
+                    await self._goodbye()
+                continue
+            log.info(
+                "Offering models %s to parent controller %s as %s",
+                ", ".join(names),
+                self.parent_address,
+                self.advertise_address,
+            )
+            config = HeartbeatConfig(
+                controller_address=self.parent_address,
+                worker_address=self.advertise_address,
+                model_names=names,
+                speed=speed,
+                interval=self.interval,
+                # The link says goodbye itself, once, when the controller stops: swapping
+                # clients on a change must not withdraw from the parent in between.
+                unregister_on_close=False,
+            )
+            self.client = HeartbeatClient(
+                config, self.queue_length, session=self.controller.session
+            )
+            await self.client.start()
+
+    async def _stop_client(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _goodbye(self) -> None:
+        url = worker_url(self.parent_address, "/unregister_worker")
+        body = {"worker_name": self.advertise_address}
+        timeout = aiohttp.ClientTimeout(total=self.goodbye_timeout)
+        try:
+            async with self.controller.session.post(url, json=body, timeout=timeout) as r:
+                if r.status == 200:
+                    log.info("Withdrew from parent controller %s", self.parent_address)
+                else:
+                    log.info(
+                        "Parent controller %s answered HTTP %d to our goodbye; "
+                        "it will expire us instead",
+                        self.parent_address,
+                        r.status,
+                    )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.info("Could not say goodbye to parent %s: %r", self.parent_address, e)
+
+    async def aclose(self) -> None:
+        """Stop heartbeating and withdraw from the parent. Idempotent."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        had_offer = self.client is not None
+        await self._stop_client()
+        if had_offer:
+            await self._goodbye()
