@@ -408,7 +408,9 @@ class Controller:
         if affinity is not None:
             worker = self._affine_worker(affinity, candidates)
         if worker is None:
-            worker = dispatch.choose(self.config.dispatch_method, candidates, self.rng)
+            worker = dispatch.choose(
+                self.config.dispatch_method, candidates, self.rng, self.config.worker_slots
+            )
         # Recorded before counting: the estimates the choice was made on.
         self._record_decision(model, candidates, worker)
         if worker is not None:
@@ -434,11 +436,12 @@ class Controller:
         mine = next((w for w in candidates if w.name == name), None)
         if mine is None:
             return None
-        best = dispatch.least_time(candidates)
+        slots = self.config.worker_slots
+        best = dispatch.least_time(candidates, slots)
         prior = dispatch.prior_service_time(candidates)
         if best is not None and dispatch.expected_time(
-            mine, prior
-        ) > AFFINITY_SLACK * dispatch.expected_time(best, prior):
+            mine, prior, slots
+        ) > AFFINITY_SLACK * dispatch.expected_time(best, prior, slots):
             # Overloaded compared with the best choice: give way.
             return None
         return mine

@@ -85,6 +85,16 @@ def _attempts(text: str) -> int:
     return value
 
 
+def _slots(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _size(text: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -194,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask workers that got work since their last report for their queue length this "
         "often, to dispatch on fresh numbers between heartbeats; 0 turns it off "
         "(default: %(default)g)",
+    )
+    parser.add_argument(
+        "--worker-slots",
+        type=_slots,
+        default=None,
+        metavar="N",
+        help="how many requests each worker runs at once (FastChat workers' "
+        "--limit-worker-concurrency), so least_time and power_of_two can tell a worker "
+        "with a free slot from one that would queue the request (default: unknown)",
     )
     parser.add_argument(
         "--parent-controller",
@@ -315,6 +334,7 @@ def load_config(
             drain_timeout=args.drain_timeout,
             state_file=args.state_file,
             load_poll_interval=args.load_poll_interval,
+            worker_slots=args.worker_slots,
             parent_controller=args.parent_controller,
             advertise_address=args.advertise_address,
             parent_heart_beat_interval=parent_interval,

@@ -56,6 +56,13 @@ def _optional_url(inst: Any, attribute: attrs.Attribute[str | None], value: str 
         )
 
 
+def _optional_slots(inst: Any, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        raise ConfigError(f"worker_slots must be an integer of at least 1, got {value!r}")
+
+
 def _port(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ConfigError(f"port must be an integer from 0 to 65535, got {value!r}")
@@ -118,6 +125,9 @@ class ControllerConfig:
     load_poll_interval: float = attrs.field(
         default=DEFAULT_LOAD_POLL_INTERVAL, validator=_non_negative
     )
+    #: how many requests each worker runs at once, if the operator knows (FastChat's
+    #: --limit-worker-concurrency); lets the time-based policies see free slots
+    worker_slots: int | None = attrs.field(default=None, validator=_optional_slots)
     #: how many recent dispatch decisions /dispatch_decisions can show
     decision_log_size: int = attrs.field(default=DEFAULT_DECISION_LOG_SIZE, validator=_log_size)
     #: register with this parent controller as one worker (hierarchical mode)

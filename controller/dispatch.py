@@ -78,23 +78,28 @@ def prior_service_time(candidates: Sequence[WorkerInfo]) -> float | None:
     return total / weight if weight else None
 
 
-def expected_time(w: WorkerInfo, prior: float | None) -> float:
+def expected_time(w: WorkerInfo, prior: float | None, slots: int | None = None) -> float:
     """Expected time until a new request sent to ``w`` would finish, on one scale for all.
 
-    The worker's queue plus the new request, each taking its learned service time. Without
-    evidence anywhere, the reported speed stands in (``1 / speed`` per request), which
-    orders workers exactly like ``shortest_queue``.
+    Each request takes the worker's learned service time. With ``slots`` (how many requests
+    a worker runs at once, when the operator says so) the queue is served that many at a
+    time; without, one at a time, which still orders workers sensibly. Without evidence
+    anywhere, the reported speed stands in (``1 / speed`` per request), which orders
+    workers exactly like ``shortest_queue``.
     """
     if w.speed <= 0:
         return math.inf
     per_request = w.service_time
     if per_request is None:
         per_request = prior / w.speed if prior is not None else 1.0 / w.speed
-    return (w.queue_length + 1) * per_request
+    if slots is None:
+        return (w.queue_length + 1) * per_request
+    return per_request * (w.queue_length // slots + 1)
 
 
-def least_time(candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
-    """The worker expected to finish a new request first; ties go to the earliest.
+def least_time(candidates: Sequence[WorkerInfo], slots: int | None = None) -> WorkerInfo | None:
+    """The worker expected to finish a new request first; ties go to the shorter queue,
+    then to the earliest registered.
 
     Workers with speed 0 come last, by queue length among themselves.
     """
@@ -102,13 +107,15 @@ def least_time(candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
     best: WorkerInfo | None = None
     best_key = (math.inf, math.inf)
     for w in candidates:
-        key = (expected_time(w, prior), 0.0 if w.speed > 0 else float(w.queue_length))
+        key = (expected_time(w, prior, slots), float(w.queue_length))
         if best is None or key < best_key:
             best, best_key = w, key
     return best
 
 
-def power_of_two(candidates: Sequence[WorkerInfo], rng: random.Random) -> WorkerInfo | None:
+def power_of_two(
+    candidates: Sequence[WorkerInfo], rng: random.Random, slots: int | None = None
+) -> WorkerInfo | None:
     """The better (by expected time) of two workers drawn at random.
 
     Constant work per decision whatever the fleet size, and nearly as good as looking at
@@ -117,19 +124,22 @@ def power_of_two(candidates: Sequence[WorkerInfo], rng: random.Random) -> Worker
     """
     n = len(candidates)
     if n <= 2:
-        return least_time(candidates)
+        return least_time(candidates, slots)
     i, j = rng.sample(range(n), 2)
-    return least_time((candidates[min(i, j)], candidates[max(i, j)]))
+    return least_time((candidates[min(i, j)], candidates[max(i, j)]), slots)
 
 
 def choose(
-    method: DispatchMethod, candidates: Sequence[WorkerInfo], rng: random.Random
+    method: DispatchMethod,
+    candidates: Sequence[WorkerInfo],
+    rng: random.Random,
+    slots: int | None = None,
 ) -> WorkerInfo | None:
     """Apply ``method`` to ``candidates``; ``None`` when none can be picked."""
     if method is DispatchMethod.SHORTEST_QUEUE:
         return shortest_queue(candidates)
     if method is DispatchMethod.LEAST_TIME:
-        return least_time(candidates)
+        return least_time(candidates, slots)
     if method is DispatchMethod.POWER_OF_TWO:
-        return power_of_two(candidates, rng)
+        return power_of_two(candidates, rng, slots)
     return lottery(candidates, rng)

@@ -259,3 +259,21 @@ def test_every_policy_is_a_cli_choice() -> None:
     help_text = build_parser().format_help()
     for method in DispatchMethod:
         assert method.value in help_text
+
+
+async def test_worker_slots_let_least_time_use_a_free_slot(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """With --worker-slots, a busy fast worker with a free slot beats an idle slow one."""
+    controller = await run_controller(cfg(dispatch_method="least_time", worker_slots=4))
+    await register(http, controller, "http://127.0.0.1:1", queue=0)
+    await register(http, controller, "http://127.0.0.1:2", queue=3)
+    slow, fast = controller.registry.candidates("m")
+    slow.learn_service_time(0.8)
+    fast.learn_service_time(0.2)
+
+    answer = await call(http, controller, "/get_worker_address", {"model": "m"})
+
+    # One at a time the fast worker would need (3 + 1) * 0.2 = 0.8 s, a tie; with four
+    # slots its fourth slot is free, so 0.2 s.
+    assert answer == {"address": "http://127.0.0.1:2"}
