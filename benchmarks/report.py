@@ -1,0 +1,397 @@
+"""Turn a benchmark report (the JSON that run.py writes) into the summary table.
+
+    python3 benchmarks/report.py benchmarks/results/latest.json   # print the table again
+
+Stdlib only. The targets and their pass/fail rules live here, in ``build_table``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FASTCHAT = "fastchat"
+OURS = "ours"
+DIRECT = "direct"
+TARGET_NAMES = {FASTCHAT: "FastChat 0.2.36", OURS: "fc-controller", DIRECT: "direct"}
+
+
+@dataclass
+class Row:
+    figure: str
+    cells: dict[str, str]
+    target: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Check:
+    name: str
+    target: str
+    value: float | None
+    limit: float | None
+    passed: bool | None
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def judge(
+    checks: list[Check],
+    name: str,
+    target: str,
+    value: float | None,
+    limit: float | None,
+    *,
+    at_most: bool,
+) -> str:
+    if value is None or limit is None:
+        checks.append(Check(name, target, value, limit, None))
+        return "n/a"
+    passed = value <= limit if at_most else value >= limit
+    checks.append(Check(name, target, value, limit, passed))
+    return "PASS" if passed else "FAIL"
+
+
+def build_table(report: dict[str, Any]) -> tuple[list[Row], list[Check]]:
+    """The rows of the summary table and the pass/fail checks against the targets."""
+    rows: list[Row] = []
+    checks: list[Check] = []
+    results = report["results"]
+    workload = report["workload"]
+
+    def cells(per_kind: dict[str, Any], fn: Callable[[Any], str]) -> dict[str, str]:
+        """One cell per target: ``fn`` of that target's figures, '-' where they are missing."""
+        out: dict[str, str] = {}
+        for kind in (FASTCHAT, OURS, DIRECT):
+            try:
+                out[kind] = fn(per_kind[kind])
+            except (KeyError, TypeError):
+                out[kind] = "-"
+        return out
+
+    def check(name: str, target: str, value: Any, limit: Any, *, at_most: bool) -> str:
+        return judge(checks, name, target, value, limit, at_most=at_most)
+
+    def latency(r: dict[str, Any]) -> str:
+        return f"{r['latency_ms']['p50']:.2f} / {r['latency_ms']['p99']:.2f}"
+
+    def load(r: dict[str, Any]) -> str:
+        return f"{percent(r['loadgen_cpu_util'])} / {percent(r['other_cpu_util'])}"
+
+    for scenario, label in (
+        ("dispatch", "`/get_worker_address`"),
+        ("heartbeat", "`/receive_heart_beat`"),
+    ):
+        d = results.get(scenario)
+        if not d:
+            continue
+        fc_rps = get(d, FASTCHAT, "req_per_s")
+        fc_cpu = get(d, FASTCHAT, "controller_cpu_us_per_req")
+        rows += [
+            Row(
+                f"{label} req/s, {workload['wrk_connections']} conns",
+                cells(d, lambda r: f"{r['req_per_s']:,.0f}"),
+                ">= 5x FastChat",
+                check(
+                    f"{scenario} req/s",
+                    ">= 5x FastChat",
+                    get(d, OURS, "req_per_s"),
+                    fc_rps and fc_rps * 5,
+                    at_most=False,
+                ),
+            ),
+            Row(
+                f"{label} latency p50 / p99 ms",
+                cells(d, lambda r: f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
+            ),
+            Row(
+                f"{label} controller CPU us/request",
+                cells(d, lambda r: f"{r['controller_cpu_us_per_req']:.0f}"),
+                "<= 1/5 FastChat",
+                check(
+                    f"{scenario} CPU/request",
+                    "<= FastChat/5",
+                    get(d, OURS, "controller_cpu_us_per_req"),
+                    fc_cpu and fc_cpu / 5,
+                    at_most=True,
+                ),
+            ),
+            Row(f"{label} wrk CPU / other CPU", cells(d, load)),
+        ]
+
+    for level, d in (results.get("stream") or {}).items():
+        name = f"{level} streams"
+        direct_rate = get(d, DIRECT, "chunks_per_s")
+        direct_p99 = get(d, DIRECT, "ttfc_ms", "p99")
+        fc_cpu = get(d, FASTCHAT, "controller_cpu_us_per_chunk")
+        is_top = level == str(max(workload["stream_concurrency"]))
+        rows += [
+            Row(
+                f"{name}: chunks/s",
+                cells(d, lambda r: f"{r['chunks_per_s']:,.0f}"),
+                ">= 95% of direct" if is_top else "",
+                check(
+                    f"{name} chunks/s",
+                    ">= 0.95 x direct",
+                    get(d, OURS, "chunks_per_s"),
+                    direct_rate and direct_rate * 0.95,
+                    at_most=False,
+                )
+                if is_top
+                else "",
+            ),
+            Row(
+                f"{name}: TTFC p50 / p99 ms",
+                cells(d, lambda r: f"{r['ttfc_ms']['p50']:.1f} / {r['ttfc_ms']['p99']:.1f}"),
+                "p99 <= direct + 5 ms",
+                check(
+                    f"{name} TTFC p99",
+                    "<= direct + 5 ms",
+                    get(d, OURS, "ttfc_ms", "p99"),
+                    direct_p99 and direct_p99 + 5,
+                    at_most=True,
+                ),
+            ),
+            Row(
+                f"{name}: controller CPU us/chunk",
+                cells(d, lambda r: f"{r['controller_cpu_us_per_chunk']:.0f}"),
+                "<= 1/5 FastChat",
+                check(
+                    f"{name} CPU/chunk",
+                    "<= FastChat/5",
+                    get(d, OURS, "controller_cpu_us_per_chunk"),
+                    fc_cpu and fc_cpu / 5,
+                    at_most=True,
+                ),
+            ),
+            Row(
+                f"{name}: worker CPU us/chunk",
+                cells(d, lambda r: f"{r['worker_cpu_us_per_chunk']:.0f}"),
+            ),
+            Row(f"{name}: loadgen CPU / other CPU", cells(d, load)),
+            Row(
+                f"{name}: bad streams / errors",
+                cells(d, lambda r: f"{r['streams_bad']} / {r['errors']}"),
+            ),
+        ]
+
+    reg = results.get("registry") or {}
+    if reg:
+        sizes = [int(n) for n, _ in workload["registry_sizes"]]
+        small, big = str(sizes[0]), str(sizes[-1])
+
+        def at(count: str) -> dict[str, Any]:
+            return {kind: sizes[count] for kind, sizes in reg.items() if count in sizes}
+
+        def wrk_cost(r: dict[str, Any]) -> str:
+            w = r["wrk"]
+            return f"{w['req_per_s']:,.0f}, {w['controller_cpu_us_per_req']:.0f}"
+
+        def growth(sizes: dict[str, Any]) -> str:
+            ratio = sizes[big]["latency_ms"]["p99"] / sizes[small]["latency_ms"]["p99"]
+            return f"{ratio:.1f}x"
+
+        paced_rate = f"{workload['paced_rate']:.0f}/s"
+        for count in sizes:
+            rows.append(
+                Row(
+                    f"registry {count:,} workers: dispatch p50 / p99 ms ({paced_rate})",
+                    cells(at(str(count)), latency),
+                )
+            )
+        ours_small = get(reg, OURS, small, "latency_ms", "p99")
+        rows.append(
+            Row(
+                f"registry: p99 at {int(big):,} / p99 at {int(small):,}",
+                cells(reg, growth),
+                "<= 2x",
+                check(
+                    f"registry p99 at {big} vs {small}",
+                    "<= 2x",
+                    get(reg, OURS, big, "latency_ms", "p99"),
+                    ours_small and ours_small * 2,
+                    at_most=True,
+                ),
+            )
+        )
+        for count in sizes:
+            rows.append(
+                Row(
+                    f"registry {count:,} workers: req/s, CPU us/request (wrk)",
+                    cells(at(str(count)), wrk_cost),
+                )
+            )
+        for count in sizes:
+            is_big = str(count) == big
+            rows.append(
+                Row(
+                    f"registry {count:,} workers: RSS bytes/worker",
+                    cells(at(str(count)), lambda r: f"{r['bytes_per_worker']:,.0f}"),
+                    "<= 2 KiB" if is_big else "",
+                    check(
+                        f"registry bytes/worker at {big}",
+                        "<= 2048",
+                        get(reg, OURS, big, "bytes_per_worker"),
+                        2048.0,
+                        at_most=True,
+                    )
+                    if is_big
+                    else "",
+                )
+            )
+
+    slow = results.get("slow-worker") or {}
+    if slow:
+        base_p99 = get(slow, OURS, "baseline", "latency_ms", "p99")
+        rows += [
+            Row(
+                "slow worker: others' dispatch p50 / p99 ms, baseline",
+                cells(slow, lambda r: latency(r["baseline"])),
+            ),
+            Row(
+                "slow worker: same, one status probe hanging",
+                cells(slow, lambda r: latency(r["hanging"])),
+                "p99 <= 1.5x baseline + 1 ms",
+                check(
+                    "slow-worker p99",
+                    "<= 1.5 x baseline + 1 ms",
+                    get(slow, OURS, "hanging", "latency_ms", "p99"),
+                    base_p99 and base_p99 * 1.5 + 1,
+                    at_most=True,
+                ),
+            ),
+            Row(
+                "slow worker: max ms, one status probe hanging",
+                cells(slow, lambda r: f"{r['hanging']['latency_ms']['max']:,.0f}"),
+            ),
+        ]
+    return rows, checks
+
+
+def render(rows: list[Row], present: list[str]) -> str:
+    headers = ["figure", *(TARGET_NAMES[k] for k in present), "target (fc-controller)", "result"]
+    table = [[r.figure, *(r.cells[k] for k in present), r.target, r.verdict] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    right = set(range(1, 1 + len(present)))
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if i in right else v.ljust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)
+        )
+        + "|"
+    )
+    return "\n".join([line(headers), sep, *(line(r) for r in table)])
+
+
+def saturation_notes(results: dict[str, Any], controller_core: str | None) -> list[str]:
+    notes: list[str] = []
+
+    def visit(label: str, r: dict[str, Any]) -> None:
+        util = r.get("loadgen_cpu_util")
+        if isinstance(util, float) and util > 0.85:
+            notes.append(
+                f"{label}: the load generator used {util:.0%} of a core; it may be the bottleneck"
+            )
+        busy = r.get("core_busy") or {}
+        for core, value in busy.items():
+            if core != controller_core and value > 0.95:
+                notes.append(
+                    f"{label}: load core {core} was {value:.0%} busy; "
+                    "workers or load generator may be the bottleneck"
+                )
+        other = r.get("other_cpu_util")
+        if isinstance(other, float) and other > 0.10:
+            notes.append(
+                f"{label}: processes outside the benchmark used {other:.0%} of a core "
+                "meanwhile; this figure is disturbed"
+            )
+        bad = (r.get("streams_bad") or 0) + (r.get("errors") or 0)
+        if bad:
+            notes.append(f"{label}: {bad} bad streams or failed requests: {r.get('error_samples')}")
+
+    for scenario in ("dispatch", "heartbeat"):
+        for kind, r in (results.get(scenario) or {}).items():
+            visit(f"{scenario} / {TARGET_NAMES[kind]}", r)
+    for level, data in (results.get("stream") or {}).items():
+        for kind, r in data.items():
+            visit(f"{level} streams / {TARGET_NAMES[kind]}", r)
+    for kind, data in (results.get("registry") or {}).items():
+        for count, r in data.items():
+            visit(f"registry {count} / {TARGET_NAMES[kind]}", r)
+    for kind, data in (results.get("slow-worker") or {}).items():
+        for phase in ("baseline", "hanging"):
+            r = data[phase]
+            if not r.get("errors"):
+                visit(f"slow worker {phase} / {TARGET_NAMES[kind]}", r)
+            else:
+                notes.append(
+                    f"slow worker / {TARGET_NAMES[kind]} / {phase}: "
+                    f"{data[phase]['errors']} requests failed or timed out "
+                    "(counted in the latencies at the time they failed)"
+                )
+    return notes
+
+
+def format_report(report: dict[str, Any]) -> tuple[str, list[Check]]:
+    """The printable summary of ``report`` (header, table, notes) and the checks."""
+    rows, checks = build_table(report)
+    present = [k for k in (FASTCHAT, OURS, DIRECT) if any(r.cells[k] != "-" for r in rows)]
+    m = report["machine"]
+    pins = report["pinning"]
+    lines = [
+        f"{m['nproc']} cores, {m['cpu_model']}, Python {m['python']}, kernel {m['kernel']}; "
+        + (
+            f"controller pinned to core {pins['controller_cores']}, "
+            f"workers and load to {pins['load_cores']}"
+            if pins["controller_cores"] is not None
+            else "no core pinning"
+        )
+        + ("; QUICK run" if report["quick"] else "")
+        + f"; busy before any load: {report.get('idle_busy_before_load', 0):.0%} of a core",
+        "",
+        render(rows, present) if rows else "(no figures)",
+    ]
+    notes = report["notes"] + saturation_notes(report["results"], pins["controller_cores"])
+    if notes:
+        lines.append("")
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines), checks
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: report.py RESULTS.json", file=sys.stderr)
+        return 2
+    text, _ = format_report(json.loads(Path(argv[0]).read_text()))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
