@@ -48,6 +48,9 @@ class Registry:
         #: called after a worker joined, left or changed what it serves
         self.on_change: Callable[[], None] | None = None
         self._workers: dict[str, WorkerInfo] = {}
+        # The workers that can expire, so the sweep does not visit the others (a fleet of
+        # manual registrations or child controllers would otherwise cost a scan a second).
+        self._expiring: dict[str, WorkerInfo] = {}
         self._by_model: dict[str, list[WorkerInfo]] = {}
 
     # -- queries -----------------------------------------------------------------------
@@ -141,6 +144,10 @@ class Registry:
         info.consecutive_failures = 0
         info.ejected_until = 0.0
         info.generation += 1
+        if check_heart_beat:
+            self._expiring[name] = info
+        else:
+            self._expiring.pop(name, None)
         info.report(status.queue_length, now)
         if last_heart_beat is not None:
             info.last_heart_beat = last_heart_beat
@@ -197,7 +204,7 @@ class Registry:
     def expire(self) -> list[tuple[WorkerInfo, float]]:
         """Remove every expired worker; returns each with how long it had been silent."""
         now = self.clock()
-        gone = [w for w in self._workers.values() if self._expired(w, now)]
+        gone = [w for w in self._expiring.values() if self._expired(w, now)]
         for w in gone:
             self._drop(w)
         return [(w, now - w.last_heart_beat) for w in gone]
@@ -242,6 +249,7 @@ class Registry:
 
     def _drop(self, info: WorkerInfo) -> None:
         del self._workers[info.name]
+        self._expiring.pop(info.name, None)
         self._unindex(info)
         self._changed()
 
