@@ -176,6 +176,10 @@ async def _pump(
         try:
             chunk = await content.readany()
         except (aiohttp.ClientError, TimeoutError) as e:
+            # aiohttp raises one shared "Connection closed" instance for every response
+            # closed under a reader (the watch does that); each raise prepends to its
+            # traceback, which would keep every such relay's frames alive for good.
+            e.__traceback__ = None
             if client_gone(request):
                 return response or web.Response(), Outcome.CLIENT_GONE
             if response is None and watch.closing:
