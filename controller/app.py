@@ -114,6 +114,8 @@ class Controller:
         self._parent: ParentLink | None = None
         self.registry.on_change = self._registry_changed
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Read on every dispatch; an enum's .value is a slow property lookup.
+        self._method_name = self.config.dispatch_method.value
         #: the last dispatch decisions, for /dispatch_decisions (see recent_decisions)
         self.decisions: collections.deque[_Decision] = collections.deque(
             maxlen=self.config.decision_log_size
@@ -460,7 +462,7 @@ class Controller:
             (
                 self.wall_clock(),
                 model,
-                self.config.dispatch_method.value,
+                self._method_name,
                 chosen.name if chosen is not None else None,
                 len(candidates),
                 shown,
@@ -470,7 +472,7 @@ class Controller:
             log.debug(
                 "dispatch %r by %s: %s -> %s",
                 model,
-                self.config.dispatch_method.value,
+                self._method_name,
                 ", ".join(
                     f"{name} (queue {queue}, service {_seconds(service)})"
                     for name, queue, service in shown

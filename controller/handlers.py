@@ -23,6 +23,7 @@ __all__ = ["add_routes"]
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+_NO_ADDRESS = protocol.encode({"address": ""})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -121,7 +122,7 @@ class _Handlers:
         except BadRequestError as e:
             return _bad_request(e)
         worker = self.c.dispatch(model, by_address=True, affinity=affinity)
-        return _json(protocol.encode({"address": worker.name if worker else ""}))
+        return _json(worker.address_body if worker else _NO_ADDRESS)
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import json
 
 import attrs
 
@@ -102,9 +103,15 @@ class WorkerInfo:
     consecutive_failures: int = 0
     #: the worker is out of rotation until this time (the registry's clock)
     ejected_until: float = 0.0
+    #: the ``/get_worker_address`` answer naming this worker, encoded once
+    address_body: bytes = attrs.field(init=False)
     #: load polls of this worker wait until then (backs off after failed polls)
     next_poll_at: float = 0.0
     poll_failures: int = 0
+
+    @address_body.default
+    def _encode_address(self) -> bytes:
+        return json.dumps({"address": self.name}).encode()
 
     def report(self, queue_length: int, now: float) -> None:
         """Take a fresh queue length from the worker; it includes everything before it.

@@ -80,18 +80,23 @@ class Registry:
             return []
         now = self.clock()
         cutoff = now - self.expiration
-        live = [
-            w
-            for w in serving
-            if (not w.check_heart_beat or w.last_heart_beat >= cutoff) and w.name not in exclude
-        ]
-        for w in live:
+        # One pass: this runs on every dispatch.
+        in_rotation: list[WorkerInfo] = []
+        ejected: list[WorkerInfo] = []
+        for w in serving:
+            if (w.check_heart_beat and w.last_heart_beat < cutoff) or (
+                exclude and w.name in exclude
+            ):
+                continue
             if w.retire_at:
                 w.retire(now)
-        in_rotation = [w for w in live if w.ejected_until <= now]
+            if w.ejected_until > now:
+                ejected.append(w)
+            else:
+                in_rotation.append(w)
         # When every live worker is ejected, trying them beats certain failure: one may
         # have recovered (Envoy calls this panic routing).
-        return in_rotation or live
+        return in_rotation or ejected
 
     def model_names(self, multimodal: bool | None = None) -> list[str]:
         """Sorted union of the models of live workers; ``multimodal`` filters by kind."""
