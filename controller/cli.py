@@ -10,13 +10,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
+from ._running import loop_factory, run_until_signalled
 from .app import Controller
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -359,36 +359,8 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 async def _run(config: ControllerConfig) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("Second %s: exiting at once", signal.Signals(signum).name)
-            os._exit(128 + signum)
-        log.info("Received %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        return await _serve_until(stop, config)
-    finally:
-        # Left installed, uvloop's handlers would swallow these signals for the rest of
-        # the process (as when main() is called in-process, by tests for one).
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+    return await run_until_signalled(lambda stop: _serve_until(stop, config), log, "shutting down")
 
 
 async def _serve_until(stop: asyncio.Event, config: ControllerConfig) -> int:
@@ -421,5 +393,5 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the controller until SIGINT or SIGTERM; returns the process exit status."""
     config, level = load_config(argv, environ)
     _configure_logging(level)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_run(config))

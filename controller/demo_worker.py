@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import signal
 import struct
 import sys
 import zlib
@@ -35,6 +34,7 @@ from typing import Any, Self
 import attrs
 from aiohttp import web
 
+from ._running import loop_factory, run_until_signalled
 from .client import (
     DEFAULT_HEART_BEAT_INTERVAL,
     ConcurrencyLimiter,
@@ -727,36 +727,10 @@ def load_settings(
     return settings, args.log_level
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 async def _run(settings: DemoSettings) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("Second %s: exiting at once", signal.Signals(signum).name)
-            os._exit(128 + signum)
-        log.info("Received %s: leaving the controller and stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        return await _serve_until(settings, stop)
-    finally:
-        # uvloop leaves its handlers installed after the loop closes, and they would then
-        # swallow every later SIGINT/SIGTERM of a process that called main() (a test run).
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+    return await run_until_signalled(
+        lambda stop: _serve_until(settings, stop), log, "leaving the controller and stopping"
+    )
 
 
 async def _serve_until(settings: DemoSettings, stop: asyncio.Event) -> int:
@@ -793,7 +767,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
         stream=sys.stderr,
     )
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(_run(settings))
 
 
