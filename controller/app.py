@@ -146,6 +146,11 @@ class Controller:
         wall_clock: Clock = time.time,
     ) -> Controller:
         """Attach a new controller to ``app``, which must not have started yet."""
+        if config is not None and config.parent_controller and not config.advertise_address:
+            raise ConfigError(
+                "an embedded controller with parent_controller needs advertise_address: "
+                "the URL the parent reaches this application at"
+            )
         controller = cls(config, clock=clock, rng=rng, wall_clock=wall_clock)
         controller.attach(app)
         return controller

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from controller import Controller, ControllerConfig
 
@@ -60,3 +61,14 @@ async def test_child_offers_its_models_streams_and_withdraws(
     assert parent.registry.get(child_url) is None
     async with http.post(f"{parent.url}/get_worker_address", json={"model": "a"}) as r:
         assert await r.json() == {"address": ""}
+
+
+async def test_embedded_child_needs_an_advertise_address() -> None:
+    """Embedding a child controller without saying where the parent reaches it is refused."""
+    from aiohttp import web
+
+    from controller import ConfigError
+
+    config = ControllerConfig(parent_controller="http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="advertise_address"):
+        await Controller.start(web.Application(), config)
