@@ -94,6 +94,10 @@ class WorkerInfo:
     #: when each request handed out by address since the last report is presumed done,
     #: in dispatch order (None while there are none, to keep idle entries small)
     retire_at: collections.deque[float] | None = None
+    #: of the last reported queue, how many requests this controller will not see end and
+    #: presumes finished over one service time, and how many it has retired so far
+    reported_to_retire: int = 0
+    reported_retired: int = 0
     #: incremented by every registration of this name; lets an operation that awaited
     #: (a refresh probe) tell whether the entry it looked at is still the current one
     generation: int = 0
@@ -133,6 +137,13 @@ class WorkerInfo:
         self.retire_at = None
         self.reported_at = now
         self.last_heart_beat = now
+        # The reported requests finish too, one service time from now at the latest: left
+        # counted until the next report, a stale report doubles the estimate of a busy
+        # worker. The streams this controller relays end by themselves and are left out.
+        self.reported_retired = 0
+        self.reported_to_retire = (
+            max(queue_length - self.active_streams, 0) if self.service_time is not None else 0
+        )
 
     def learn_service_time(self, seconds: float) -> None:
         """Fold one observation of the time a request spent at the worker into the estimate."""
@@ -155,13 +166,32 @@ class WorkerInfo:
                 self.retire_at = collections.deque()
             self.retire_at.append(retire_at)
 
+    @property
+    def retiring(self) -> bool:
+        """Whether some counted requests are waiting to be presumed finished."""
+        return bool(self.retire_at) or self.reported_retired < self.reported_to_retire
+
     def retire(self, now: float) -> None:
-        """Stop counting the requests handed out by address that are presumed finished."""
+        """Stop counting the requests presumed finished by now.
+
+        Those handed out by address retire one service time after they were sent; those
+        in the last report retire evenly over one service time after it.
+        """
         pending = self.retire_at
         while pending and pending[0] <= now:
             pending.popleft()
             if self.queue_length > 0:
                 self.queue_length -= 1
+        left = self.reported_to_retire - self.reported_retired
+        if left > 0 and self.service_time:
+            elapsed = now - self.reported_at
+            due = min(
+                int(elapsed / self.service_time * self.reported_to_retire + 0.5),
+                self.reported_to_retire,
+            )
+            if due > self.reported_retired:
+                self.queue_length = max(self.queue_length - (due - self.reported_retired), 0)
+                self.reported_retired = due
 
     def stream_ended(self) -> None:
         """A request this controller relayed to the worker (a stream or a single call) has

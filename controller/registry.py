@@ -88,7 +88,7 @@ class Registry:
                 exclude and w.name in exclude
             ):
                 continue
-            if w.retire_at:
+            if w.retiring:
                 w.retire(now)
             if w.ejected_until > now:
                 ejected.append(w)

@@ -277,3 +277,27 @@ async def test_worker_slots_let_least_time_use_a_free_slot(
     # One at a time the fast worker would need (3 + 1) * 0.2 = 0.8 s, a tie; with four
     # slots its fourth slot is free, so 0.2 s.
     assert answer == {"address": "http://127.0.0.1:2"}
+
+
+async def test_reported_queue_is_presumed_finished_over_one_service_time(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A reported queue does not stay counted until the next report: it drains over one
+    service time, so a stale report cannot make a busy worker look twice as busy."""
+    controller = await run_controller(cfg(), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1")
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    info.learn_service_time(2.0)
+    beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 4}
+    await call(http, controller, "/receive_heart_beat", beat)
+
+    def queue() -> int:
+        (worker,) = controller.registry.candidates("m")
+        return worker.queue_length
+
+    assert queue() == 4
+    clock.advance(1.0)
+    assert queue() == 2
+    clock.advance(1.1)
+    assert queue() == 0
