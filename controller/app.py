@@ -422,6 +422,7 @@ class Controller:
         self._record_decision(model, candidates, worker)
         if worker is not None:
             if count:
+                now = self.registry.clock()
                 retire_at = None
                 if by_address:
                     per_request = worker.service_time
@@ -430,8 +431,8 @@ class Controller:
                         if prior is not None and worker.speed > 0:
                             per_request = prior / worker.speed
                     if per_request is not None:
-                        retire_at = self.registry.clock() + per_request
-                worker.dispatched(retire_at)
+                        retire_at = now + per_request
+                worker.dispatched(now, retire_at)
             if affinity is not None:
                 self._remember_affinity(affinity, worker.name)
         return worker

@@ -94,6 +94,8 @@ class WorkerInfo:
     #: when each request handed out by address since the last report is presumed done,
     #: in dispatch order (None while there are none, to keep idle entries small)
     retire_at: collections.deque[float] | None = None
+    #: when the first request after a report that found the worker idle was sent
+    busy_since: float = 0.0
     #: of the last reported queue, how many requests this controller will not see end and
     #: presumes finished over one service time, and how many it has retired so far
     reported_to_retire: int = 0
@@ -125,7 +127,12 @@ class WorkerInfo:
         service time (reports are snapshots, so the average is the mean of the two).
         """
         if self.reported_at:
-            interval = now - self.reported_at
+            # From the report, or, if the worker was idle then, from the first request
+            # after it: idle time would inflate the observation.
+            start = self.reported_at
+            if not self.reported_queue_length and self.busy_since > start:
+                start = self.busy_since
+            interval = now - start
             finished = self.reported_queue_length + self.dispatched_since_report - queue_length
             held = (self.reported_queue_length + queue_length) / 2
             if finished > 0 and interval > 0 and held > 0:
@@ -153,12 +160,15 @@ class WorkerInfo:
         else:
             self.service_time += SERVICE_TIME_SMOOTHING * (seconds - self.service_time)
 
-    def dispatched(self, retire_at: float | None = None) -> None:
-        """One more request was sent (or handed out) to this worker.
+    def dispatched(self, now: float, retire_at: float | None = None) -> None:
+        """One more request was sent (or handed out) to this worker at ``now``.
 
         ``retire_at`` is when a request handed out by address (whose end this controller
         will not see) stops counting; ``None`` keeps it until the next report.
         """
+        if not self.dispatched_since_report and not self.reported_queue_length:
+            # Idle since the last report until now: only the time from here on counts.
+            self.busy_since = now
         self.queue_length += 1
         self.dispatched_since_report += 1
         if retire_at is not None:

@@ -301,3 +301,23 @@ async def test_reported_queue_is_presumed_finished_over_one_service_time(
     assert queue() == 2
     clock.advance(1.1)
     assert queue() == 0
+
+
+async def test_idle_time_before_the_first_request_is_not_service_time(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A worker idle since its last report is observed from its first request on."""
+    controller = await run_controller(cfg(), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1", queue=0)
+    clock.advance(100)
+    for _ in range(4):
+        await call(http, controller, "/get_worker_address", {"model": "m"})
+    clock.advance(2)
+    beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 2}
+    await call(http, controller, "/receive_heart_beat", beat)
+
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    # Held 1 on average over the 2 busy seconds and finished 0 + 4 - 2 = 2: 1 s each
+    # (counting the 100 idle seconds would make it 51 s).
+    assert info.service_time == pytest.approx(1.0)
