@@ -309,7 +309,7 @@ async def test_idle_time_before_the_first_request_is_not_service_time(
     """A worker idle since its last report is observed from its first request on."""
     controller = await run_controller(cfg(), clock=clock)
     await register(http, controller, "http://127.0.0.1:1", queue=0)
-    clock.advance(100)
+    clock.advance(60)
     for _ in range(4):
         await call(http, controller, "/get_worker_address", {"model": "m"})
     clock.advance(2)
@@ -319,5 +319,5 @@ async def test_idle_time_before_the_first_request_is_not_service_time(
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
     # Held 1 on average over the 2 busy seconds and finished 0 + 4 - 2 = 2: 1 s each
-    # (counting the 100 idle seconds would make it 51 s).
+    # (counting the 60 idle seconds would make it 31 s).
     assert info.service_time == pytest.approx(1.0)
