@@ -395,3 +395,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> Non
 def split_stream(raw: bytes) -> list[dict[str, Any]]:
     """Decode a NUL-framed stream the way FastChat's clients do."""
     return [json.loads(piece) for piece in raw.split(b"\0") if piece]
+
+
+async def post_ok(
+    http: aiohttp.ClientSession, controller: Controller, path: str, body: Any = None
+) -> Any:
+    """POST ``body`` as JSON to ``path`` on ``controller``; asserts 200, returns the answer."""
+    async with http.post(f"{controller.url}{path}", json=body) as r:
+        assert r.status == 200, await r.text()
+        return json.loads(await r.read())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import random
 from typing import Any
 
@@ -18,6 +17,7 @@ from .conftest import (
     FakeWorker,
     MakeWorker,
     RunController,
+    post_ok,
     register_body,
     split_stream,
     wait_until,
@@ -47,12 +47,7 @@ async def controller(run_controller: RunController, clock: FakeClock) -> Control
     return await run_controller(config(), clock=clock)
 
 
-async def post(
-    http: aiohttp.ClientSession, controller: Controller, path: str, body: Any = None
-) -> Any:
-    async with http.post(f"{controller.url}{path}", json=body) as r:
-        assert r.status == 200, await r.text()
-        return json.loads(await r.read())
+post = post_ok
 
 
 async def register(

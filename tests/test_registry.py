@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 from controller import Controller, ControllerConfig, WorkerStatus
 from controller.protocol import RegisterRequest
 
-from .conftest import FakeClock, MakeWorker, RunController, register_body, wait_until
+from .conftest import FakeClock, MakeWorker, RunController, post_ok, register_body, wait_until
 
 EXPIRATION = 90.0
 
@@ -33,12 +32,7 @@ async def controller(run_controller: RunController, clock: FakeClock) -> Control
     return await run_controller(config(), clock=clock)
 
 
-async def post(
-    http: aiohttp.ClientSession, controller: Controller, path: str, body: Any = None
-) -> Any:
-    async with http.post(f"{controller.url}{path}", json=body) as r:
-        assert r.status == 200, await r.text()
-        return json.loads(await r.read())
+post = post_ok
 
 
 async def address(http: aiohttp.ClientSession, controller: Controller, model: str) -> str:
