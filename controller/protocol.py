@@ -46,6 +46,7 @@ SUCCESS = b'"success"'
 # Sanity bounds: a number past these is a bug or an attack, never a real worker.
 MAX_QUEUE_LENGTH = 10**9
 MAX_SPEED = 1e12
+MAX_AFFINITY_KEY = 256
 
 
 @attrs.frozen
@@ -158,7 +159,7 @@ def _worker_url(value: Any, field: str) -> str:
         url is None
         or url.scheme not in ("http", "https")
         or not url.host
-        or any(c.isspace() for c in name)
+        or any(c.isspace() or not c.isprintable() for c in name)
     ):
         raise BadRequestError(
             field, f"must be the worker's base URL such as 'http://10.0.0.5:21002', got {name!r}"
@@ -218,7 +219,15 @@ def parse_dispatch(data: Any) -> tuple[str, str | None]:
     obj = _object(data)
     model = _string(_require(obj, "model"), "model")
     key = obj.get("affinity_key")
-    return model, None if key is None else _string(key, "affinity_key")
+    if key is None:
+        return model, None
+    key = _string(key, "affinity_key")
+    if len(key) > MAX_AFFINITY_KEY:
+        # Keys are remembered: long ones would let clients pin memory in the controller.
+        raise BadRequestError(
+            "affinity_key", f"must be at most {MAX_AFFINITY_KEY} characters, got {len(key)}"
+        )
+    return model, key
 
 
 def parse_generate(raw: bytes) -> tuple[str, str | None]:

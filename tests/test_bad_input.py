@@ -57,6 +57,8 @@ CASES = [
     ("/register_worker", reg(worker_name="ftp://10.0.0.5:21002"), "worker_name", "URL"),
     ("/register_worker", reg(worker_name="http://"), "worker_name", "URL"),
     ("/register_worker", reg(worker_name=""), "worker_name", "URL"),
+    # Control characters would reach the log lines that name the worker.
+    ("/register_worker", reg(worker_name="http://10.0.0.5:21002/\x1b[2J"), "worker_name", "URL"),
     ("/register_worker", reg(check_heart_beat=DROP), "check_heart_beat", "required"),
     ("/register_worker", reg(check_heart_beat="true"), "check_heart_beat", "true or false"),
     ("/register_worker", reg(check_heart_beat=1), "check_heart_beat", "true or false"),

@@ -321,3 +321,14 @@ async def test_idle_time_before_the_first_request_is_not_service_time(
     # Held 1 on average over the 2 busy seconds and finished 0 + 4 - 2 = 2: 1 s each
     # (counting the 60 idle seconds would make it 31 s).
     assert info.service_time == pytest.approx(1.0)
+
+
+async def test_overlong_affinity_key_is_refused(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """An affinity_key longer than 256 characters is a 400 naming the field."""
+    controller = await run_controller(cfg())
+    body = {"model": "m", "affinity_key": "k" * 257}
+    async with http.post(f"{controller.url}/get_worker_address", json=body) as r:
+        assert r.status == 400
+        assert (await r.json())["field"] == "affinity_key"
