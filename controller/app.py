@@ -102,8 +102,8 @@ class Controller:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
-        #: set while serve() sets up its own runner (so the parent link waits for the port)
-        self._runner_pending: web.AppRunner | None = None
+        #: attached to a host application (True) or serving on its own (False)
+        self._embedded = True
         self._watch = DisconnectWatch()
         self._refreshing: asyncio.Future[None] | None = None
         #: relayed requests (streams and single calls) in progress, for draining
@@ -146,23 +146,29 @@ class Controller:
         wall_clock: Clock = time.time,
     ) -> Controller:
         """Attach a new controller to ``app``, which must not have started yet."""
-        if config is not None and config.parent_controller and not config.advertise_address:
-            raise ConfigError(
-                "an embedded controller with parent_controller needs advertise_address: "
-                "the URL the parent reaches this application at"
-            )
         controller = cls(config, clock=clock, rng=rng, wall_clock=wall_clock)
         controller.attach(app)
         return controller
 
     def attach(self, app: web.Application) -> None:
         """Add the routes and the background work to ``app`` (before it starts)."""
+        cfg = self.config
+        if cfg.parent_controller is not None and cfg.advertise_address is None:
+            # The host's runner listens, so only the host knows the address.
+            raise ConfigError(
+                "an embedded controller with parent_controller needs advertise_address: "
+                "the URL the parent reaches this application at"
+            )
+        self._attach(app, embedded=True)
+
+    def _attach(self, app: web.Application, *, embedded: bool) -> None:
         from .handlers import add_routes
 
         if app.frozen:
             raise RuntimeError("attach the controller before the application starts")
         if CONTROLLER_KEY in app:
             raise RuntimeError("this application already has a controller")
+        self._embedded = embedded
         app[CONTROLLER_KEY] = self
         add_routes(app, self)
         app.cleanup_ctx.append(self._app_context)
@@ -186,9 +192,8 @@ class Controller:
     async def _serve(self) -> Controller:
         cfg = self.config
         app = web.Application(client_max_size=cfg.max_body_size, handler_args={"access_log": None})
-        self.attach(app)
+        self._attach(app, embedded=False)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
-        self._runner_pending = runner
         await runner.setup()
         try:
             site = web.TCPSite(
@@ -199,7 +204,7 @@ class Controller:
             await runner.cleanup()
             raise
         self._runner = runner
-        self._runner_pending = None
+        # Standalone: the parent link starts once the (possibly OS-chosen) port is known.
         if cfg.parent_controller is not None:
             self._start_parent_link(cfg.advertise_address or self.url)
         return self
@@ -275,13 +280,8 @@ class Controller:
             self._tasks.append(
                 asyncio.create_task(self._poll_load_forever(), name="fc-controller-load-poll")
             )
-        if self.config.parent_controller is not None and self._runner_pending is None:
-            # Embedded: the host's runner listens, so the address must have been given.
-            if self.config.advertise_address is None:
-                raise ConfigError(
-                    "an embedded controller with parent_controller needs advertise_address: "
-                    "the URL the parent reaches this application at"
-                )
+        if self._embedded and self.config.advertise_address is not None:
+            # attach() made sure a child embedded in a host has an address to advertise.
             self._start_parent_link(self.config.advertise_address)
         if self.config.state_file is not None:
             self._restore_state(self.config.state_file)

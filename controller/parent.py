@@ -24,8 +24,6 @@ __all__ = ["ParentLink"]
 
 log = logging.getLogger(__name__)
 
-_JSON_HEADERS = {"Content-Type": "application/json"}
-
 
 class ParentLink:
     """Keeps a controller registered with its parent while it serves at least one model.

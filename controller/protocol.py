@@ -29,7 +29,6 @@ __all__ = [
     "parse_dispatch",
     "parse_generate",
     "parse_heartbeat",
-    "parse_model",
     "parse_register",
     "parse_worker_name",
     "parse_worker_status",
@@ -207,11 +206,6 @@ def parse_heartbeat(data: Any) -> tuple[str, int]:
 def parse_worker_name(data: Any) -> str:
     obj = _object(data)
     return _string(_require(obj, "worker_name"), "worker_name")
-
-
-def parse_model(data: Any) -> str:
-    obj = _object(data)
-    return _string(_require(obj, "model"), "model")
 
 
 def parse_dispatch(data: Any) -> tuple[str, str | None]:

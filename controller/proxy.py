@@ -131,7 +131,7 @@ async def relay_stream(
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
-        return _ended_by_watch(request, watch, error_code)
+        return _ended_by_watch(request, error_code)
     except (aiohttp.ClientError, TimeoutError) as e:
         watch.discard(request)
         log.debug("worker %s unreachable: %r", worker_name, e)
@@ -151,7 +151,7 @@ async def relay_stream(
 
 
 def _ended_by_watch(
-    request: web.BaseRequest, watch: DisconnectWatch, error_code: int
+    request: web.BaseRequest, error_code: int
 ) -> tuple[web.StreamResponse, Outcome]:
     """What to answer when the watch stopped a relay before the worker's first message."""
     if client_gone(request):
@@ -183,7 +183,7 @@ async def _pump(
             if client_gone(request):
                 return response or web.Response(), Outcome.CLIENT_GONE
             if response is None and watch.closing:
-                return _ended_by_watch(request, watch, error_code)
+                return _ended_by_watch(request, error_code)
             failure = e
             break
         if not chunk:

@@ -138,10 +138,7 @@ class Registry:
             self._workers[name] = info
             self._index(info, status.model_names)
         else:
-            if info.model_names != status.model_names:
-                self._unindex(info)
-                self._index(info, status.model_names)
-            info.model_names = status.model_names
+            self._set_models(info, status.model_names)
             info.speed = status.speed
             info.check_heart_beat = check_heart_beat
             info.multimodal = multimodal
@@ -186,12 +183,9 @@ class Registry:
 
     def update_if_current(self, info: WorkerInfo, generation: int, status: WorkerStatus) -> bool:
         """Apply a probed status unless the worker re-registered or left meanwhile."""
-        if self._workers.get(info.name) is not info or info.generation != generation:
+        if not self._is_current(info, generation):
             return False
-        if info.model_names != status.model_names:
-            self._unindex(info)
-            self._index(info, status.model_names)
-            info.model_names = status.model_names
+        if self._set_models(info, status.model_names):
             self._changed()
         info.speed = status.speed
         info.report(status.queue_length, self.clock())
@@ -201,7 +195,7 @@ class Registry:
 
     def remove_if_current(self, info: WorkerInfo, generation: int) -> bool:
         """Remove a worker whose probe failed, unless it re-registered or left meanwhile."""
-        if self._workers.get(info.name) is not info or info.generation != generation:
+        if not self._is_current(info, generation):
             return False
         self._drop(info)
         return True
@@ -261,6 +255,18 @@ class Registry:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def _is_current(self, info: WorkerInfo, generation: int) -> bool:
+        return self._workers.get(info.name) is info and info.generation == generation
+
+    def _set_models(self, info: WorkerInfo, model_names: tuple[str, ...]) -> bool:
+        """Make ``info`` serve ``model_names``; returns whether that changed anything."""
+        if info.model_names == model_names:
+            return False
+        self._unindex(info)
+        self._index(info, model_names)
+        info.model_names = model_names
+        return True
 
     def _index(self, info: WorkerInfo, model_names: tuple[str, ...]) -> None:
         for model in model_names:
