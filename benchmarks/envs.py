@@ -77,12 +77,15 @@ def _stamp(parts: list[str]) -> str:
 
 def _python_version(python: str | Path) -> str:
     """``major.minor`` of an interpreter, or "" when it does not run."""
-    result = subprocess.run(
-        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    try:
+        result = subprocess.run(
+            [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:  # not there (yet), or not executable
+        return ""
     return result.stdout.strip() if result.returncode == 0 else ""
 
 

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from . import dispatch, protocol, state
+from ._upstream import Pool
 from .config import ControllerConfig
 from .errors import BadRequestError, ConfigError, NotRunningError
 from .models import WorkerInfo, WorkerStatus
@@ -100,6 +101,7 @@ class Controller:
         #: serialises registry writes that follow an await (probe, then record)
         self.lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         #: attached to a host application (True) or serving on its own (False)
@@ -272,6 +274,7 @@ class Controller:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._stream_timeout, auto_decompress=False
         )
+        self._pool = Pool(asyncio.get_running_loop())
         self._tasks = [
             asyncio.create_task(self._expire_forever(), name="fc-controller-expiry"),
             asyncio.create_task(self._watch.run(), name="fc-controller-disconnect-watch"),
@@ -302,6 +305,9 @@ class Controller:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         if had_tasks and self.config.state_file is not None:
             await self._save_state(self.config.state_file)
 
@@ -345,6 +351,13 @@ class Controller:
         if ":" in host:
             host = f"[{host}]"
         return f"{self.config.scheme}://{host}:{port}"
+
+    @property
+    def pool(self) -> Pool:
+        """Kept-alive connections to workers for relayed streams."""
+        if self._pool is None:
+            raise NotRunningError("the controller is not running: start() or serve() it first")
+        return self._pool
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -579,12 +592,13 @@ class Controller:
             try:
                 return await relay_stream(
                     request,
-                    self.session,
                     worker.name,
                     body,
-                    client_timeout=self._stream_timeout,
+                    connect_timeout=self.config.status_probe_timeout,
+                    read_timeout=self.config.worker_api_timeout,
                     error_code=error_code,
                     watch=self._watch,
+                    pool=self.pool,
                 )
             finally:
                 worker.active_streams -= 1
@@ -723,6 +737,8 @@ class Controller:
         while True:
             await asyncio.sleep(interval)
             self.expire_now()
+            if self._pool is not None:
+                self._pool.prune()
 
     async def _poll_load_forever(self) -> None:
         interval = self.config.load_poll_interval

@@ -3,11 +3,8 @@
 A relay forwards whole NUL-terminated messages as soon as they arrive and never buffers a
 response to its end. Before anything has reached the client, a failure becomes a single
 in-band error message; after, the client gets the messages already relayed followed by the
-error message, so every client sees a well-formed stream.
-
-Upstream reads and downstream writes sit in separate ``try`` blocks on purpose:
-``aiohttp.ClientConnectionResetError`` is both a ``ClientError`` and a
-``ConnectionResetError``, so one ``except`` could not tell "worker died" from "client left".
+error message, so every client sees a well-formed stream. The worker side of a stream is
+:class:`~controller._upstream.Upstream`; single-document calls go through aiohttp's client.
 """
 
 from __future__ import annotations
@@ -19,17 +16,23 @@ from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from . import protocol
+from ._upstream import MAX_MESSAGE_SIZE, Pool, Upstream, resolve_target
 
-__all__ = ["DisconnectWatch", "Outcome", "forward_request", "relay_stream", "worker_url"]
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "DisconnectWatch",
+    "Outcome",
+    "forward_request",
+    "relay_stream",
+    "worker_url",
+]
 
 log = logging.getLogger(__name__)
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
-
-# A worker that sends this much without a single NUL is not speaking the protocol.
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 
 class Outcome(enum.Enum):
@@ -106,117 +109,98 @@ def client_gone(request: web.BaseRequest) -> bool:
 
 async def relay_stream(
     request: web.Request,
-    session: aiohttp.ClientSession,
     worker_name: str,
     body: bytes,
     *,
-    client_timeout: aiohttp.ClientTimeout,
+    connect_timeout: float,
+    read_timeout: float,
     error_code: int,
     watch: DisconnectWatch,
+    pool: Pool,
 ) -> tuple[web.StreamResponse, Outcome]:
     """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
 
-    Returns the response (already written) and how the stream ended.
+    Returns the response (already written) and how the stream ended. ``read_timeout`` bounds
+    the worker's silence (waiting for its answer included), not the stream's length.
     """
-    url = worker_url(worker_name, "/worker_generate_stream")
-    # A task of its own, so the watch can cancel the wait for the worker's answer (which
-    # a busy worker delays until a slot frees) when the client leaves.
-    connect = asyncio.ensure_future(
-        session.post(url, data=body, headers=_JSON_HEADERS, timeout=client_timeout)
-    )
-    watch.add(request, connect.cancel)
-    try:
-        upstream = await connect
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-        return _ended_by_watch(request, error_code)
-    except (aiohttp.ClientError, TimeoutError) as e:
-        watch.discard(request)
-        log.debug("worker %s unreachable: %r", worker_name, e)
+    target = resolve_target(worker_name, "/worker_generate_stream")
+    if target is None:
+        log.debug("worker %s has no http(s) address", worker_name)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
-
-    try:
-        if upstream.status != 200:
-            log.debug("worker %s answered HTTP %d", worker_name, upstream.status)
-            return _error_response(error_code), Outcome.FAILED_BEFORE_START
-        watch.add(request, upstream.close)
-        return await _pump(request, upstream, worker_name, error_code, watch)
-    finally:
-        watch.discard(request)
-        # Closing (not releasing) drops the connection when the stream did not finish, so
-        # the worker sees its client vanish and can stop generating.
-        upstream.close()
-
-
-def _ended_by_watch(
-    request: web.BaseRequest, error_code: int
-) -> tuple[web.StreamResponse, Outcome]:
-    """What to answer when the watch stopped a relay before the worker's first message."""
-    if client_gone(request):
-        return web.Response(), Outcome.CLIENT_GONE
-    return _error_response(error_code), Outcome.ABORTED
+    fresh = False
+    while True:
+        upstream = pool.acquire(target, read_timeout, fresh=fresh)
+        upstream.start(target, body, connect_timeout)
+        watch.add(request, upstream.stop)
+        try:
+            relayed = await _pump(request, upstream, worker_name, error_code, watch)
+        finally:
+            watch.discard(request)
+            upstream.close()
+        if relayed is not None:
+            return relayed
+        # A kept-alive connection the worker had closed: once more on a new one.
+        fresh = True
 
 
 async def _pump(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Upstream,
     worker_name: str,
     error_code: int,
     watch: DisconnectWatch,
-) -> tuple[web.StreamResponse, Outcome]:
+) -> tuple[web.StreamResponse, Outcome] | None:
+    """Run one relay to its end; ``None`` if it should be tried again on a new connection."""
     # The client's response starts with the worker's first whole message, so a worker that
-    # fails before it can still be answered with a plain in-band error (or retried).
+    # fails before it can still be answered with a plain in-band error (or retried). From
+    # then on the upstream protocol writes each message to the client itself; this task
+    # wakes only when the client must be waited for, and at the end.
     response: web.StreamResponse | None = None
-    content = upstream.content
-    pending = b""
-    failure: BaseException | None = None
+    writer: AbstractStreamWriter | None = None
     while True:
+        await upstream.waiter
+        upstream.waiter = asyncio.get_running_loop().create_future()
         try:
-            chunk = await content.readany()
-        except (aiohttp.ClientError, TimeoutError) as e:
-            # aiohttp raises one shared "Connection closed" instance for every response
-            # closed under a reader (the watch does that); each raise prepends to its
-            # traceback, which would keep every such relay's frames alive for good.
-            e.__traceback__ = None
-            if client_gone(request):
-                return response or web.Response(), Outcome.CLIENT_GONE
-            if response is None and watch.closing:
-                return _ended_by_watch(request, error_code)
-            failure = e
-            break
-        if not chunk:
-            break
-        if not pending and chunk[-1] == 0:
-            out = chunk
-        else:
-            cut = chunk.rfind(b"\0") + 1
-            if cut == 0:
-                pending += chunk
-                if len(pending) > MAX_MESSAGE_SIZE:
-                    failure = ValueError("worker sent a message larger than 16 MiB")
-                    break
-                continue
-            out, pending = pending + chunk[:cut], chunk[cut:]
-        try:
-            if response is None:
+            if upstream.staged and response is None:
                 response = web.StreamResponse()
-                await response.prepare(request)
-            await response.write(out)
+                if request.version >= aiohttp.HttpVersion11:
+                    # Chunked framing, which the upstream then writes for each message.
+                    response.enable_chunked_encoding()
+                writer = await response.prepare(request)
+                while upstream.staged:
+                    # Headers and the first messages leave in one write.
+                    staged, upstream.staged = upstream.staged, []
+                    await response.write(b"".join(staged))
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client gone")
+                upstream.attach(transport, request.protocol, response.chunked)
+            if upstream.draining and writer is not None:
+                await writer.drain()
+                upstream.resume()
         except ConnectionResetError:
             return response or web.Response(), Outcome.CLIENT_GONE
+        if upstream.ended:
+            break
 
-    if failure is not None:
-        log.debug("stream from %s failed: %r", worker_name, failure)
+    if upstream.client_left or client_gone(request):
+        return response or web.Response(), Outcome.CLIENT_GONE
+    if upstream.stopped:
+        # Only the shutdown stops a relay whose client is still there.
+        if response is None:
+            return _error_response(error_code), Outcome.ABORTED
+        tail, outcome = protocol.stream_error(error_code), Outcome.ABORTED
+    elif upstream.stale and response is None:
+        return None
+    elif upstream.failure is not None:
+        log.debug("stream from %s failed: %r", worker_name, upstream.failure)
         if response is None:
             return _error_response(error_code), Outcome.FAILED_BEFORE_START
-        tail = protocol.stream_error(error_code)
-        outcome = Outcome.ABORTED if watch.closing else Outcome.FAILED_MIDSTREAM
+        tail, outcome = protocol.stream_error(error_code), Outcome.FAILED_MIDSTREAM
     else:
         # A last message without its NUL still counts as a message (FastChat relays it).
-        tail = pending + b"\0" if pending else b""
-        outcome = Outcome.COMPLETED
+        pending = upstream.pending
+        tail, outcome = (pending + b"\0" if pending else b""), Outcome.COMPLETED
     if response is None:
         return web.Response(body=tail), outcome
     try:
