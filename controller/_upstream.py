@@ -22,7 +22,7 @@ import time
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-__all__ = ["Pool", "Target", "Upstream", "UpstreamError", "resolve_target"]
+__all__ = ["Pool", "Target", "Upstream", "UpstreamError", "parse_target"]
 
 #: a worker that sends this much without a single NUL is not speaking the protocol
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -37,6 +37,8 @@ DNS_TTL = 10.0
 IDLE_TIMEOUT = 4.0
 #: idle connections kept per worker address
 MAX_IDLE_PER_HOST = 256
+#: parsed worker addresses remembered (the cache starts over when full)
+MAX_TARGETS = 100_000
 
 # Parser states.
 _HEAD, _SIZE, _DATA, _DATA_END, _TRAILER, _LENGTH, _UNTIL_CLOSE, _DONE = range(8)
@@ -86,30 +88,17 @@ class Target:
         return self._addresses
 
 
-_targets: dict[str, Target | None] = {}
-_ssl_context: ssl.SSLContext | None = None
-
-
-def resolve_target(worker_name: str, path: str) -> Target | None:
+def parse_target(worker_name: str, path: str) -> Target | None:
     """The :class:`Target` for ``path`` on a worker, or ``None`` if its name is no URL."""
-    key = worker_name + " " + path
-    try:
-        return _targets[key]
-    except KeyError:
-        pass
-    target: Target | None = None
     try:
         parts = urlsplit(worker_name.rstrip("/"))
         tls = parts.scheme == "https"
         if (tls or parts.scheme == "http") and parts.hostname:
             port = parts.port or (443 if tls else 80)
-            target = Target(parts.hostname, port, tls, parts.path + path, parts.netloc)
+            return Target(parts.hostname, port, tls, parts.path + path, parts.netloc)
     except ValueError:  # a port out of range, say
-        target = None
-    if len(_targets) > 100_000:
-        _targets.clear()
-    _targets[key] = target
-    return target
+        pass
+    return None
 
 
 def _is_ip(host: str) -> bool:
@@ -118,13 +107,6 @@ def _is_ip(host: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def _client_ssl_context() -> ssl.SSLContext:
-    global _ssl_context
-    if _ssl_context is None:
-        _ssl_context = ssl.create_default_context()
-    return _ssl_context
 
 
 class Pool:
@@ -138,7 +120,28 @@ class Pool:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._idle: dict[tuple[str, int, bool], list[Upstream]] = {}
+        self._targets: dict[tuple[str, str], Target | None] = {}
+        #: verifies https workers; the default trust store unless replaced
+        self.ssl_context: ssl.SSLContext | None = None
         self.closed = False
+
+    def target(self, worker_name: str, path: str) -> Target | None:
+        """Where ``path`` on a worker is (parsed once per name), or ``None`` if its name is
+        not an http(s) URL."""
+        key = (worker_name, path)
+        try:
+            return self._targets[key]
+        except KeyError:
+            pass
+        if len(self._targets) >= MAX_TARGETS:
+            self._targets.clear()
+        target = self._targets[key] = parse_target(worker_name, path)
+        return target
+
+    def tls(self) -> ssl.SSLContext:
+        if self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
 
     def acquire(self, target: Target, timeout: float, *, fresh: bool = False) -> Upstream:
         """An idle connection to ``target``'s address, or a new, unconnected one."""
@@ -287,7 +290,9 @@ class Upstream(asyncio.Protocol):
         self._timer = self._loop.call_later(connect_timeout, self._connect_timed_out)
 
     async def _open(self, target: Target) -> None:
-        tls = _client_ssl_context() if target.ssl else None
+        tls = None
+        if target.ssl:
+            tls = self._pool.tls() if self._pool is not None else ssl.create_default_context()
         last: OSError | None = None
         for address in await target.addresses(self._loop):
             try:

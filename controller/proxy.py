@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from . import protocol
-from ._upstream import MAX_MESSAGE_SIZE, Pool, Upstream, resolve_target
+from ._upstream import MAX_MESSAGE_SIZE, Pool, Upstream
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -123,7 +123,7 @@ async def relay_stream(
     Returns the response (already written) and how the stream ended. ``read_timeout`` bounds
     the worker's silence (waiting for its answer included), not the stream's length.
     """
-    target = resolve_target(worker_name, "/worker_generate_stream")
+    target = pool.target(worker_name, "/worker_generate_stream")
     if target is None:
         log.debug("worker %s has no http(s) address", worker_name)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START

@@ -369,7 +369,6 @@ async def test_tls_worker_is_relayed_with_the_certificate_checked(
     controller: Controller,
     http: aiohttp.ClientSession,
     certificate: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An https:// worker (FastChat's --ssl) is relayed over TLS, verified against the trusted
     certificates; an untrusted certificate fails before the first byte, in band."""
@@ -394,9 +393,9 @@ async def test_tls_worker_is_relayed_with_the_certificate_checked(
         url = f"https://127.0.0.1:{server.port}"
         await register(http, controller, url)
         # Untrusted first (the system store knows nothing of this certificate).
-        monkeypatch.setattr(_upstream, "_ssl_context", ssl.create_default_context())
+        controller.pool.ssl_context = ssl.create_default_context()
         assert await stream(http, controller) == ERROR_50006
-        monkeypatch.setattr(_upstream, "_ssl_context", ssl.create_default_context(cafile=cert))
+        controller.pool.ssl_context = ssl.create_default_context(cafile=cert)
         assert split_stream(await stream(http, controller)) == [
             json.loads(m[:-1]) for m in MESSAGES
         ]
