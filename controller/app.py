@@ -43,6 +43,8 @@ AFFINITY_SLACK = 2.0
 AFFINITY_KEYS = 100_000
 # Candidates shown per decision in /dispatch_decisions and the debug log.
 DECISION_CANDIDATES = 16
+# Workers without a service time yet are polled this many times per load-poll interval.
+COLD_POLLS_PER_INTERVAL = 4
 # The longest wait between two load polls of a worker that keeps failing them.
 MAX_POLL_BACKOFF = 60.0
 # Paths whose completed relays say how long a generation takes at a worker.
@@ -95,6 +97,7 @@ class Controller:
             clock,
             ejection_base=self.config.ejection_base,
             ejection_max=self.config.ejection_max,
+            worker_slots=self.config.worker_slots,
         )
         self.registry.on_back_in_rotation = _log_back_in_rotation
         self.rng = rng if rng is not None else random.Random()
@@ -424,33 +427,33 @@ class Controller:
         sends requests with the same key to the same worker while it is not overloaded.
         """
         candidates = self.registry.candidates(model, exclude)
+        now = self.registry.clock()
         worker = None
         if affinity is not None:
-            worker = self._affine_worker(affinity, candidates)
+            worker = self._affine_worker(affinity, candidates, now)
         if worker is None:
             worker = dispatch.choose(
-                self.config.dispatch_method, candidates, self.rng, self.config.worker_slots
+                self.config.dispatch_method, candidates, self.rng, self.config.worker_slots, now
             )
         # Recorded before counting: the estimates the choice was made on.
         self._record_decision(model, candidates, worker)
         if worker is not None:
             if count:
-                now = self.registry.clock()
                 retire_at = None
-                if by_address:
-                    per_request = worker.service_time
-                    if per_request is None:
-                        prior = dispatch.prior_service_time(candidates)
-                        if prior is not None and worker.speed > 0:
-                            per_request = prior / worker.speed
-                    if per_request is not None:
-                        retire_at = now + per_request
-                worker.dispatched(now, retire_at)
+                periods = dispatch.periods(worker.queue_length, self.config.worker_slots)
+                if by_address and worker.service_time is not None:
+                    # Without evidence of its own, a worker's requests count until its next
+                    # report, which comes soon (see poll_load): retiring them on a guess
+                    # would hide how slow it is.
+                    retire_at = now + worker.service_time * periods
+                worker.dispatched(now, retire_at, periods)
             if affinity is not None:
                 self._remember_affinity(affinity, worker.name)
         return worker
 
-    def _affine_worker(self, key: str, candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
+    def _affine_worker(
+        self, key: str, candidates: Sequence[WorkerInfo], now: float
+    ) -> WorkerInfo | None:
         name = self._affinity.get(key)
         if name is None:
             return None
@@ -458,11 +461,11 @@ class Controller:
         if mine is None:
             return None
         slots = self.config.worker_slots
-        best = dispatch.least_time(candidates, slots)
+        best = dispatch.least_time(candidates, slots, now)
         prior = dispatch.prior_service_time(candidates)
         if best is not None and dispatch.expected_time(
-            mine, prior, slots
-        ) > AFFINITY_SLACK * dispatch.expected_time(best, prior, slots):
+            mine, prior, slots, now
+        ) > AFFINITY_SLACK * dispatch.expected_time(best, prior, slots, now):
             # Overloaded compared with the best choice: give way.
             return None
         return mine
@@ -687,13 +690,19 @@ class Controller:
             if worker is None:
                 break
             started = self.registry.clock()
+            # Service times it was expected to take (more if it had to wait for a slot):
+            # the wait is counted from the queue length, not learned as slowness.
+            periods = (
+                dispatch.periods(worker.queue_length - 1, self.config.worker_slots) if count else 1
+            )
             try:
                 answer, outcome = await attempt(worker)
             finally:
                 if count:
                     worker.stream_ended()
             if learns and outcome is Outcome.COMPLETED:
-                worker.learn_service_time(self.registry.clock() - started)
+                now = self.registry.clock()
+                worker.learn_service_time((now - started) / periods, now)
             self._settle(worker, outcome, path)
             if outcome is not Outcome.FAILED_BEFORE_START:
                 return answer
@@ -741,7 +750,7 @@ class Controller:
                 self._pool.prune()
 
     async def _poll_load_forever(self) -> None:
-        interval = self.config.load_poll_interval
+        interval = self.config.load_poll_interval / COLD_POLLS_PER_INTERVAL
         while True:
             started = asyncio.get_running_loop().time()
             await self.poll_load()
@@ -752,18 +761,21 @@ class Controller:
         """Ask the workers that got work since their last report for their queue now.
 
         Stock FastChat workers report only every 45 s; a poll a second keeps the
-        controller's view of their load, and so its dispatch, close to the truth. Only busy
-        workers are asked, all at once; one that fails to answer is asked less and less
-        often. Returns how many answered.
+        controller's view of their load, and so its dispatch, close to the truth. A worker
+        whose service time is not known yet is asked four times as often: until then every
+        request it gets is a guess, and the first reports after its first requests tell
+        how long they take. Only busy workers are asked, all at once; one that fails to
+        answer is asked less and less often. Returns how many answered.
         """
         interval = self.config.load_poll_interval
+        tick = interval / COLD_POLLS_PER_INTERVAL
         now = self.registry.clock()
         due = [
             (w, w.generation)
             for w in self.registry
             if (w.dispatched_since_report or w.queue_length)
             and w.next_poll_at <= now
-            and now - w.reported_at >= interval / 2
+            and now - w.reported_at >= (interval if w.service_time is not None else tick) - tick / 2
         ]
         if not due:
             return 0

@@ -29,6 +29,7 @@ from .config import (
     DEFAULT_STATUS_PROBE_TIMEOUT,
     DEFAULT_STREAM_ATTEMPTS,
     DEFAULT_WORKER_API_TIMEOUT,
+    DEFAULT_WORKER_SLOTS,
     ControllerConfig,
 )
 from .errors import ConfigError
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dispatch-method",
         choices=[m.value for m in DispatchMethod],
-        default=DispatchMethod.SHORTEST_QUEUE.value,
+        default=DispatchMethod.LEAST_TIME.value,
         help="how /get_worker_address picks among the workers serving a model "
         "(default: %(default)s)",
     )
@@ -208,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--worker-slots",
         type=_slots,
-        default=None,
+        default=DEFAULT_WORKER_SLOTS,
         metavar="N",
         help="how many requests each worker runs at once (FastChat workers' "
         "--limit-worker-concurrency), so least_time and power_of_two can tell a worker "
-        "with a free slot from one that would queue the request (default: unknown)",
+        "with a free slot from one that would queue the request (default: %(default)s, "
+        "FastChat's default)",
     )
     parser.add_argument(
         "--parent-controller",

@@ -22,6 +22,11 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_STREAM_ATTEMPTS = 3
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_LOAD_POLL_INTERVAL = 1.0
+# FastChat's model worker runs 5 requests at once unless --limit-worker-concurrency says
+# otherwise.
+DEFAULT_WORKER_SLOTS = 5
+# Typed as the field is, so that attrs' stubs accept the optional validator with it.
+_DEFAULT_SLOTS: int | None = DEFAULT_WORKER_SLOTS
 DEFAULT_PARENT_HEART_BEAT_INTERVAL = 45.0
 DEFAULT_DECISION_LOG_SIZE = 100
 DEFAULT_EJECTION_BASE = 5.0
@@ -99,7 +104,7 @@ class ControllerConfig:
     host: str = DEFAULT_HOST
     port: int = attrs.field(default=DEFAULT_PORT, validator=_port)
     dispatch_method: DispatchMethod = attrs.field(
-        default=DispatchMethod.SHORTEST_QUEUE, converter=_dispatch
+        default=DispatchMethod.LEAST_TIME, converter=_dispatch
     )
     #: a worker registered with ``check_heart_beat`` that stays silent this long is dropped
     heart_beat_expiration: float = attrs.field(
@@ -125,9 +130,10 @@ class ControllerConfig:
     load_poll_interval: float = attrs.field(
         default=DEFAULT_LOAD_POLL_INTERVAL, validator=_non_negative
     )
-    #: how many requests each worker runs at once, if the operator knows (FastChat's
-    #: --limit-worker-concurrency); lets the time-based policies see free slots
-    worker_slots: int | None = attrs.field(default=None, validator=_optional_slots)
+    #: how many requests each worker runs at once (FastChat's --limit-worker-concurrency,
+    #: 5 unless set); lets the time-based policies see free slots. ``None`` assumes one
+    #: at a time.
+    worker_slots: int | None = attrs.field(default=_DEFAULT_SLOTS, validator=_optional_slots)
     #: how many recent dispatch decisions /dispatch_decisions can show
     decision_log_size: int = attrs.field(default=DEFAULT_DECISION_LOG_SIZE, validator=_log_size)
     #: register with this parent controller as one worker (hierarchical mode)

@@ -19,10 +19,20 @@ __all__ = [
     "expected_time",
     "least_time",
     "lottery",
+    "periods",
     "power_of_two",
     "prior_service_time",
+    "service_estimate",
     "shortest_queue",
 ]
+
+#: expected times within this fraction of the best one count as equally good
+TIE_TOLERANCE = 0.25
+#: least_time looks at this many workers at most, drawn at random from larger fleets
+LEAST_TIME_SCAN = 64
+#: seconds without an observation after which a high estimate has come halfway back to
+#: the others' (see service_estimate)
+RELAX_HALF_LIFE = 10.0
 
 # Below this total speed the lottery has nothing to draw from (FastChat's threshold).
 _MIN_TOTAL_SPEED = 1e-4
@@ -78,43 +88,118 @@ def prior_service_time(candidates: Sequence[WorkerInfo]) -> float | None:
     return total / weight if weight else None
 
 
-def expected_time(w: WorkerInfo, prior: float | None, slots: int | None = None) -> float:
+def service_estimate(w: WorkerInfo, prior: float | None, now: float | None = None) -> float | None:
+    """The time a request is expected to spend at ``w``, waiting for a slot aside.
+
+    Its learned service time, else the ``prior`` scaled by its speed but never below what
+    it is known to take at least. ``None`` when no worker has a service time yet.
+
+    An estimate above the prior drifts back towards it (half the gap every
+    ``RELAX_HALF_LIFE`` seconds after its last observation, given ``now``): a worker that
+    was slow once gets no work and so no chance to show it has recovered, and would be
+    shunned for good. Once it is within reach of the others it gets a request again and
+    fresh evidence.
+    """
+    expected_per_speed = prior / w.speed if prior is not None and w.speed > 0 else None
+    learned = w.service_time
+    if learned is None:
+        if expected_per_speed is not None:
+            return max(expected_per_speed, w.service_floor)
+        return None
+    if expected_per_speed is not None and learned > expected_per_speed and now is not None:
+        idle = now - w.learned_at
+        if idle > 0:
+            decay = math.pow(0.5, idle / RELAX_HALF_LIFE)
+            return expected_per_speed + (learned - expected_per_speed) * decay
+    return learned
+
+
+def expected_time(
+    w: WorkerInfo, prior: float | None, slots: int | None = None, now: float | None = None
+) -> float:
     """Expected time until a new request sent to ``w`` would finish, on one scale for all.
 
-    Each request takes the worker's learned service time. With ``slots`` (how many requests
-    a worker runs at once, when the operator says so) the queue is served that many at a
-    time; without, one at a time, which still orders workers sensibly. Without evidence
-    anywhere, the reported speed stands in (``1 / speed`` per request), which orders
-    workers exactly like ``shortest_queue``.
+    Each request takes the worker's estimated service time (``service_estimate``), more
+    the busier the worker: with ``slots`` (how many requests a worker runs at once),
+    ``1 + queue_length / slots`` times it; without, one at a time. The smooth growth with
+    the queue (rather than steps of whole rounds of slots) spreads work over workers
+    whose estimates differ by noise alone, as the rounds would not: a model worker's
+    batch gets slower as it grows anyway. Without evidence anywhere, the reported speed
+    stands in (``1 / speed`` per request, or what the worker is known to take at least
+    if that is more), which orders workers like ``shortest_queue``.
     """
     if w.speed <= 0:
         return math.inf
-    per_request = w.service_time
+    per_request = service_estimate(w, prior, now)
     if per_request is None:
-        per_request = prior / w.speed if prior is not None else 1.0 / w.speed
+        # No time known anywhere: one scale for all, so a worker known to take at least
+        # some time does not look better than one nothing is known of.
+        per_request = max(1.0 / w.speed, w.service_floor)
     if slots is None:
-        return (w.queue_length + 1) * per_request
-    return per_request * (w.queue_length // slots + 1)
+        return per_request * (w.queue_length + 1)
+    return per_request * (1 + w.queue_length / slots)
 
 
-def least_time(candidates: Sequence[WorkerInfo], slots: int | None = None) -> WorkerInfo | None:
-    """The worker expected to finish a new request first; ties go to the shorter queue,
-    then to the earliest registered.
+def periods(queue_length: int, slots: int | None) -> int:
+    """How many service times a request joining ``queue_length`` others takes at a worker
+    that serves ``slots`` at once: one while a slot is free, one more per full round of
+    slots ahead of it (every request ahead of it when the slots are not known)."""
+    if slots is None:
+        return queue_length + 1
+    return queue_length // slots + 1
 
-    Workers with speed 0 come last, by queue length among themselves.
+
+def least_time(
+    candidates: Sequence[WorkerInfo], slots: int | None = None, now: float | None = None
+) -> WorkerInfo | None:
+    """The worker expected to finish a new request first.
+
+    Expected times within ``TIE_TOLERANCE`` of the best count as a tie, which goes to the
+    shorter queue, then to the earliest registered: learned service times are estimates,
+    and chasing a few percent of difference between equal workers would pile requests
+    onto whichever looks faster by chance. Workers with speed 0 come last, by queue
+    length among themselves.
     """
+    if not candidates:
+        return None
     prior = prior_service_time(candidates)
-    best: WorkerInfo | None = None
-    best_key = (math.inf, math.inf)
+    # This runs on every dispatch over every candidate: the common case (a learned
+    # estimate at or below the prior) is computed inline, the rest by expected_time.
+    per_slot = 1.0 / slots if slots is not None else None
+    expected: list[float] = []
+    lowest = math.inf
     for w in candidates:
-        key = (expected_time(w, prior, slots), float(w.queue_length))
-        if best is None or key < best_key:
-            best, best_key = w, key
+        learned = w.service_time
+        if (
+            per_slot is None
+            or learned is None
+            or w.speed <= 0
+            or (prior is not None and learned * w.speed > prior)
+        ):
+            e = expected_time(w, prior, slots, now)
+        else:
+            e = learned * (1 + w.queue_length * per_slot)
+        expected.append(e)
+        if e < lowest:
+            lowest = e
+    bound = lowest * (1 + TIE_TOLERANCE)
+    best: WorkerInfo | None = None
+    best_queue = math.inf
+    best_e = math.inf
+    for w, e in zip(candidates, expected, strict=True):
+        if e > bound:
+            continue
+        queue = w.queue_length
+        if best is None or queue < best_queue or (queue == best_queue and e < best_e):
+            best, best_queue, best_e = w, queue, e
     return best
 
 
 def power_of_two(
-    candidates: Sequence[WorkerInfo], rng: random.Random, slots: int | None = None
+    candidates: Sequence[WorkerInfo],
+    rng: random.Random,
+    slots: int | None = None,
+    now: float | None = None,
 ) -> WorkerInfo | None:
     """The better (by expected time) of two workers drawn at random.
 
@@ -124,9 +209,9 @@ def power_of_two(
     """
     n = len(candidates)
     if n <= 2:
-        return least_time(candidates, slots)
+        return least_time(candidates, slots, now)
     i, j = rng.sample(range(n), 2)
-    return least_time((candidates[min(i, j)], candidates[max(i, j)]), slots)
+    return least_time((candidates[min(i, j)], candidates[max(i, j)]), slots, now)
 
 
 def choose(
@@ -134,12 +219,22 @@ def choose(
     candidates: Sequence[WorkerInfo],
     rng: random.Random,
     slots: int | None = None,
+    now: float | None = None,
 ) -> WorkerInfo | None:
-    """Apply ``method`` to ``candidates``; ``None`` when none can be picked."""
+    """Apply ``method`` to ``candidates``; ``None`` when none can be picked.
+
+    ``now`` (on the clock of the workers' ``learned_at``) lets old estimates relax.
+    """
     if method is DispatchMethod.SHORTEST_QUEUE:
         return shortest_queue(candidates)
     if method is DispatchMethod.LEAST_TIME:
-        return least_time(candidates, slots)
+        if len(candidates) > LEAST_TIME_SCAN:
+            # A fleet this large is sampled rather than scanned on every request (the
+            # "power of d choices": the best of 64 is as good as the best of all, nearly
+            # always); sampled in registration order, so ties still go to the earliest.
+            picked = sorted(rng.sample(range(len(candidates)), LEAST_TIME_SCAN))
+            candidates = [candidates[i] for i in picked]
+        return least_time(candidates, slots, now)
     if method is DispatchMethod.POWER_OF_TWO:
-        return power_of_two(candidates, rng, slots)
+        return power_of_two(candidates, rng, slots, now)
     return lottery(candidates, rng)

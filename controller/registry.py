@@ -38,8 +38,11 @@ class Registry:
         *,
         ejection_base: float = 5.0,
         ejection_max: float = 300.0,
+        worker_slots: int | None = None,
     ) -> None:
         self.expiration = expiration
+        #: how many requests each worker runs at once (None: one at a time)
+        self.worker_slots = worker_slots
         self.clock = clock
         self.ejection_base = ejection_base
         self.ejection_max = ejection_max
@@ -150,7 +153,7 @@ class Registry:
             self._expiring[name] = info
         else:
             self._expiring.pop(name, None)
-        info.report(status.queue_length, now)
+        info.report(status.queue_length, now, self.worker_slots)
         if last_heart_beat is not None:
             info.last_heart_beat = last_heart_beat
         self._changed()
@@ -169,7 +172,7 @@ class Registry:
         if self._expired(info, now):
             self._drop(info)
             return False
-        info.report(queue_length, now)
+        info.report(queue_length, now, self.worker_slots)
         if info.ejected_until:
             self._shows_life(info, "it sent a heartbeat")
         return True
@@ -188,7 +191,7 @@ class Registry:
         if self._set_models(info, status.model_names):
             self._changed()
         info.speed = status.speed
-        info.report(status.queue_length, self.clock())
+        info.report(status.queue_length, self.clock(), self.worker_slots)
         if info.ejected_until:
             self._shows_life(info, "it answered a status probe")
         return True

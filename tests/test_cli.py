@@ -27,10 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_match_fastchat() -> None:
-    """Without flags or environment the settings are FastChat's defaults."""
+    """Without flags or environment the settings are FastChat's defaults, but for the
+    dispatch method, which is the one that does best (docs/dispatch.md)."""
     config, level = load_config([], {})
     assert (config.host, config.port) == ("localhost", 21001)
-    assert config.dispatch_method is DispatchMethod.SHORTEST_QUEUE
+    assert config.dispatch_method is DispatchMethod.LEAST_TIME
+    assert config.worker_slots == 5
     assert config.heart_beat_expiration == 90
     assert config.worker_api_timeout == 100
     assert config.status_probe_timeout == 5

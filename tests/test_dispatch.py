@@ -34,6 +34,7 @@ def config(**overrides: Any) -> ControllerConfig:
         "port": 0,
         # Polling would overwrite the counts under test with the fake workers' static answers.
         "load_poll_interval": 0,
+        "dispatch_method": "shortest_queue",
         "stream_attempts": 1,
         "ejection_base": EJECTION,
         "ejection_max": EJECTION,

@@ -40,19 +40,18 @@ def cfg(**kwargs: Any) -> ControllerConfig:
 async def test_heartbeats_teach_service_time_by_littles_law(
     run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
 ) -> None:
-    """Two reports and the dispatches between them give the worker's time per request."""
+    """Two reports of requests this controller did not send give the worker's time per
+    request by Little's law."""
     controller = await run_controller(cfg(), clock=clock)
-    await register(http, controller, "http://127.0.0.1:1", queue=2)
-    for _ in range(8):
-        await call(http, controller, "/get_worker_address", {"model": "m"})
+    await register(http, controller, "http://127.0.0.1:1", queue=4)
     clock.advance(10)
     beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 2}
     await call(http, controller, "/receive_heart_beat", beat)
 
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    # It held 2 on average and finished 2 + 8 - 2 = 8 in 10 s: 2 * 10 / 8 seconds each.
-    assert info.service_time == pytest.approx(2.5)
+    # It held 3 on average and finished 4 - 2 = 2 in 10 s: 3 * 10 / 2 seconds each.
+    assert info.service_time == pytest.approx(15.0)
 
 
 async def test_requests_handed_out_by_address_retire_after_service_time(
@@ -63,7 +62,7 @@ async def test_requests_handed_out_by_address_retire_after_service_time(
     await register(http, controller, "http://127.0.0.1:1")
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    info.learn_service_time(3.0)
+    info.learn_service_time(3.0, controller.registry.clock())
 
     await call(http, controller, "/get_worker_address", {"model": "m"})
     clock.advance(2.9)
@@ -107,8 +106,8 @@ async def test_least_time_prefers_faster_worker_over_shorter_queue(
     await register(http, controller, "http://127.0.0.1:1", queue=0)
     await register(http, controller, "http://127.0.0.1:2", queue=2)
     slow, fast = controller.registry.candidates("m")
-    slow.learn_service_time(0.8)
-    fast.learn_service_time(0.2)
+    slow.learn_service_time(0.8, controller.registry.clock())
+    fast.learn_service_time(0.2, controller.registry.clock())
 
     answer = await call(http, controller, "/get_worker_address", {"model": "m"})
 
@@ -124,8 +123,8 @@ async def test_shortest_queue_keeps_fastchat_meaning(
     await register(http, controller, "http://127.0.0.1:1", queue=0)
     await register(http, controller, "http://127.0.0.1:2", queue=2)
     slow, fast = controller.registry.candidates("m")
-    slow.learn_service_time(0.8)
-    fast.learn_service_time(0.2)
+    slow.learn_service_time(0.8, controller.registry.clock())
+    fast.learn_service_time(0.2, controller.registry.clock())
 
     answer = await call(http, controller, "/get_worker_address", {"model": "m"})
 
@@ -200,7 +199,7 @@ async def test_decisions_endpoint_explains_recent_dispatches(
     assert [d["model"] for d in decisions] == ["m", "other"]
     first, second = decisions
     assert first["chosen"] == "http://127.0.0.1:2"
-    assert first["method"] == "shortest_queue"
+    assert first["method"] == "least_time"
     assert [(c["worker"], c["queue_length"]) for c in first["candidates"]] == [
         ("http://127.0.0.1:1", 3),
         ("http://127.0.0.1:2", 1),
@@ -269,13 +268,13 @@ async def test_worker_slots_let_least_time_use_a_free_slot(
     await register(http, controller, "http://127.0.0.1:1", queue=0)
     await register(http, controller, "http://127.0.0.1:2", queue=3)
     slow, fast = controller.registry.candidates("m")
-    slow.learn_service_time(0.8)
-    fast.learn_service_time(0.2)
+    slow.learn_service_time(0.8, controller.registry.clock())
+    fast.learn_service_time(0.2, controller.registry.clock())
 
     answer = await call(http, controller, "/get_worker_address", {"model": "m"})
 
     # One at a time the fast worker would need (3 + 1) * 0.2 = 0.8 s, a tie; with four
-    # slots its fourth slot is free, so 0.2 s.
+    # slots it has one free: 0.2 * (1 + 3 / 4) = 0.35 s.
     assert answer == {"address": "http://127.0.0.1:2"}
 
 
@@ -288,7 +287,7 @@ async def test_reported_queue_is_presumed_finished_over_one_service_time(
     await register(http, controller, "http://127.0.0.1:1")
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    info.learn_service_time(2.0)
+    info.learn_service_time(2.0, controller.registry.clock())
     beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 4}
     await call(http, controller, "/receive_heart_beat", beat)
 
@@ -318,9 +317,9 @@ async def test_idle_time_before_the_first_request_is_not_service_time(
 
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    # Held 1 on average over the 2 busy seconds and finished 0 + 4 - 2 = 2: 1 s each
-    # (counting the 60 idle seconds would make it 31 s).
-    assert info.service_time == pytest.approx(1.0)
+    # Sent together 2 s ago; two finished, two are still there: 2 s each (counting the 60
+    # idle seconds would make it 62 s).
+    assert info.service_time == pytest.approx(2.0)
 
 
 async def test_overlong_affinity_key_is_refused(
@@ -332,3 +331,188 @@ async def test_overlong_affinity_key_is_refused(
     async with http.post(f"{controller.url}/get_worker_address", json=body) as r:
         assert r.status == 400
         assert (await r.json())["field"] == "affinity_key"
+
+
+async def test_one_poll_brackets_service_time_by_which_requests_finished(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A single report after a few dispatches gives the service time: the oldest requests
+    are the ones that finished, so the send times around the cut bracket it."""
+    controller = await run_controller(cfg(), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1")
+    for _ in range(4):
+        await call(http, controller, "/get_worker_address", {"model": "m"})
+        clock.advance(0.1)
+    # Sent at 0.0, 0.1, 0.2 and 0.3; at 0.45 two are left, so the two oldest finished.
+    clock.advance(0.05)
+    beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 2}
+    await call(http, controller, "/receive_heart_beat", beat)
+
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    # The one sent at 0.1 took at most 0.35 s; the one sent at 0.2 is still there at 0.25 s.
+    assert info.service_time == pytest.approx(0.30)
+
+
+async def test_worker_with_nothing_finished_is_not_assumed_as_fast_as_the_others(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A worker still holding every request sent to it is known to take at least as long
+    as they have been there, and loses to a known-fast worker with more in flight."""
+    controller = await run_controller(cfg(dispatch_method="least_time"), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1")
+    await register(http, controller, "http://127.0.0.1:2")
+    fast, unknown = controller.registry.candidates("m")
+    fast.learn_service_time(0.2, controller.registry.clock())
+    assert controller.dispatch("m", by_address=True) is fast
+    assert controller.dispatch("m", by_address=True) is unknown
+    assert controller.dispatch("m", by_address=True) is fast
+    clock.advance(0.6)
+    # The fast worker still has two (it is told nothing new); the other still has its one.
+    await call(
+        http, controller, "/receive_heart_beat", {"worker_name": fast.name, "queue_length": 2}
+    )
+    await call(
+        http, controller, "/receive_heart_beat", {"worker_name": unknown.name, "queue_length": 1}
+    )
+
+    answer = await call(http, controller, "/get_worker_address", {"model": "m"})
+
+    # Fast: a free slot, 0.2 s. The other: at least 0.6 s, though its queue is shorter.
+    assert answer == {"address": fast.name}
+
+
+async def test_time_waiting_for_a_slot_is_not_learned_as_service_time(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A request sent behind a full round of slots takes two service times; the worker is
+    not taken for twice as slow because of it."""
+    controller = await run_controller(cfg(worker_slots=2), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1", queue=2)
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    info.learn_service_time(0.2, controller.registry.clock())
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    await call(http, controller, "/get_worker_address", {"model": "m"})
+    # Both waited for the two reported requests (0.2 s), then ran (0.2 s): one is done at
+    # 0.45 s, the other not yet (the worker took them in order).
+    clock.advance(0.45)
+    beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 1}
+    await call(http, controller, "/receive_heart_beat", beat)
+
+    # Bracketed by 0.45 / 2 and 0.45 / 2 per service time: 0.225 s, not 0.45 s.
+    assert info.service_time == pytest.approx(0.2 + 0.25 * (0.225 - 0.2))
+
+
+async def test_load_poll_asks_workers_without_a_service_time_more_often(
+    run_controller: RunController,
+    make_worker: MakeWorker,
+    clock: FakeClock,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A worker whose service time is not known yet is polled a quarter interval after its
+    last report; a known one waits the whole interval."""
+    controller = await run_controller(cfg(load_poll_interval=1.0), clock=clock)
+    known = await make_worker()
+    unknown = await make_worker()
+    await call(http, controller, "/register_worker", register_body(known))
+    await call(http, controller, "/register_worker", register_body(unknown))
+    info = controller.registry.get(known.url)
+    assert info is not None
+    info.learn_service_time(0.2, controller.registry.clock())
+    assert controller.dispatch("m", by_address=True) is info
+    assert controller.dispatch("m", by_address=True) is controller.registry.get(unknown.url)
+    calls = (known.status_calls, unknown.status_calls)
+
+    clock.advance(0.3)
+    assert await controller.poll_load() == 1
+
+    assert known.status_calls == calls[0]
+    assert unknown.status_calls > calls[1]
+
+
+async def test_a_worker_shunned_for_a_high_estimate_gets_work_again_later(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A worker that looked slow gets no work, so no new evidence; its estimate drifts
+    back towards the others' until it is tried again instead of being shunned for good."""
+    controller = await run_controller(cfg(dispatch_method="least_time"), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1", queue=0)
+    await register(http, controller, "http://127.0.0.1:2", queue=1)
+    await register(http, controller, "http://127.0.0.1:3", queue=1)
+    once_slow, a, b = controller.registry.candidates("m")
+    once_slow.learn_service_time(0.35, clock())
+    a.learn_service_time(0.2, clock())
+    b.learn_service_time(0.2, clock())
+
+    # 0.35 s against 0.2 * (1 + 1/5) = 0.24 s: more than 25% worse, so not chosen.
+    assert controller.dispatch("m", count=False) is a
+    clock.advance(20)
+    # Two half-lives later it is 0.25 + 0.1 / 4 = 0.275 s: as good, and idle.
+    assert controller.dispatch("m", count=False) is once_slow
+
+
+async def test_least_time_spreads_work_over_workers_equal_but_for_noise(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """Workers whose service times differ by a few percent share the work evenly instead
+    of the one that looks fastest taking every request until its slots are full."""
+    controller = await run_controller(cfg(dispatch_method="least_time"), clock=clock)
+    for port in (1, 2, 3):
+        await register(http, controller, f"http://127.0.0.1:{port}")
+    for w, seconds in zip(controller.registry.candidates("m"), (0.18, 0.2, 0.22), strict=True):
+        w.learn_service_time(seconds, clock())
+
+    picks: Counter[str] = Counter()
+    for _ in range(6):
+        picks[(await call(http, controller, "/get_worker_address", {"model": "m"}))["address"]] += 1
+
+    assert sorted(picks.values()) == [2, 2, 2]
+
+
+def test_least_time_samples_a_large_fleet() -> None:
+    """With more workers than it scans, least_time still finds an idle one among many busy."""
+    from controller.dispatch import LEAST_TIME_SCAN, choose
+    from controller.models import WorkerInfo
+
+    def worker(i: int, queue: int) -> WorkerInfo:
+        return WorkerInfo(
+            name=f"http://10.0.{i // 256}.{i % 256}:21002",
+            model_names=("m",),
+            speed=1.0,
+            check_heart_beat=True,
+            multimodal=False,
+            last_heart_beat=0.0,
+            queue_length=queue,
+        )
+
+    fleet = [worker(i, 0 if i % 2 else 40) for i in range(4 * LEAST_TIME_SCAN)]
+    rng = random.Random(3)
+    chosen = [choose(DispatchMethod.LEAST_TIME, fleet, rng, 5) for _ in range(50)]
+
+    assert all(w is not None and w.queue_length == 0 for w in chosen)
+    # Each decision looks at a different sample, so the idle workers share the work.
+    assert len({id(w) for w in chosen}) > 10
+
+
+async def test_a_reported_queue_deeper_than_the_slots_drains_a_round_at_a_time(
+    run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    """A worker reporting twice as many requests as it has slots is presumed to need two
+    service times to get through them, not one."""
+    controller = await run_controller(cfg(worker_slots=2), clock=clock)
+    await register(http, controller, "http://127.0.0.1:1")
+    info = controller.registry.get("http://127.0.0.1:1")
+    assert info is not None
+    info.learn_service_time(1.0, clock())
+    beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 4}
+    await call(http, controller, "/receive_heart_beat", beat)
+
+    def queue() -> int:
+        (worker,) = controller.registry.candidates("m")
+        return worker.queue_length
+
+    clock.advance(1.0)
+    assert queue() == 2
+    clock.advance(1.0)
+    assert queue() == 0
