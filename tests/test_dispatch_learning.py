@@ -171,6 +171,23 @@ async def test_affinity_returns_to_the_same_worker_until_it_is_overloaded(
     assert (await call(http, controller, "/get_worker_address", ask))["address"] == moved
 
 
+async def test_affinity_in_a_fleet_larger_than_the_sample_still_sticks_and_gives_way(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """With more workers than least_time scans at once (64), a key still returns to its
+    worker, and still leaves it once it is loaded far beyond the rest."""
+    controller = await run_controller(cfg())
+    for port in range(1, 101):
+        await register(http, controller, f"http://127.0.0.1:{port}")
+    ask = {"model": "m", "affinity_key": "conversation-7"}
+    first = (await call(http, controller, "/get_worker_address", ask))["address"]
+    for _ in range(3):
+        assert (await call(http, controller, "/get_worker_address", ask))["address"] == first
+    beat = {"worker_name": first, "queue_length": 40}
+    await call(http, controller, "/receive_heart_beat", beat)
+    assert (await call(http, controller, "/get_worker_address", ask))["address"] != first
+
+
 async def test_affinity_key_must_be_a_string(
     run_controller: RunController, http: aiohttp.ClientSession
 ) -> None:
