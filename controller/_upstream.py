@@ -246,8 +246,6 @@ class Upstream(asyncio.Protocol):
         self.client_left = False
         #: the client stopped reading; the handler waits for it, then calls :meth:`resume`
         self.draining = False
-        #: messages written to the client since :meth:`attach`
-        self.forwarded = 0
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._keep_alive = True
@@ -397,7 +395,6 @@ class Upstream(asyncio.Protocol):
                         self._client_gone()
                         return
                     sink.write(data)  # type: ignore[attr-defined]
-                    self.forwarded += 1
                     if self._sink_protocol.writing_paused:
                         self._pause()
                 else:
@@ -589,7 +586,6 @@ class Upstream(asyncio.Protocol):
         if self._sink_chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         sink.write(data)  # type: ignore[attr-defined]
-        self.forwarded += 1
         if self._sink_protocol.writing_paused:
             self._pause()
 
