@@ -107,9 +107,6 @@ class WorkerInfo:
     #: reports are read as if the worker serves in order (see ``report``)
     #: (None while there are none: an empty deque costs 600 bytes, times 10,000 workers)
     sent_at: collections.deque[tuple[float, int]] | None = None
-    #: requests at the worker, by its last report, older than every one in ``sent_at``
-    #: (reported before this controller sent anything, or sent by someone else)
-    unknown_ahead: int = 0
     #: how long a request is known to take at least, while no estimate exists yet
     service_floor: float = 0.0
     #: when ``service_time`` last got an observation
@@ -206,7 +203,6 @@ class WorkerInfo:
         if not sent:
             # Everything the worker holds was sent by someone else, or before this
             # controller knew it: no ages, no bounds.
-            self.unknown_ahead = queue_length
             return False
         young = 0
         for sent_time, _ in reversed(sent):
@@ -223,10 +219,6 @@ class WorkerInfo:
             sent.popleft()
         if not sent:
             self.sent_at = None
-        # Requests the worker reports beyond those this controller sent (sent by someone
-        # else, or before this controller knew the worker) count as the oldest: nothing
-        # better is known of their age.
-        self.unknown_ahead = max(queue_length - len(sent), 0)
         learned = False
         if upper < math.inf and lower >= upper / 2:
             self.learn_service_time((lower + upper) / 2, now)
@@ -240,6 +232,8 @@ class WorkerInfo:
         includes) finished, and the bounds that puts on the service time."""
         sent = self.sent_at
         assert sent is not None
+        # Requests the worker holds beyond these (sent by someone else, or before this
+        # controller knew it) count as the oldest: nothing better is known of their age.
         finished = max(counted - queue_length, 0)
         lower = 0.0
         upper = math.inf
@@ -281,8 +275,7 @@ class WorkerInfo:
             sent = self.sent_at = collections.deque()
         sent.append((now, periods))
         if len(sent) > MAX_TRACKED_DISPATCHES:
-            sent.popleft()
-            self.unknown_ahead += 1
+            sent.popleft()  # from now on one of the requests of unknown age
         if retire_at is not None:
             if self.retire_at is None:
                 self.retire_at = collections.deque()

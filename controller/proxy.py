@@ -59,14 +59,12 @@ class DisconnectWatch:
     A client that disconnects is noticed on the next write, but a worker that is thinking,
     queueing the request or hung writes nothing, and aiohttp does not cancel handlers by
     default. One task checks every relay's client connection a few times a second and
-    stops the relays whose client is gone: before the worker answered, by cancelling the
-    request; after, by closing the worker's response, which ends the read at once.
+    stops the relays whose client is gone by dropping their connection to the worker, which
+    ends the relay at once whether or not the worker has started to answer.
     """
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
-        #: set by :meth:`close_all`; relays ended after it are aborted, not failed
-        self.closing = False
         # Keyed by id(): requests are mutable mappings, so not hashable.
         self._relays: dict[int, tuple[web.BaseRequest, Callable[[], object]]] = {}
 
@@ -89,7 +87,6 @@ class DisconnectWatch:
 
     def close_all(self) -> int:
         """Stop every relay; streams end with the in-band error message."""
-        self.closing = True
         relays, self._relays = self._relays, {}
         for _, stop in relays.values():
             stop()
