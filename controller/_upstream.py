@@ -7,9 +7,9 @@ worker connection's ``data_received`` callback straight to the client's transpor
 handler task wakes only to start the response, to wait for a slow client, and at the end.
 That halves the controller's CPU time per relayed token (see docs/performance.md).
 
-:class:`Upstream` speaks just enough HTTP/1.1 for one request per connection: it sends the
-request, reads the status line and headers, and decodes a chunked, length-delimited or
-close-delimited body. It forwards whole NUL-terminated messages only, so a client never
+:class:`Upstream` speaks just enough HTTP/1.1 for one request at a time on a kept-alive
+connection: it sends the request, reads the status line and headers, and decodes a chunked,
+length-delimited or close-delimited body; :class:`Pool` keeps the idle connections. It forwards whole NUL-terminated messages only, so a client never
 sees half a message. Everything it needs from the handler is plain state and one future.
 """
 
@@ -169,9 +169,11 @@ class Pool:
         oldest = self._loop.time() - IDLE_TIMEOUT
         pruned = 0
         for key, idle in list(self._idle.items()):
-            keep = [u for u in idle if u.idle_since > oldest and u.usable()]
+            keep = []
             for upstream in idle:
-                if upstream not in keep:
+                if upstream.idle_since > oldest and upstream.usable():
+                    keep.append(upstream)
+                else:
                     upstream.discard()
                     pruned += 1
             if keep:
@@ -200,11 +202,8 @@ class Upstream(asyncio.Protocol):
     connection to its :class:`Pool` for the next request.
     """
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, timeout: float, pool: Pool | None = None
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, pool: Pool) -> None:
         self._loop = loop
-        self._timeout = timeout
         self._pool = pool
         self.transport: asyncio.Transport | None = None
         self._key: tuple[str, int, bool] | None = None
@@ -215,9 +214,6 @@ class Upstream(asyncio.Protocol):
         #: in the pool, between requests
         self.idle = False
         self.idle_since = 0.0
-        self._keep_alive = True
-        #: any byte of this response has arrived
-        self._received = False
         self._reset(timeout)
 
     def _reset(self, timeout: float) -> None:
@@ -235,7 +231,6 @@ class Upstream(asyncio.Protocol):
         self._sink_chunked = True
         #: resolved (with None) whenever the handler has something to do
         self.waiter: asyncio.Future[None] = self._loop.create_future()
-        self.status = 0
         #: the response ended, one way or another (see ``completed``/``failure``/``stopped``)
         self.ended = False
         self.completed = False
@@ -248,7 +243,9 @@ class Upstream(asyncio.Protocol):
         self.draining = False
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: the worker may take another request on this connection after this response
         self._keep_alive = True
+        #: any byte of this response has arrived
         self._received = False
 
     # -- driven by the pool --------------------------------------------------------------
@@ -288,9 +285,7 @@ class Upstream(asyncio.Protocol):
         self._timer = self._loop.call_later(connect_timeout, self._connect_timed_out)
 
     async def _open(self, target: Target) -> None:
-        tls = None
-        if target.ssl:
-            tls = self._pool.tls() if self._pool is not None else ssl.create_default_context()
+        tls = self._pool.tls() if target.ssl else None
         last: OSError | None = None
         for address in await target.addresses(self._loop):
             try:
@@ -344,7 +339,6 @@ class Upstream(asyncio.Protocol):
             self._keep_alive
             and self._state == _DONE
             and not self._buf
-            and self._pool is not None
             and self._key is not None
             and not transport.is_closing()
         ):
@@ -389,14 +383,8 @@ class Upstream(asyncio.Protocol):
             except ValueError:
                 size = -1
             if size > 0 and end + size + 4 == len(data) and data[-3] == 0 and data[-2:] == b"\r\n":
-                sink = self._sink
-                if sink is not None and self._sink_chunked:
-                    if sink.is_closing():
-                        self._client_gone()
-                        return
-                    sink.write(data)  # type: ignore[attr-defined]
-                    if self._sink_protocol.writing_paused:
-                        self._pause()
+                if self._sink is not None and self._sink_chunked:
+                    self._to_client(data)  # the worker's chunk is the client's chunk
                 else:
                     self._message(data[end + 2 : -2])
                 return
@@ -527,11 +515,11 @@ class Upstream(asyncio.Protocol):
         parts = lines[0].split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
             raise UpstreamError(f"worker sent no HTTP status line: {lines[0][:40]!r}")
-        self.status = int(parts[1])
-        if 100 <= self.status < 200:  # an interim answer (100 Continue): the real one follows
+        status = int(parts[1])
+        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
             return
-        if self.status != 200:
-            raise UpstreamError(f"worker answered HTTP {self.status}")
+        if status != 200:
+            raise UpstreamError(f"worker answered HTTP {status}")
         chunked, length = False, -1
         self._keep_alive = parts[0] == b"HTTP/1.1"
         for line in lines[1:]:
@@ -578,14 +566,18 @@ class Upstream(asyncio.Protocol):
             self._write(data)
 
     def _write(self, data: bytes) -> None:
+        """Write whole messages to the client, framed as its response is."""
+        if self._sink_chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._to_client(data)
+
+    def _to_client(self, framed: bytes) -> None:
         sink = self._sink
         assert sink is not None
         if sink.is_closing():
             self._client_gone()
             return
-        if self._sink_chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        sink.write(data)  # type: ignore[attr-defined]
+        sink.write(framed)  # type: ignore[attr-defined]
         if self._sink_protocol.writing_paused:
             self._pause()
 
