@@ -9,8 +9,9 @@ That halves the controller's CPU time per relayed token (see docs/performance.md
 
 :class:`Upstream` speaks just enough HTTP/1.1 for one request at a time on a kept-alive
 connection: it sends the request, reads the status line and headers, and decodes a chunked,
-length-delimited or close-delimited body; :class:`Pool` keeps the idle connections. It forwards whole NUL-terminated messages only, so a client never
-sees half a message. Everything it needs from the handler is plain state and one future.
+length-delimited or close-delimited body; :class:`Pool` keeps the idle connections. It
+forwards whole NUL-terminated messages only, so a client never sees half a message.
+Everything it needs from the handler is plain state and one future.
 """
 
 from __future__ import annotations
