@@ -22,6 +22,11 @@ from aiohttp.test_utils import TestServer
 
 from controller import Controller, ControllerConfig
 
+# What FastChat's clients expect in an in-band error (its SERVER_ERROR_MSG), written here
+# rather than imported so that a change to the controller's text cannot pass unnoticed.
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
+ERROR_50006 = json.dumps({"text": SERVER_ERROR_MSG, "error_code": 50006}).encode() + b"\0"
+
 
 @attrs.define
 class FakeClock:

@@ -10,10 +10,7 @@ import pytest
 
 from controller import Controller, ControllerConfig, ErrorProfile
 
-from .conftest import MakeWorker, RunController, register_body, split_stream
-
-# Written out rather than imported: this is the text FastChat's clients compare against.
-SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
+from .conftest import SERVER_ERROR_MSG, MakeWorker, RunController, register_body, split_stream
 
 POST_PATHS = [
     "/register_worker",

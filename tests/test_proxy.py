@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import aiohttp
@@ -11,10 +10,7 @@ import pytest
 
 from controller import Controller, ControllerConfig
 
-from .conftest import MakeWorker, RunController, register_body, split_stream
-
-SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
-ERROR_50006 = json.dumps({"text": SERVER_ERROR_MSG, "error_code": 50006}).encode() + b"\0"
+from .conftest import ERROR_50006, MakeWorker, RunController, register_body, split_stream
 
 API_TIMEOUT = 0.3
 

@@ -20,10 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from controller import Controller, ControllerConfig, _upstream
 
-from .conftest import RunController, register_body, split_stream, wait_until
-
-SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
-ERROR_50006 = json.dumps({"text": SERVER_ERROR_MSG, "error_code": 50006}).encode() + b"\0"
+from .conftest import ERROR_50006, RunController, register_body, split_stream, wait_until
 
 
 def message(i: int) -> bytes:
