@@ -10,11 +10,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import CONTROLLER_KEY, Controller
     from .config import ControllerConfig
+    from .decisions.models import DispatchMethod, ErrorProfile, WorkerInfo, WorkerStatus
+    from .decisions.registry import Worker
     from .errors import BadRequestError, ConfigError, ControllerError, NotRunningError
-    from .models import DispatchMethod, ErrorProfile, WorkerInfo, WorkerStatus
     from .protocol import SERVER_ERROR_MSG
+    from .server import CONTROLLER_KEY, Controller
 
 __all__ = [
     "CONTROLLER_KEY",
@@ -27,6 +28,7 @@ __all__ = [
     "DispatchMethod",
     "ErrorProfile",
     "NotRunningError",
+    "Worker",
     "WorkerInfo",
     "WorkerStatus",
 ]
@@ -34,17 +36,18 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
-    "CONTROLLER_KEY": "app",
-    "Controller": "app",
+    "CONTROLLER_KEY": "server",
+    "Controller": "server",
     "ControllerConfig": "config",
     "BadRequestError": "errors",
     "ConfigError": "errors",
     "ControllerError": "errors",
     "NotRunningError": "errors",
-    "DispatchMethod": "models",
-    "ErrorProfile": "models",
-    "WorkerInfo": "models",
-    "WorkerStatus": "models",
+    "DispatchMethod": "decisions.models",
+    "ErrorProfile": "decisions.models",
+    "Worker": "decisions.registry",
+    "WorkerInfo": "decisions.models",
+    "WorkerStatus": "decisions.models",
     "SERVER_ERROR_MSG": "protocol",
 }
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from . import __version__
 from ._running import loop_factory, run_until_signalled
-from .app import Controller
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEART_BEAT_EXPIRATION,
@@ -32,8 +31,9 @@ from .config import (
     DEFAULT_WORKER_SLOTS,
     ControllerConfig,
 )
+from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
-from .models import DispatchMethod, ErrorProfile
+from .server import Controller
 
 __all__ = ["build_parser", "load_config", "main"]
 

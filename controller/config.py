@@ -7,8 +7,8 @@ from typing import Any
 
 import attrs
 
+from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
-from .models import DispatchMethod, ErrorProfile
 
 __all__ = ["ControllerConfig"]
 

@@ -14,8 +14,8 @@ from typing import Any, NoReturn
 import attrs
 from yarl import URL
 
+from .decisions.models import WorkerStatus
 from .errors import BadRequestError
-from .models import WorkerStatus
 
 __all__ = [
     "NULL",
@@ -34,6 +34,7 @@ __all__ = [
     "parse_worker_status",
     "status_body",
     "stream_error",
+    "worker_url",
 ]
 
 #: the text FastChat's clients show for any controller-side failure, byte for byte
@@ -258,3 +259,8 @@ def error_message(error_code: int) -> bytes:
 def stream_error(error_code: int) -> bytes:
     """One in-band error message of a generation stream, NUL included."""
     return error_message(error_code) + b"\0"
+
+
+def worker_url(worker_name: str, path: str) -> str:
+    """The URL of ``path`` on a worker, whether or not its name ends with a slash."""
+    return worker_name.rstrip("/") + path

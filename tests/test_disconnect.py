@@ -28,7 +28,7 @@ async def settled(controller: Controller, name: str, expected: int) -> None:
         while True:
             info = controller.registry.get(name)
             assert info is not None
-            if info.queue_length == expected and info.active_streams == 0:
+            if info.queue_length == expected and info.load.active_streams == 0:
                 return
             await asyncio.sleep(0.01)
 

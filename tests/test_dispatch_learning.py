@@ -62,7 +62,7 @@ async def test_requests_handed_out_by_address_retire_after_service_time(
     await register(http, controller, "http://127.0.0.1:1")
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    info.learn_service_time(3.0, controller.registry.clock())
+    info.load.learn_service_time(3.0, controller.registry.clock())
 
     await call(http, controller, "/get_worker_address", {"model": "m"})
     clock.advance(2.9)
@@ -106,8 +106,8 @@ async def test_least_time_prefers_faster_worker_over_shorter_queue(
     await register(http, controller, "http://127.0.0.1:1", queue=0)
     await register(http, controller, "http://127.0.0.1:2", queue=2)
     slow, fast = controller.registry.candidates("m")
-    slow.learn_service_time(0.8, controller.registry.clock())
-    fast.learn_service_time(0.2, controller.registry.clock())
+    slow.load.learn_service_time(0.8, controller.registry.clock())
+    fast.load.learn_service_time(0.2, controller.registry.clock())
 
     answer = await call(http, controller, "/get_worker_address", {"model": "m"})
 
@@ -123,8 +123,8 @@ async def test_shortest_queue_keeps_fastchat_meaning(
     await register(http, controller, "http://127.0.0.1:1", queue=0)
     await register(http, controller, "http://127.0.0.1:2", queue=2)
     slow, fast = controller.registry.candidates("m")
-    slow.learn_service_time(0.8, controller.registry.clock())
-    fast.learn_service_time(0.2, controller.registry.clock())
+    slow.load.learn_service_time(0.8, controller.registry.clock())
+    fast.load.learn_service_time(0.2, controller.registry.clock())
 
     answer = await call(http, controller, "/get_worker_address", {"model": "m"})
 
@@ -142,7 +142,7 @@ async def test_power_of_two_never_picks_the_worst_of_three(
     picks = Counter(
         worker.name
         for _ in range(300)
-        if (worker := controller.dispatch("m", count=False)) is not None
+        if (worker := controller.router.dispatch("m", count=False)) is not None
     )
 
     assert set(picks) == {"http://127.0.0.1:1", "http://127.0.0.1:2"}
@@ -241,7 +241,7 @@ async def test_load_poll_refreshes_busy_workers_queue(
     idle.queue_length = 9
     calls_before = idle.status_calls
 
-    assert await controller.poll_load() == 1
+    assert await controller.prober.poll_load() == 1
 
     queues = {w.name: w.queue_length for w in controller.registry}
     # The busy worker's own number replaced the estimate; the idle one was not asked.
@@ -258,13 +258,13 @@ async def test_load_poll_backs_off_from_a_worker_that_does_not_answer(
     await call(http, controller, "/get_worker_address", {"model": "m"})
     info = controller.registry.get("http://127.0.0.1:9")
     assert info is not None
-    info.reported_at -= 10
+    info.load.reported_at -= 10
 
-    assert await controller.poll_load() == 0
+    assert await controller.prober.poll_load() == 0
     assert info.poll_failures == 1
     assert info.next_poll_at > controller.registry.clock()
     # Not due yet: nothing is asked.
-    assert await controller.poll_load() == 0
+    assert await controller.prober.poll_load() == 0
     assert info.poll_failures == 1
 
 
@@ -285,8 +285,8 @@ async def test_worker_slots_let_least_time_use_a_free_slot(
     await register(http, controller, "http://127.0.0.1:1", queue=0)
     await register(http, controller, "http://127.0.0.1:2", queue=3)
     slow, fast = controller.registry.candidates("m")
-    slow.learn_service_time(0.8, controller.registry.clock())
-    fast.learn_service_time(0.2, controller.registry.clock())
+    slow.load.learn_service_time(0.8, controller.registry.clock())
+    fast.load.learn_service_time(0.2, controller.registry.clock())
 
     answer = await call(http, controller, "/get_worker_address", {"model": "m"})
 
@@ -304,7 +304,7 @@ async def test_reported_queue_is_presumed_finished_over_one_service_time(
     await register(http, controller, "http://127.0.0.1:1")
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    info.learn_service_time(2.0, controller.registry.clock())
+    info.load.learn_service_time(2.0, controller.registry.clock())
     beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 4}
     await call(http, controller, "/receive_heart_beat", beat)
 
@@ -380,10 +380,10 @@ async def test_worker_with_nothing_finished_is_not_assumed_as_fast_as_the_others
     await register(http, controller, "http://127.0.0.1:1")
     await register(http, controller, "http://127.0.0.1:2")
     fast, unknown = controller.registry.candidates("m")
-    fast.learn_service_time(0.2, controller.registry.clock())
-    assert controller.dispatch("m", by_address=True) is fast
-    assert controller.dispatch("m", by_address=True) is unknown
-    assert controller.dispatch("m", by_address=True) is fast
+    fast.load.learn_service_time(0.2, controller.registry.clock())
+    assert controller.router.dispatch("m", by_address=True) is fast
+    assert controller.router.dispatch("m", by_address=True) is unknown
+    assert controller.router.dispatch("m", by_address=True) is fast
     clock.advance(0.6)
     # The fast worker still has two (it is told nothing new); the other still has its one.
     await call(
@@ -408,7 +408,7 @@ async def test_time_waiting_for_a_slot_is_not_learned_as_service_time(
     await register(http, controller, "http://127.0.0.1:1", queue=2)
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    info.learn_service_time(0.2, controller.registry.clock())
+    info.load.learn_service_time(0.2, controller.registry.clock())
     await call(http, controller, "/get_worker_address", {"model": "m"})
     await call(http, controller, "/get_worker_address", {"model": "m"})
     # Both waited for the two reported requests (0.2 s), then ran (0.2 s): one is done at
@@ -436,13 +436,13 @@ async def test_load_poll_asks_workers_without_a_service_time_more_often(
     await call(http, controller, "/register_worker", register_body(unknown))
     info = controller.registry.get(known.url)
     assert info is not None
-    info.learn_service_time(0.2, controller.registry.clock())
-    assert controller.dispatch("m", by_address=True) is info
-    assert controller.dispatch("m", by_address=True) is controller.registry.get(unknown.url)
+    info.load.learn_service_time(0.2, controller.registry.clock())
+    assert controller.router.dispatch("m", by_address=True) is info
+    assert controller.router.dispatch("m", by_address=True) is controller.registry.get(unknown.url)
     calls = (known.status_calls, unknown.status_calls)
 
     clock.advance(0.3)
-    assert await controller.poll_load() == 1
+    assert await controller.prober.poll_load() == 1
 
     assert known.status_calls == calls[0]
     assert unknown.status_calls > calls[1]
@@ -458,15 +458,15 @@ async def test_a_worker_shunned_for_a_high_estimate_gets_work_again_later(
     await register(http, controller, "http://127.0.0.1:2", queue=1)
     await register(http, controller, "http://127.0.0.1:3", queue=1)
     once_slow, a, b = controller.registry.candidates("m")
-    once_slow.learn_service_time(0.35, clock())
-    a.learn_service_time(0.2, clock())
-    b.learn_service_time(0.2, clock())
+    once_slow.load.learn_service_time(0.35, clock())
+    a.load.learn_service_time(0.2, clock())
+    b.load.learn_service_time(0.2, clock())
 
     # 0.35 s against 0.2 * (1 + 1/5) = 0.24 s: more than 25% worse, so not chosen.
-    assert controller.dispatch("m", count=False) is a
+    assert controller.router.dispatch("m", count=False) is a
     clock.advance(20)
     # Two half-lives later it is 0.25 + 0.1 / 4 = 0.275 s: as good, and idle.
-    assert controller.dispatch("m", count=False) is once_slow
+    assert controller.router.dispatch("m", count=False) is once_slow
 
 
 async def test_least_time_spreads_work_over_workers_equal_but_for_noise(
@@ -478,7 +478,7 @@ async def test_least_time_spreads_work_over_workers_equal_but_for_noise(
     for port in (1, 2, 3):
         await register(http, controller, f"http://127.0.0.1:{port}")
     for w, seconds in zip(controller.registry.candidates("m"), (0.18, 0.2, 0.22), strict=True):
-        w.learn_service_time(seconds, clock())
+        w.load.learn_service_time(seconds, clock())
 
     picks: Counter[str] = Counter()
     for _ in range(6):
@@ -489,19 +489,14 @@ async def test_least_time_spreads_work_over_workers_equal_but_for_noise(
 
 def test_least_time_samples_a_large_fleet() -> None:
     """With more workers than it scans, least_time still finds an idle one among many busy."""
-    from controller.dispatch import LEAST_TIME_SCAN, choose
-    from controller.models import WorkerInfo
+    from controller.decisions.dispatch import LEAST_TIME_SCAN, choose
+    from controller.decisions.estimator import LoadEstimate
+    from controller.decisions.models import WorkerInfo
+    from controller.decisions.registry import Worker
 
-    def worker(i: int, queue: int) -> WorkerInfo:
-        return WorkerInfo(
-            name=f"http://10.0.{i // 256}.{i % 256}:21002",
-            model_names=("m",),
-            speed=1.0,
-            check_heart_beat=True,
-            multimodal=False,
-            last_heart_beat=0.0,
-            queue_length=queue,
-        )
+    def worker(i: int, queue: int) -> Worker:
+        info = WorkerInfo(f"http://10.0.{i // 256}.{i % 256}:21002", ("m",), 1.0, True)
+        return Worker(info, 0.0, LoadEstimate(queue_length=queue))
 
     fleet = [worker(i, 0 if i % 2 else 40) for i in range(4 * LEAST_TIME_SCAN)]
     rng = random.Random(3)
@@ -521,7 +516,7 @@ async def test_a_reported_queue_deeper_than_the_slots_drains_a_round_at_a_time(
     await register(http, controller, "http://127.0.0.1:1")
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
-    info.learn_service_time(1.0, clock())
+    info.load.learn_service_time(1.0, clock())
     beat = {"worker_name": "http://127.0.0.1:1", "queue_length": 4}
     await call(http, controller, "/receive_heart_beat", beat)
 

@@ -106,10 +106,10 @@ async def test_expire_now_removes_silent_worker_and_logs_how_long_it_was_silent(
     """The sweep forgets an expired worker and logs its name and silence at INFO."""
     controller = Controller(config(), clock=clock)
     status = WorkerStatus(("m",), 1, 0)
-    await controller.register(RegisterRequest("http://10.0.0.5:21002", True, status, False))
-    await controller.register(RegisterRequest("http://10.0.0.6:21002", True, status, False))
+    await controller.prober.register(RegisterRequest("http://10.0.0.5:21002", True, status, False))
+    await controller.prober.register(RegisterRequest("http://10.0.0.6:21002", True, status, False))
     clock.advance(60)
-    assert controller.heartbeat("http://10.0.0.6:21002", 0)
+    assert controller.registry.heartbeat("http://10.0.0.6:21002", 0)
     clock.advance(EXPIRATION + 1.5 - 60)
 
     with caplog.at_level(logging.INFO, logger="controller"):
@@ -131,7 +131,9 @@ async def test_background_sweep_removes_an_expired_worker(
     controller = await run_controller(config(heart_beat_expiration=0.2), clock=clock)
     status = WorkerStatus(("m",), 1, 0)
     with caplog.at_level(logging.INFO, logger="controller"):
-        await controller.register(RegisterRequest("http://10.0.0.5:21002", True, status, False))
+        await controller.prober.register(
+            RegisterRequest("http://10.0.0.5:21002", True, status, False)
+        )
         clock.advance(0.3)
         # The sweep runs every min(1 s, expiration / 2) of real time.
         await wait_until(lambda: len(controller.registry) == 0, timeout=2)

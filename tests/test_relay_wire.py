@@ -1,8 +1,9 @@
 """The relay's own HTTP/1.1 client: framings, kept-alive connections, TLS, a slow client.
 
-The worker side of a relayed stream is parsed by the controller itself (controller/_upstream),
-so these workers speak raw bytes from an ``asyncio`` server on a loopback port: every framing
-a worker may use, split at awkward places, and connections that close between requests.
+The worker side of a relayed stream is parsed by the controller itself
+(controller/relay/upstream.py), so these workers speak raw bytes from an ``asyncio`` server
+on a loopback port: every framing a worker may use, split at awkward places, and
+connections that close between requests.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from controller import Controller, ControllerConfig, _upstream
+from controller import Controller, ControllerConfig
+from controller.relay.pool import IDLE_TIMEOUT
 
-from .conftest import ERROR_50006, RunController, register_body, split_stream, wait_until
+from .conftest import (
+    ERROR_50006,
+    FakeClock,
+    RunController,
+    register_body,
+    split_stream,
+    wait_until,
+)
 
 
 def message(i: int) -> bytes:
@@ -283,12 +292,15 @@ async def test_worker_closing_after_a_partial_answer_is_not_retried(
 
 
 async def test_streams_share_kept_alive_connections_and_idle_ones_are_closed(
-    controller: Controller,
+    run_controller: RunController,
+    clock: FakeClock,
     http: aiohttp.ClientSession,
     wire_worker: Callable[[Reply], Awaitable[WireWorker]],
 ) -> None:
     """Sequential streams reuse one connection; two at once use two; connections idle
     past the idle timeout are closed by the controller."""
+    config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0, worker_api_timeout=2)
+    controller = await run_controller(config, clock=clock)
     release = asyncio.Event()
     answer = CHUNKED_200
 
@@ -310,13 +322,10 @@ async def test_streams_share_kept_alive_connections_and_idle_ones_are_closed(
     assert await both == [MESSAGES[0], MESSAGES[0]]
     assert worker.connections == 2
     assert controller.pool.idle_count() == 2
-    loop = asyncio.get_running_loop()
-    real_time = loop.time
-    try:  # the pool reads the loop's clock: make every connection look old
-        loop.time = lambda: real_time() + _upstream.IDLE_TIMEOUT + 1  # type: ignore[method-assign]
-        assert controller.pool.prune() == 2
-    finally:
-        loop.time = real_time  # type: ignore[method-assign]
+    clock.advance(IDLE_TIMEOUT - 0.5)
+    assert controller.pool.prune() == 0
+    clock.advance(1.0)
+    assert controller.pool.prune() == 2
     assert controller.pool.idle_count() == 0
 
 

@@ -146,8 +146,8 @@ def residue(
     for worker, reported in zip(workers, REPORTED, strict=True):
         info = controller.registry.get(worker.url)
         assert info is not None
-        if info.queue_length != reported or info.active_streams or worker.active:
-            off[worker.url] = (info.queue_length, reported, info.active_streams, worker.active)
+        if info.queue_length != reported or info.load.active_streams or worker.active:
+            off[worker.url] = (info.queue_length, reported, info.load.active_streams, worker.active)
     return off
 
 

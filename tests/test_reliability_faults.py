@@ -64,7 +64,7 @@ def released(controller: Controller, worker: FakeWorker, expected: int) -> Calla
     def check() -> bool:
         info = controller.registry.get(worker.url)
         assert info is not None
-        return info.queue_length == expected and info.active_streams == 0
+        return info.queue_length == expected and info.load.active_streams == 0
 
     return check
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from controller import Controller, ControllerConfig
-from controller.handlers import add_routes
+from controller.edge.handlers import add_routes
 
 from .conftest import FakeWorker, MakeWorker, RunController, register_body, wait_until
 
@@ -45,7 +45,13 @@ class Case:
 def routes(controller: Controller) -> dict[str, str]:
     """Every path the controller serves, with its method."""
     app = web.Application()
-    add_routes(app, controller)
+    add_routes(
+        app,
+        registry=controller.registry,
+        router=controller.router,
+        relay=controller.relay,
+        prober=controller.prober,
+    )
     found = {}
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}

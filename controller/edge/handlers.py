@@ -1,4 +1,5 @@
-"""Thin HTTP handlers: parse the request, ask the controller, answer.
+"""The HTTP edge: the routes, each a thin handler that parses the request, asks the part of
+the controller that decides or relays, and answers.
 
 Bad input never reaches the registry: parsing raises ``BadRequestError`` first, and it is
 answered here with HTTP 400 and a JSON body naming the field and the problem.
@@ -8,15 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from . import protocol
-from .errors import BadRequestError
-
-if TYPE_CHECKING:
-    from .app import Controller
+from .. import protocol
+from ..decisions.registry import Registry
+from ..decisions.routing import Router
+from ..errors import BadRequestError
+from ..relay.failover import Relay
+from ..upkeep.probing import Prober
 
 __all__ = ["add_routes"]
 
@@ -75,15 +77,18 @@ async def _read_json(request: web.Request) -> Any:
 
 
 class _Handlers:
-    def __init__(self, controller: Controller) -> None:
-        self.c = controller
+    def __init__(self, registry: Registry, router: Router, relay: Relay, prober: Prober) -> None:
+        self.registry = registry
+        self.router = router
+        self.relay = relay
+        self.prober = prober
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
         try:
             parsed = protocol.parse_register(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        await self.c.register(parsed)
+        await self.prober.register(parsed)
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
@@ -91,11 +96,11 @@ class _Handlers:
             name = protocol.parse_worker_name(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        return _json(protocol.encode({"removed": self.c.unregister(name)}))
+        return _json(protocol.encode({"removed": await self.prober.unregister(name)}))
 
     async def refresh_all_workers(self, request: web.Request) -> web.StreamResponse:
         await _read(request)
-        await self.c.refresh_all_workers()
+        await self.prober.refresh_all_workers()
         return _json(protocol.NULL)
 
     # The listings take no body but read it anyway, so the body size limit (413) holds on
@@ -114,14 +119,14 @@ class _Handlers:
         return self._models(False)
 
     def _models(self, multimodal: bool | None) -> web.Response:
-        return _json(protocol.encode({"models": self.c.registry.model_names(multimodal)}))
+        return _json(protocol.encode({"models": self.registry.model_names(multimodal)}))
 
     async def get_worker_address(self, request: web.Request) -> web.StreamResponse:
         try:
             model, affinity = protocol.parse_dispatch(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        worker = self.c.dispatch(model, by_address=True, affinity=affinity)
+        worker = self.router.dispatch(model, by_address=True, affinity=affinity)
         return _json(worker.address_body if worker else _NO_ADDRESS)
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
@@ -129,7 +134,9 @@ class _Handlers:
             name, queue_length = protocol.parse_heartbeat(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        exist = self.c.heartbeat(name, queue_length)
+        exist = self.registry.heartbeat(name, queue_length)
+        if not exist:
+            log.debug("Heartbeat from unknown worker %s", name)
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -138,7 +145,7 @@ class _Handlers:
             model, affinity = protocol.parse_generate(body)
         except BadRequestError as e:
             return _bad_request(e)
-        return await self.c.generate_stream(request, body, model, affinity)
+        return await self.relay.generate_stream(request, body, model, affinity)
 
     def forwarder(self, path: str, *, count: bool) -> Handler:
         """A handler relaying a worker endpoint answered by one JSON document."""
@@ -149,13 +156,13 @@ class _Handlers:
                 model, affinity = protocol.parse_generate(body)
             except BadRequestError as e:
                 return _bad_request(e)
-            return await self.c.forward(path, body, model, count=count, affinity=affinity)
+            return await self.relay.forward(path, body, model, count=count, affinity=affinity)
 
         return forward
 
     async def worker_get_status(self, request: web.Request) -> web.StreamResponse:
         await _read(request)
-        return _json(protocol.status_body(await self.c.aggregate_status()))
+        return _json(protocol.status_body(await self.prober.aggregate_status()))
 
     async def test_connection(self, request: web.Request) -> web.StreamResponse:
         return _json(protocol.SUCCESS)
@@ -166,12 +173,15 @@ class _Handlers:
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             error = BadRequestError("n", f"must be a whole number, got {raw!r}")
             return _bad_request(error)
-        decisions = self.c.recent_decisions(int(raw))
+        decisions = self.router.recent_decisions(int(raw))
         return _json(protocol.encode({"decisions": decisions}))
 
 
-def add_routes(app: web.Application, controller: Controller) -> None:
-    h = _Handlers(controller)
+def add_routes(
+    app: web.Application, *, registry: Registry, router: Router, relay: Relay, prober: Prober
+) -> None:
+    """Add every route of the wire protocol to ``app``."""
+    h = _Handlers(registry, router, relay, prober)
     posts: dict[str, Handler] = {
         "/register_worker": h.register_worker,
         "/unregister_worker": h.unregister_worker,

@@ -4,7 +4,7 @@ A relay forwards whole NUL-terminated messages as soon as they arrive and never 
 response to its end. Before anything has reached the client, a failure becomes a single
 in-band error message; after, the client gets the messages already relayed followed by the
 error message, so every client sees a well-formed stream. The worker side of a stream is
-:class:`~controller._upstream.Upstream`; single-document calls go through aiohttp's client.
+:class:`~controller.relay.upstream.Upstream`.
 """
 
 from __future__ import annotations
@@ -12,31 +12,23 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from . import protocol
-from ._upstream import MAX_MESSAGE_SIZE, Pool, Upstream
+from .. import protocol
+from .pool import Pool
+from .upstream import Upstream
+from .watch import DisconnectWatch, client_gone
 
-__all__ = [
-    "MAX_MESSAGE_SIZE",
-    "DisconnectWatch",
-    "Outcome",
-    "forward_request",
-    "relay_stream",
-    "worker_url",
-]
+__all__ = ["Outcome", "relay_stream"]
 
 log = logging.getLogger(__name__)
 
-_JSON_HEADERS = {"Content-Type": "application/json"}
-
 
 class Outcome(enum.Enum):
-    """How a relayed stream ended."""
+    """How a relayed request ended."""
 
     COMPLETED = "completed"
     #: the worker could not be reached or failed before its first message
@@ -48,62 +40,6 @@ class Outcome(enum.Enum):
     ABORTED = "aborted"
 
 
-def worker_url(worker_name: str, path: str) -> str:
-    """The URL of ``path`` on a worker, whether or not its name ends with a slash."""
-    return worker_name.rstrip("/") + path
-
-
-class DisconnectWatch:
-    """Notices clients that vanished while their worker is silent, and ends relays on shutdown.
-
-    A client that disconnects is noticed on the next write, but a worker that is thinking,
-    queueing the request or hung writes nothing, and aiohttp does not cancel handlers by
-    default. One task checks every relay's client connection a few times a second and
-    stops the relays whose client is gone by dropping their connection to the worker, which
-    ends the relay at once whether or not the worker has started to answer.
-    """
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
-        # Keyed by id(): requests are mutable mappings, so not hashable.
-        self._relays: dict[int, tuple[web.BaseRequest, Callable[[], object]]] = {}
-
-    def add(self, request: web.BaseRequest, stop: Callable[[], object]) -> None:
-        """Watch ``request``'s client; ``stop`` ends its relay (replacing any earlier one)."""
-        self._relays[id(request)] = (request, stop)
-
-    def discard(self, request: web.BaseRequest) -> None:
-        self._relays.pop(id(request), None)
-
-    def sweep(self) -> int:
-        """Stop every relay whose client is gone; returns how many."""
-        stopped = 0
-        for key, (request, stop) in list(self._relays.items()):
-            if client_gone(request):
-                del self._relays[key]
-                stop()
-                stopped += 1
-        return stopped
-
-    def close_all(self) -> int:
-        """Stop every relay; streams end with the in-band error message."""
-        relays, self._relays = self._relays, {}
-        for _, stop in relays.values():
-            stop()
-        return len(relays)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            if self._relays:
-                self.sweep()
-
-
-def client_gone(request: web.BaseRequest) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def relay_stream(
     request: web.Request,
     worker_name: str,
@@ -113,7 +49,7 @@ async def relay_stream(
     read_timeout: float,
     error_code: int,
     watch: DisconnectWatch,
-    pool: Pool,
+    pool: Pool[Upstream],
 ) -> tuple[web.StreamResponse, Outcome]:
     """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
 
@@ -125,8 +61,11 @@ async def relay_stream(
         log.debug("worker %s has no http(s) address", worker_name)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
     fresh = False
+    loop = asyncio.get_running_loop()
     while True:
-        upstream = pool.acquire(target, read_timeout, fresh=fresh)
+        upstream = None if fresh else pool.acquire(target, read_timeout)
+        if upstream is None:
+            upstream = Upstream(loop, read_timeout, pool)
         upstream.start(target, body, connect_timeout)
         watch.add(request, upstream.stop)
         try:
@@ -155,19 +94,19 @@ async def _pump(
     response: web.StreamResponse | None = None
     writer: AbstractStreamWriter | None = None
     while True:
-        await upstream.waiter
-        upstream.waiter = asyncio.get_running_loop().create_future()
+        await upstream.wait()
         try:
-            if upstream.staged and response is None:
+            if upstream.has_staged and response is None:
                 response = web.StreamResponse()
                 if request.version >= aiohttp.HttpVersion11:
                     # Chunked framing, which the upstream then writes for each message.
                     response.enable_chunked_encoding()
                 writer = await response.prepare(request)
-                while upstream.staged:
-                    # Headers and the first messages leave in one write.
-                    staged, upstream.staged = upstream.staged, []
-                    await response.write(b"".join(staged))
+                # Headers and the first messages leave in one write.
+                staged = upstream.take_staged()
+                while staged:
+                    await response.write(staged)
+                    staged = upstream.take_staged()
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client gone")
@@ -207,33 +146,6 @@ async def _pump(
     except ConnectionResetError:
         return response, Outcome.CLIENT_GONE
     return response, outcome
-
-
-async def forward_request(
-    session: aiohttp.ClientSession,
-    worker_name: str,
-    path: str,
-    body: bytes,
-    *,
-    client_timeout: aiohttp.ClientTimeout,
-) -> bytes | None:
-    """POST ``body`` to ``path`` on a worker; its answer, or ``None`` if it failed.
-
-    Used for the worker endpoints that answer with one JSON document. Any answer but an
-    HTTP 200 counts as a failure, which the caller turns into an in-band error.
-    """
-    url = worker_url(worker_name, path)
-    try:
-        async with session.post(
-            url, data=body, headers=_JSON_HEADERS, timeout=client_timeout
-        ) as response:
-            if response.status != 200:
-                log.debug("worker %s answered %s with HTTP %d", worker_name, path, response.status)
-                return None
-            return await response.read()
-    except (aiohttp.ClientError, TimeoutError) as e:
-        log.debug("worker %s failed %s: %r", worker_name, path, e)
-        return None
 
 
 def _error_response(error_code: int) -> web.Response:

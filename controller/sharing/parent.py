@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .client import HeartbeatClient, HeartbeatConfig
-from .proxy import worker_url
-
-if TYPE_CHECKING:
-    from .app import Controller
+from ..client import HeartbeatClient, HeartbeatConfig
+from ..decisions.changes import MEMBERSHIP
+from ..decisions.registry import Registry
+from ..protocol import worker_url
+from ..relay.connections import WorkerConnections
 
 __all__ = ["ParentLink"]
 
@@ -35,75 +34,79 @@ class ParentLink:
 
     def __init__(
         self,
-        controller: Controller,
+        registry: Registry,
+        connections: WorkerConnections,
         parent_address: str,
         advertise_address: str,
         *,
         interval: float,
         goodbye_timeout: float = 2.0,
     ) -> None:
-        self.controller = controller
+        self.registry = registry
+        self.connections = connections
         self.parent_address = parent_address.rstrip("/")
         self.advertise_address = advertise_address.rstrip("/")
         self.interval = interval
         self.goodbye_timeout = goodbye_timeout
         self.client: HeartbeatClient | None = None
         self._offer: tuple[tuple[str, ...], float] | None = None
-        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._changed.set()
         self._task = asyncio.create_task(self._run(), name="fc-controller-parent-link")
 
-    def registry_changed(self) -> None:
-        self._changed.set()
-
     def queue_length(self) -> int:
-        return sum(w.queue_length for w in self.controller.registry)
+        return sum(w.load.queue_length for w in self.registry)
 
     def offer(self) -> tuple[tuple[str, ...], float]:
         """The models this controller serves now and their workers' summed speed."""
-        workers = list(self.controller.registry)
-        names = tuple(sorted({m for w in workers for m in w.model_names}))
-        return names, sum(w.speed for w in workers)
+        workers = list(self.registry)
+        names = tuple(sorted({m for w in workers for m in w.info.model_names}))
+        return names, sum(w.info.speed for w in workers)
 
     async def _run(self) -> None:
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            offer = self.offer()
-            if offer == self._offer:
-                continue
-            was_offering = self.client is not None
-            self._offer = offer
-            names, speed = offer
-            await self._stop_client()
-            if not names:
-                if was_offering:
-                    log.info("No live worker left: withdrawing from parent %s", self.parent_address)
-                    await self._goodbye()
-                continue
-            log.info(
-                "Offering models %s to parent controller %s as %s",
-                ", ".join(names),
-                self.parent_address,
-                self.advertise_address,
-            )
-            config = HeartbeatConfig(
-                controller_address=self.parent_address,
-                worker_address=self.advertise_address,
-                model_names=names,
-                speed=speed,
-                interval=self.interval,
-                # The link says goodbye itself, once, when the controller stops: swapping
-                # clients on a change must not withdraw from the parent in between.
-                unregister_on_close=False,
-            )
-            self.client = HeartbeatClient(
-                config, self.queue_length, session=self.controller.session
-            )
-            await self.client.start()
+        changes = self.registry.feed.subscribe(MEMBERSHIP)
+        try:
+            while True:
+                await self._follow()
+                await changes.wait()
+                # The offer is read from the registry itself, whatever the changes were.
+                changes.take()
+        finally:
+            changes.close()
+
+    async def _follow(self) -> None:
+        """Make the parent's view match what this controller offers now."""
+        offer = self.offer()
+        if offer == self._offer:
+            return
+        was_offering = self.client is not None
+        self._offer = offer
+        names, speed = offer
+        await self._stop_client()
+        if not names:
+            if was_offering:
+                log.info("No live worker left: withdrawing from parent %s", self.parent_address)
+                await self._goodbye()
+            return
+        log.info(
+            "Offering models %s to parent controller %s as %s",
+            ", ".join(names),
+            self.parent_address,
+            self.advertise_address,
+        )
+        config = HeartbeatConfig(
+            controller_address=self.parent_address,
+            worker_address=self.advertise_address,
+            model_names=names,
+            speed=speed,
+            interval=self.interval,
+            # The link says goodbye itself, once, when the controller stops: swapping
+            # clients on a change must not withdraw from the parent in between.
+            unregister_on_close=False,
+        )
+        self.client = HeartbeatClient(config, self.queue_length, session=self.connections.session)
+        await self.client.start()
 
     async def _stop_client(self) -> None:
         client, self.client = self.client, None
@@ -115,7 +118,7 @@ class ParentLink:
         body = {"worker_name": self.advertise_address}
         timeout = aiohttp.ClientTimeout(total=self.goodbye_timeout)
         try:
-            async with self.controller.session.post(url, json=body, timeout=timeout) as r:
+            async with self.connections.session.post(url, json=body, timeout=timeout) as r:
                 if r.status == 200:
                     log.info("Withdrew from parent controller %s", self.parent_address)
                 else:

@@ -1,7 +1,7 @@
 """Dispatch strategies: pure functions over the candidate workers of one model.
 
 Randomness comes from the ``random.Random`` passed in, so tests can seed it. Every strategy
-reads the same estimate of each worker's load (``WorkerInfo.queue_length``, kept close to
+reads the same estimate of each worker's load (``Worker.load.queue_length``, kept close to
 the truth between reports by the registry) and, for the time-based ones, its learned
 service time.
 """
@@ -12,7 +12,8 @@ import math
 import random
 from collections.abc import Sequence
 
-from .models import DispatchMethod, WorkerInfo
+from .models import DispatchMethod
+from .registry import Worker
 
 __all__ = [
     "choose",
@@ -38,42 +39,43 @@ RELAX_HALF_LIFE = 10.0
 _MIN_TOTAL_SPEED = 1e-4
 
 
-def shortest_queue(candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:
+def shortest_queue(candidates: Sequence[Worker]) -> Worker | None:
     """The worker with the smallest ``queue_length / speed``; ties go to the earliest.
 
     A worker reporting speed 0 (or less) can still serve, but only when no worker with a
     positive speed is left: it ranks after all of them, by queue length among themselves.
     """
-    best: WorkerInfo | None = None
+    best: Worker | None = None
     best_key = (math.inf, math.inf)
     for w in candidates:
-        key = (w.queue_length / w.speed, 0.0) if w.speed > 0 else (math.inf, w.queue_length)
+        queue, speed = w.load.queue_length, w.info.speed
+        key = (queue / speed, 0.0) if speed > 0 else (math.inf, queue)
         if best is None or key < best_key:
             best, best_key = w, key
     return best
 
 
-def lottery(candidates: Sequence[WorkerInfo], rng: random.Random) -> WorkerInfo | None:
+def lottery(candidates: Sequence[Worker], rng: random.Random) -> Worker | None:
     """A worker drawn with probability ``speed / sum(speeds)``; never one with speed 0."""
     total = 0.0
     for w in candidates:
-        if w.speed > 0:
-            total += w.speed
+        if w.info.speed > 0:
+            total += w.info.speed
     if total < _MIN_TOTAL_SPEED:
         return None
     point = rng.random() * total
-    last: WorkerInfo | None = None
+    last: Worker | None = None
     for w in candidates:
-        if w.speed > 0:
+        if w.info.speed > 0:
             last = w
-            point -= w.speed
+            point -= w.info.speed
             if point < 0:
                 return w
     # Rounding can leave a sliver past the last positive speed: it belongs to that worker.
     return last
 
 
-def prior_service_time(candidates: Sequence[WorkerInfo]) -> float | None:
+def prior_service_time(candidates: Sequence[Worker]) -> float | None:
     """What to assume for a worker without evidence: the speed-weighted mean of the others.
 
     A worker twice as fast by its reported ``speed`` is assumed to take half as long.
@@ -82,13 +84,13 @@ def prior_service_time(candidates: Sequence[WorkerInfo]) -> float | None:
     total = 0.0
     weight = 0.0
     for w in candidates:
-        if w.service_time is not None and w.speed > 0:
-            total += w.service_time * w.speed
+        if w.load.service_time is not None and w.info.speed > 0:
+            total += w.load.service_time * w.info.speed
             weight += 1
     return total / weight if weight else None
 
 
-def service_estimate(w: WorkerInfo, prior: float | None, now: float | None = None) -> float | None:
+def service_estimate(w: Worker, prior: float | None, now: float | None = None) -> float | None:
     """The time a request is expected to spend at ``w``, waiting for a slot aside.
 
     Its learned service time, else the ``prior`` scaled by its speed but never below what
@@ -100,14 +102,14 @@ def service_estimate(w: WorkerInfo, prior: float | None, now: float | None = Non
     shunned for good. Once it is within reach of the others it gets a request again and
     fresh evidence.
     """
-    expected_per_speed = prior / w.speed if prior is not None and w.speed > 0 else None
-    learned = w.service_time
+    expected_per_speed = prior / w.info.speed if prior is not None and w.info.speed > 0 else None
+    learned = w.load.service_time
     if learned is None:
         if expected_per_speed is not None:
-            return max(expected_per_speed, w.service_floor)
+            return max(expected_per_speed, w.load.service_floor)
         return None
     if expected_per_speed is not None and learned > expected_per_speed and now is not None:
-        idle = now - w.learned_at
+        idle = now - w.load.learned_at
         if idle > 0:
             decay = math.pow(0.5, idle / RELAX_HALF_LIFE)
             return expected_per_speed + (learned - expected_per_speed) * decay
@@ -115,7 +117,7 @@ def service_estimate(w: WorkerInfo, prior: float | None, now: float | None = Non
 
 
 def expected_time(
-    w: WorkerInfo, prior: float | None, slots: int | None = None, now: float | None = None
+    w: Worker, prior: float | None, slots: int | None = None, now: float | None = None
 ) -> float:
     """Expected time until a new request sent to ``w`` would finish, on one scale for all.
 
@@ -128,16 +130,16 @@ def expected_time(
     stands in (``1 / speed`` per request, or what the worker is known to take at least
     if that is more), which orders workers like ``shortest_queue``.
     """
-    if w.speed <= 0:
+    if w.info.speed <= 0:
         return math.inf
     per_request = service_estimate(w, prior, now)
     if per_request is None:
         # No time known anywhere: one scale for all, so a worker known to take at least
         # some time does not look better than one nothing is known of.
-        per_request = max(1.0 / w.speed, w.service_floor)
+        per_request = max(1.0 / w.info.speed, w.load.service_floor)
     if slots is None:
-        return per_request * (w.queue_length + 1)
-    return per_request * (1 + w.queue_length / slots)
+        return per_request * (w.load.queue_length + 1)
+    return per_request * (1 + w.load.queue_length / slots)
 
 
 def periods(queue_length: int, slots: int | None) -> int:
@@ -150,8 +152,8 @@ def periods(queue_length: int, slots: int | None) -> int:
 
 
 def least_time(
-    candidates: Sequence[WorkerInfo], slots: int | None = None, now: float | None = None
-) -> WorkerInfo | None:
+    candidates: Sequence[Worker], slots: int | None = None, now: float | None = None
+) -> Worker | None:
     """The worker expected to finish a new request first.
 
     Expected times within ``TIE_TOLERANCE`` of the best count as a tie, which goes to the
@@ -169,38 +171,40 @@ def least_time(
     expected: list[float] = []
     lowest = math.inf
     for w in candidates:
-        learned = w.service_time
+        load = w.load
+        learned = load.service_time
+        speed = w.info.speed
         if (
             per_slot is None
             or learned is None
-            or w.speed <= 0
-            or (prior is not None and learned * w.speed > prior)
+            or speed <= 0
+            or (prior is not None and learned * speed > prior)
         ):
             e = expected_time(w, prior, slots, now)
         else:
-            e = learned * (1 + w.queue_length * per_slot)
+            e = learned * (1 + load.queue_length * per_slot)
         expected.append(e)
         if e < lowest:
             lowest = e
     bound = lowest * (1 + TIE_TOLERANCE)
-    best: WorkerInfo | None = None
+    best: Worker | None = None
     best_queue = math.inf
     best_e = math.inf
     for w, e in zip(candidates, expected, strict=True):
         if e > bound:
             continue
-        queue = w.queue_length
+        queue = w.load.queue_length
         if best is None or queue < best_queue or (queue == best_queue and e < best_e):
             best, best_queue, best_e = w, queue, e
     return best
 
 
 def power_of_two(
-    candidates: Sequence[WorkerInfo],
+    candidates: Sequence[Worker],
     rng: random.Random,
     slots: int | None = None,
     now: float | None = None,
-) -> WorkerInfo | None:
+) -> Worker | None:
     """The better (by expected time) of two workers drawn at random.
 
     Constant work per decision whatever the fleet size, and nearly as good as looking at
@@ -216,11 +220,11 @@ def power_of_two(
 
 def choose(
     method: DispatchMethod,
-    candidates: Sequence[WorkerInfo],
+    candidates: Sequence[Worker],
     rng: random.Random,
     slots: int | None = None,
     now: float | None = None,
-) -> WorkerInfo | None:
+) -> Worker | None:
     """Apply ``method`` to ``candidates``; ``None`` when none can be picked.
 
     ``now`` (on the clock of the workers' ``learned_at``) lets old estimates relax.

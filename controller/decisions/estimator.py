@@ -1,62 +1,19 @@
-"""Value types shared by the registry, the dispatcher and the wire protocol."""
+"""The controller's estimate of one worker's load and of how long it takes per request.
+
+Pure bookkeeping, time passed in: what the worker last reported, what was dispatched to it
+since, what this controller saw end, and the service time learned from the order requests
+finish in. The registry owns one per registered worker; the router and the relay update it
+as they dispatch and as relays end.
+"""
 
 from __future__ import annotations
 
 import collections
-import enum
-import json
 import math
 
 import attrs
 
-__all__ = ["DispatchMethod", "ErrorProfile", "WorkerInfo", "WorkerStatus"]
-
-
-class DispatchMethod(enum.Enum):
-    """How ``/get_worker_address`` picks among the workers serving a model."""
-
-    SHORTEST_QUEUE = "shortest_queue"
-    LOTTERY = "lottery"
-    LEAST_TIME = "least_time"
-    POWER_OF_TWO = "power_of_two"
-
-    @classmethod
-    def from_str(cls, name: str) -> DispatchMethod:
-        """Parse FastChat's spelling (``shortest_queue`` or ``lottery``)."""
-        try:
-            return cls(name)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown dispatch method {name!r}; choose one of {choices}") from None
-
-
-@attrs.frozen
-class ErrorProfile:
-    """The in-band error codes a deployment's clients understand.
-
-    FastChat's clients know 50005/50006; TinyChat's know 2 (no worker) and 3 (worker error).
-    """
-
-    no_worker: int = 50005
-    worker_error: int = 50006
-
-    @classmethod
-    def fastchat(cls) -> ErrorProfile:
-        return cls(50005, 50006)
-
-    @classmethod
-    def tinychat(cls) -> ErrorProfile:
-        return cls(2, 3)
-
-
-@attrs.frozen
-class WorkerStatus:
-    """What a worker says about itself in a registration or a ``/worker_get_status`` answer."""
-
-    model_names: tuple[str, ...]
-    speed: float
-    queue_length: int
-
+__all__ = ["LoadEstimate"]
 
 #: weight of a new observation in a worker's learned service time
 SERVICE_TIME_SMOOTHING = 0.25
@@ -71,8 +28,8 @@ IN_TRANSIT = 0.05
 
 
 @attrs.define(eq=False, slots=True)
-class WorkerInfo:
-    """One registered worker and the controller's view of its load.
+class LoadEstimate:
+    """One worker's load as dispatch sees it, and its learned service time.
 
     ``queue_length`` is the number the dispatcher uses: what the worker last reported, plus
     what was dispatched to it since that report, minus the requests this controller relayed
@@ -82,12 +39,6 @@ class WorkerInfo:
     beside it say how it was reached.
     """
 
-    name: str
-    model_names: tuple[str, ...]
-    speed: float
-    check_heart_beat: bool
-    multimodal: bool
-    last_heart_beat: float
     queue_length: int = 0
     reported_queue_length: int = 0
     dispatched_since_report: int = 0
@@ -117,24 +68,8 @@ class WorkerInfo:
     reported_to_retire: int = 0
     reported_retired: int = 0
     reported_rounds: int = 1
-    #: incremented by every registration of this name; lets an operation that awaited
-    #: (a refresh probe) tell whether the entry it looked at is still the current one
-    generation: int = 0
-    #: streams this controller is relaying to the worker right now
+    #: requests this controller is relaying to the worker right now
     active_streams: int = 0
-    #: relayed requests that failed in a row (reset by one that succeeds)
-    consecutive_failures: int = 0
-    #: the worker is out of rotation until this time (the registry's clock)
-    ejected_until: float = 0.0
-    #: the ``/get_worker_address`` answer naming this worker, encoded once
-    address_body: bytes = attrs.field(init=False)
-    #: load polls of this worker wait until then (backs off after failed polls)
-    next_poll_at: float = 0.0
-    poll_failures: int = 0
-
-    @address_body.default
-    def _encode_address(self) -> bytes:
-        return json.dumps({"address": self.name}).encode()
 
     def report(self, queue_length: int, now: float, slots: int | None = None) -> None:
         """Take a fresh queue length from the worker; it includes everything before it.
@@ -167,7 +102,6 @@ class WorkerInfo:
         self.ended_since_report = 0
         self.retire_at = None
         self.reported_at = now
-        self.last_heart_beat = now
         # The reported requests finish too, one service time from now at the latest: left
         # counted until the next report, a stale report doubles the estimate of a busy
         # worker. The streams this controller relays end by themselves and are left out.
@@ -315,6 +249,3 @@ class WorkerInfo:
         self.ended_since_report += 1
         if self.queue_length > 0:
             self.queue_length -= 1
-
-    def status(self) -> WorkerStatus:
-        return WorkerStatus(self.model_names, self.speed, self.queue_length)

@@ -1,0 +1,363 @@
+"""The registry of workers, and the one place where it changes.
+
+Every change to which workers exist, what they serve and when they last showed life goes
+through a :class:`Registry` method, which applies it and appends it to the
+:class:`~controller.decisions.changes.ChangeFeed`. Nothing here awaits or does I/O, so each
+method runs to completion on the event loop without interleaving; time is injected.
+Operations that await between reading and writing (probe a worker, then record what it
+said) pass the ``generation`` they saw, so a registration that happened meanwhile is never
+overwritten (see :mod:`controller.upkeep.probing` for the lock that orders them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Container, Iterator
+
+import attrs
+
+from .changes import ChangeFeed, ChangeKind
+from .estimator import LoadEstimate
+from .models import WorkerInfo, WorkerStatus
+
+__all__ = ["Clock", "Registry", "Worker"]
+
+Clock = Callable[[], float]
+
+
+@attrs.define(eq=False, slots=True)
+class Worker:
+    """One registry entry: a worker's registration, liveness, load estimate and health.
+
+    Only the registry changes ``info``, ``last_heart_beat``, ``generation`` and
+    ``version``. ``load`` is bookkeeping the router and the relay update as they dispatch;
+    the health fields are the relay's passive health checks (through the registry's
+    ``record_failure``/``record_success``); the poll fields belong to the load poller.
+    """
+
+    info: WorkerInfo
+    last_heart_beat: float
+    load: LoadEstimate = attrs.field(factory=LoadEstimate)
+    #: incremented by every registration of this name; lets an operation that awaited
+    #: (a refresh probe) tell whether the entry it looked at is still the current one
+    generation: int = 0
+    #: the version of the last change to this entry (see ``Change.version``)
+    version: int = 0
+    #: relayed requests that failed in a row (reset by one that succeeds)
+    consecutive_failures: int = 0
+    #: the worker is out of rotation until this time (the registry's clock)
+    ejected_until: float = 0.0
+    #: load polls of this worker wait until then (backs off after failed polls)
+    next_poll_at: float = 0.0
+    poll_failures: int = 0
+    #: the ``/get_worker_address`` answer naming this worker, encoded once
+    address_body: bytes = attrs.field(init=False)
+
+    @address_body.default
+    def _encode_address(self) -> bytes:
+        return json.dumps({"address": self.info.name}).encode()
+
+    # Read-only views for readers (handlers, embedding hosts, tests); hot paths read
+    # ``info`` and ``load`` directly.
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.info.model_names
+
+    @property
+    def speed(self) -> float:
+        return self.info.speed
+
+    @property
+    def multimodal(self) -> bool:
+        return self.info.multimodal
+
+    @property
+    def check_heart_beat(self) -> bool:
+        return self.info.check_heart_beat
+
+    @property
+    def queue_length(self) -> int:
+        return self.load.queue_length
+
+    @property
+    def service_time(self) -> float | None:
+        return self.load.service_time
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(self.info.model_names, self.info.speed, self.load.queue_length)
+
+
+class Registry:
+    """Registered workers by name, with an index from model name to the workers serving it.
+
+    Both the name map and each model's list keep registration order, which is the order
+    dispatch ties are broken in. A worker registered with ``check_heart_beat`` whose last
+    heartbeat is older than ``expiration`` is invisible to every query from that instant,
+    whether or not :meth:`expire` has removed it yet.
+    """
+
+    #: after this many failed relays in a row a worker is an outlier: only its ejection
+    #: running out brings it back, not a heartbeat or a successful probe
+    OUTLIER_FAILURES = 3
+
+    def __init__(
+        self,
+        expiration: float,
+        clock: Clock = time.monotonic,
+        *,
+        ejection_base: float = 5.0,
+        ejection_max: float = 300.0,
+        worker_slots: int | None = None,
+        feed: ChangeFeed | None = None,
+    ) -> None:
+        self.expiration = expiration
+        #: how many requests each worker runs at once (None: one at a time)
+        self.worker_slots = worker_slots
+        self.clock = clock
+        self.ejection_base = ejection_base
+        self.ejection_max = ejection_max
+        #: every change, in order, for listeners (see :mod:`controller.decisions.changes`)
+        self.feed = feed if feed is not None else ChangeFeed()
+        #: called with a worker and the reason when it is back in rotation early
+        self.on_back_in_rotation: Callable[[Worker, str], None] | None = None
+        self._workers: dict[str, Worker] = {}
+        # The workers that can expire, so the sweep does not visit the others (a fleet of
+        # manual registrations or child controllers would otherwise cost a scan a second).
+        self._expiring: dict[str, Worker] = {}
+        self._by_model: dict[str, list[Worker]] = {}
+
+    # -- queries -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self) -> Iterator[Worker]:
+        """Iterate over a snapshot of the live workers, in registration order."""
+        now = self.clock()
+        return iter([w for w in self._workers.values() if not self._expired(w, now)])
+
+    def get(self, name: str) -> Worker | None:
+        """The live entry for ``name``, or ``None``."""
+        worker = self._workers.get(name)
+        if worker is None or self._expired(worker, self.clock()):
+            return None
+        return worker
+
+    def candidates(self, model: str, exclude: Container[str] = ()) -> list[Worker]:
+        """The live workers in rotation serving ``model``, in registration order.
+
+        Workers ejected after failures are left out, unless all of them are.
+        """
+        serving = self._by_model.get(model)
+        if not serving:
+            return []
+        now = self.clock()
+        cutoff = now - self.expiration
+        # One pass: this runs on every dispatch.
+        in_rotation: list[Worker] = []
+        ejected: list[Worker] = []
+        for w in serving:
+            info = w.info
+            if (info.check_heart_beat and w.last_heart_beat < cutoff) or (
+                exclude and info.name in exclude
+            ):
+                continue
+            load = w.load
+            if load.retiring:
+                load.retire(now)
+            if w.ejected_until > now:
+                ejected.append(w)
+            else:
+                in_rotation.append(w)
+        # When every live worker is ejected, trying them beats certain failure: one may
+        # have recovered (Envoy calls this panic routing).
+        return in_rotation or ejected
+
+    def model_names(self, multimodal: bool | None = None) -> list[str]:
+        """Sorted union of the models of live workers; ``multimodal`` filters by kind."""
+        names: set[str] = set()
+        for w in self:
+            if multimodal is None or w.info.multimodal == multimodal:
+                names.update(w.info.model_names)
+        return sorted(names)
+
+    # -- changes: each one is applied here and appended to the feed ----------------------
+
+    def register(
+        self,
+        info: WorkerInfo,
+        queue_length: int,
+        *,
+        last_heart_beat: float | None = None,
+    ) -> tuple[Worker, bool]:
+        """Add a worker or replace what is known of it; returns the entry and whether it is new.
+
+        A replaced entry keeps its identity and place in line, so streams already relayed to
+        it still settle their count on it when they end. ``last_heart_beat`` (on the
+        registry's clock) is for entries restored from a saved state; it defaults to now.
+        """
+        now = self.clock()
+        name = info.name
+        worker = self._workers.get(name)
+        is_new = worker is None or self._expired(worker, now)
+        if worker is None:
+            worker = Worker(info, now)
+            self._workers[name] = worker
+            self._index(worker, info.model_names)
+        else:
+            self._set_info(worker, info)
+        # A registration is a fresh start, failures included.
+        worker.consecutive_failures = 0
+        worker.ejected_until = 0.0
+        worker.generation += 1
+        if info.check_heart_beat:
+            self._expiring[name] = worker
+        else:
+            self._expiring.pop(name, None)
+        worker.load.report(queue_length, now, self.worker_slots)
+        worker.last_heart_beat = now if last_heart_beat is None else last_heart_beat
+        reason = "registered" if last_heart_beat is None else "restored"
+        self._record(worker, ChangeKind.REGISTERED, queue_length, now, reason)
+        return worker, is_new
+
+    def heartbeat(self, name: str, queue_length: int) -> bool:
+        """Record a heartbeat; ``False`` when the worker is unknown or has already expired.
+
+        An expired worker is forgotten here rather than revived: it must register again and
+        tell the controller what it serves now.
+        """
+        worker = self._workers.get(name)
+        if worker is None:
+            return False
+        now = self.clock()
+        if self._expired(worker, now):
+            self._drop(worker, "expired")
+            return False
+        worker.load.report(queue_length, now, self.worker_slots)
+        worker.last_heart_beat = now
+        self._record(worker, ChangeKind.HEARTBEAT, queue_length, now)
+        if worker.ejected_until:
+            self._shows_life(worker, "it sent a heartbeat")
+        return True
+
+    def update(self, worker: Worker, generation: int, status: WorkerStatus) -> bool:
+        """Apply what a status probe found unless the worker re-registered or left meanwhile."""
+        if not self._is_current(worker, generation):
+            return False
+        now = self.clock()
+        info = worker.info
+        changed = status.model_names != info.model_names or status.speed != info.speed
+        if changed:
+            self._set_info(
+                worker, attrs.evolve(info, model_names=status.model_names, speed=status.speed)
+            )
+        worker.load.report(status.queue_length, now, self.worker_slots)
+        worker.last_heart_beat = now
+        kind = ChangeKind.UPDATED if changed else ChangeKind.LOAD
+        self._record(worker, kind, status.queue_length, now)
+        if worker.ejected_until:
+            self._shows_life(worker, "it answered a status probe")
+        return True
+
+    def remove(self, name: str) -> Worker | None:
+        """Forget a worker that said it is leaving; returns the entry removed, if any."""
+        worker = self._workers.get(name)
+        if worker is not None:
+            self._drop(worker, "unregistered")
+        return worker
+
+    def remove_if_current(self, worker: Worker, generation: int) -> bool:
+        """Remove a worker whose probe failed, unless it re-registered or left meanwhile."""
+        if not self._is_current(worker, generation):
+            return False
+        self._drop(worker, "unreachable")
+        return True
+
+    def expire(self) -> list[tuple[Worker, float]]:
+        """Remove every expired worker; returns each with how long it had been silent."""
+        now = self.clock()
+        gone = [w for w in self._expiring.values() if self._expired(w, now)]
+        for w in gone:
+            self._drop(w, "expired")
+        return [(w, now - w.last_heart_beat) for w in gone]
+
+    # -- health (local to this controller, not part of the feed) -------------------------
+
+    def record_failure(self, worker: Worker) -> float:
+        """Take a worker out of rotation after a relayed request failed; returns for how long.
+
+        The ejection doubles with each failure in a row, from ``ejection_base`` up to
+        ``ejection_max``.
+        """
+        worker.consecutive_failures += 1
+        doublings = min(worker.consecutive_failures - 1, 30)
+        duration = min(self.ejection_base * (1 << doublings), self.ejection_max)
+        worker.ejected_until = self.clock() + duration
+        return duration
+
+    def record_success(self, worker: Worker) -> int:
+        """A relayed request succeeded; returns how many failures in a row it ends."""
+        failures = worker.consecutive_failures
+        if failures:
+            worker.consecutive_failures = 0
+            worker.ejected_until = 0.0
+        return failures
+
+    def is_ejected(self, worker: Worker) -> bool:
+        return worker.ejected_until > self.clock()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _record(
+        self, worker: Worker, kind: ChangeKind, queue_length: int, now: float, reason: str = ""
+    ) -> None:
+        worker.version = self.feed.append(kind, worker.info, queue_length, now, reason).version
+
+    def _shows_life(self, worker: Worker, how: str) -> None:
+        # A worker that failed once or twice is back as soon as it shows it is alive; an
+        # outlier waits out its ejection whatever it says.
+        if worker.consecutive_failures >= self.OUTLIER_FAILURES:
+            return
+        still_out = worker.ejected_until > self.clock()
+        worker.ejected_until = 0.0
+        if still_out and self.on_back_in_rotation is not None:
+            self.on_back_in_rotation(worker, how)
+
+    def _expired(self, worker: Worker, now: float) -> bool:
+        return worker.info.check_heart_beat and now - worker.last_heart_beat > self.expiration
+
+    def _drop(self, worker: Worker, reason: str) -> None:
+        name = worker.info.name
+        del self._workers[name]
+        self._expiring.pop(name, None)
+        self._unindex(worker)
+        self._record(worker, ChangeKind.REMOVED, 0, self.clock(), reason)
+
+    def _is_current(self, worker: Worker, generation: int) -> bool:
+        return self._workers.get(worker.info.name) is worker and worker.generation == generation
+
+    def _set_info(self, worker: Worker, info: WorkerInfo) -> None:
+        """Give ``worker`` a new registration, re-indexing it if it serves other models."""
+        if info.model_names != worker.info.model_names:
+            self._unindex(worker)
+            self._index(worker, info.model_names)
+        worker.info = info
+
+    def _index(self, worker: Worker, model_names: tuple[str, ...]) -> None:
+        for model in model_names:
+            self._by_model.setdefault(model, []).append(worker)
+
+    def _unindex(self, worker: Worker) -> None:
+        for model in worker.info.model_names:
+            serving = self._by_model.get(model)
+            if serving is None:
+                continue
+            serving[:] = [w for w in serving if w is not worker]
+            if not serving:
+                del self._by_model[model]

@@ -1,0 +1,1 @@
+"""The HTTP edge: routes and handlers; where requests enter and answers leave."""

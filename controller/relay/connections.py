@@ -1,0 +1,67 @@
+"""The controller's connections to workers: one aiohttp session and the relay's own pool."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from ..errors import NotRunningError
+from .pool import Pool
+from .upstream import Upstream
+
+__all__ = ["WorkerConnections"]
+
+
+class WorkerConnections:
+    """Opened when the controller starts and closed when it stops.
+
+    The aiohttp ``session`` carries status probes, load polls, single-document relays and
+    the parent link; the ``pool`` keeps the relay's kept-alive stream connections. Its
+    ``clock`` ages idle connections (injected so tests need not wait).
+    """
+
+    def __init__(
+        self, timeout: aiohttp.ClientTimeout, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._timeout = timeout
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool[Upstream] | None = None
+
+    def open(self) -> None:
+        """Create the session and the pool (on the running loop)."""
+        asyncio.get_running_loop()  # fail early outside a loop, as aiohttp would later
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False
+        )
+        self._pool = Pool(self._clock)
+
+    async def close(self) -> None:
+        """Close every connection. Idempotent."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise NotRunningError("the controller is not running: start() or serve() it first")
+        return self._session
+
+    @property
+    def pool(self) -> Pool[Upstream]:
+        """Kept-alive connections to workers for relayed streams."""
+        if self._pool is None:
+            raise NotRunningError("the controller is not running: start() or serve() it first")
+        return self._pool

@@ -1,0 +1,240 @@
+"""Relay orchestration: choose a worker, relay, fail over before the first byte, settle.
+
+Every relayed request (a stream, or a call answered by one JSON document) runs through
+:meth:`Relay.attempts`: it asks the router for a worker, runs one attempt on it, counts the
+attempt against the worker's load while it runs, learns the worker's service time from a
+completed generation, and settles the worker's passive health from how the attempt ended.
+A worker that fails before anything reached the client is replaced by another, up to
+``stream_attempts`` workers in all, so the client sees no error while a healthy one exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from .. import protocol
+from ..config import ControllerConfig
+from ..decisions import dispatch
+from ..decisions.registry import Worker
+from ..decisions.routing import Router
+from .connections import WorkerConnections
+from .forward import forward_request
+from .stream import Outcome, relay_stream
+from .watch import DisconnectWatch
+
+__all__ = ["Relay"]
+
+log = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=web.StreamResponse)
+
+# Paths whose completed relays say how long a generation takes at a worker.
+_GENERATION_PATHS = frozenset({"/worker_generate_stream", "/worker_generate"})
+
+
+class Relay:
+    """Relays requests to the workers the router picks, and drains them on shutdown."""
+
+    def __init__(
+        self, config: ControllerConfig, router: Router, connections: WorkerConnections
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.registry = router.registry
+        self.connections = connections
+        self.watch = DisconnectWatch()
+        #: relayed requests (streams and single calls) in progress, for draining
+        self.in_flight = 0
+        self._none_in_flight = asyncio.Event()
+        self._none_in_flight.set()
+        # No total: a long generation that keeps producing must never be cut.
+        self._forward_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.status_probe_timeout,
+            sock_read=config.worker_api_timeout,
+        )
+
+    async def generate_stream(
+        self, request: web.Request, body: bytes, model: str, affinity: str | None = None
+    ) -> web.StreamResponse:
+        """Relay a generation to a worker serving ``model``; errors travel in-band."""
+        cfg = self.config
+        error_code = cfg.error_profile.worker_error
+
+        async def attempt(worker: Worker) -> tuple[web.StreamResponse, Outcome]:
+            load = worker.load
+            load.active_streams += 1
+            try:
+                return await relay_stream(
+                    request,
+                    worker.info.name,
+                    body,
+                    connect_timeout=cfg.status_probe_timeout,
+                    read_timeout=cfg.worker_api_timeout,
+                    error_code=error_code,
+                    watch=self.watch,
+                    pool=self.connections.pool,
+                )
+            finally:
+                load.active_streams -= 1
+
+        no_worker = cfg.error_profile.no_worker
+        return await self.attempts(
+            model,
+            "/worker_generate_stream",
+            attempt,
+            lambda: web.Response(body=protocol.stream_error(no_worker)),
+            count=True,
+            affinity=affinity,
+        )
+
+    async def forward(
+        self, path: str, body: bytes, model: str, *, count: bool, affinity: str | None = None
+    ) -> web.Response:
+        """Relay a worker call answered by one JSON document to a worker serving ``model``.
+
+        This is what lets clients treat this controller as a worker (hierarchical mode).
+        ``count`` says whether the call occupies the worker like a generation does. Failures
+        come back as a worker-shaped error document with HTTP 200, as workers send them.
+        """
+        profile = self.config.error_profile
+
+        async def attempt(worker: Worker) -> tuple[web.Response, Outcome]:
+            answer = await forward_request(
+                self.connections.session,
+                worker.info.name,
+                path,
+                body,
+                client_timeout=self._forward_timeout,
+            )
+            if answer is None:
+                error = protocol.error_message(profile.worker_error)
+                return _json_response(error), Outcome.FAILED_BEFORE_START
+            return _json_response(answer), Outcome.COMPLETED
+
+        return await self.attempts(
+            model,
+            path,
+            attempt,
+            lambda: _json_response(protocol.error_message(profile.no_worker)),
+            count=count,
+            affinity=affinity,
+        )
+
+    async def attempts(
+        self,
+        model: str,
+        path: str,
+        attempt: Callable[[Worker], Awaitable[tuple[_R, Outcome]]],
+        no_worker: Callable[[], _R],
+        *,
+        count: bool,
+        affinity: str | None = None,
+    ) -> _R:
+        """Run ``attempt`` on workers serving ``model`` until one gets past its first byte.
+
+        Every attempt is counted against its worker's queue while it runs (when ``count``)
+        and settles the worker's health when it ends; a cancelled attempt settles neither
+        health nor anything but the count.
+        """
+        self.in_flight += 1
+        self._none_in_flight.clear()
+        try:
+            return await self._attempts(
+                model, path, attempt, no_worker, count=count, affinity=affinity
+            )
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._none_in_flight.set()
+
+    async def drain(self) -> None:
+        """Let relays in flight finish, up to ``drain_timeout``; end the rest in-band."""
+        if not self.in_flight:
+            return
+        limit = self.config.drain_timeout
+        log.info("Draining %d relayed request(s) for up to %g s", self.in_flight, limit)
+        try:
+            await asyncio.wait_for(self._none_in_flight.wait(), limit)
+        except TimeoutError:
+            cut = self.watch.close_all()
+            log.warning("Drain timeout: ending %d stream(s) with an in-band error", cut)
+
+    async def _attempts(
+        self,
+        model: str,
+        path: str,
+        attempt: Callable[[Worker], Awaitable[tuple[_R, Outcome]]],
+        no_worker: Callable[[], _R],
+        *,
+        count: bool,
+        affinity: str | None,
+    ) -> _R:
+        tried: list[str] = []
+        answer: _R | None = None
+        learns = path in _GENERATION_PATHS
+        clock = self.registry.clock
+        slots = self.config.worker_slots
+        for _ in range(self.config.stream_attempts):
+            worker = self.router.dispatch(model, count=count, exclude=tried, affinity=affinity)
+            if worker is None:
+                break
+            load = worker.load
+            started = clock()
+            # Service times it was expected to take (more if it had to wait for a slot):
+            # the wait is counted from the queue length, not learned as slowness.
+            periods = dispatch.periods(load.queue_length - 1, slots) if count else 1
+            try:
+                answer, outcome = await attempt(worker)
+            finally:
+                if count:
+                    load.stream_ended()
+            if learns and outcome is Outcome.COMPLETED:
+                now = clock()
+                load.learn_service_time((now - started) / periods, now)
+            self._settle(worker, outcome, path)
+            if outcome is not Outcome.FAILED_BEFORE_START:
+                return answer
+            tried.append(worker.info.name)
+        if answer is None:
+            log.debug("no worker for model %r (%s)", model, path)
+            return no_worker()
+        # Every worker tried failed before its first byte: the last one's in-band error.
+        return answer
+
+    def _settle(self, worker: Worker, outcome: Outcome, path: str) -> None:
+        """Update a worker's health from how a relayed request ended; log state changes."""
+        registry = self.registry
+        if outcome is Outcome.COMPLETED:
+            failures = registry.record_success(worker)
+            if failures:
+                log.info(
+                    "Worker %s is back in rotation: a request succeeded after %d failures",
+                    worker.info.name,
+                    failures,
+                )
+        elif outcome is Outcome.FAILED_BEFORE_START or outcome is Outcome.FAILED_MIDSTREAM:
+            if registry.is_ejected(worker):
+                # Part of the incident that ejected it (streams that were running on it
+                # then, or tried on it because every worker is out): counting each would
+                # make one crash with many streams in flight an outlier out for minutes.
+                return
+            duration = registry.record_failure(worker)
+            log.warning(
+                "Worker %s failed %s (%s); out of rotation for %g s (%d failures in a row)",
+                worker.info.name,
+                path,
+                outcome.value.replace("_", " "),
+                duration,
+                worker.consecutive_failures,
+            )
+
+
+def _json_response(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")

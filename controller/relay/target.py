@@ -1,0 +1,74 @@
+"""Where a worker's endpoint is: its address parsed once, and its host name resolved."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from urllib.parse import urlsplit
+
+__all__ = ["DNS_TTL", "Target", "parse_target"]
+
+#: how long a resolved host name is reused
+DNS_TTL = 10.0
+
+
+class Target:
+    """Where a worker's stream endpoint is: parsed once per worker name."""
+
+    __slots__ = ("_addresses", "_resolved_at", "host", "host_header", "key", "path", "port", "ssl")
+
+    def __init__(self, host: str, port: int, tls: bool, path: str, host_header: str) -> None:
+        self.host = host
+        self.port = port
+        self.ssl = tls
+        self.path = path
+        self.host_header = host_header
+        #: connections to the same address are shared between workers' names and paths
+        self.key = (host, port, tls)
+        self._addresses: list[str] = []
+        self._resolved_at = -DNS_TTL
+
+    def request_head(self, body_length: int) -> bytes:
+        return (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {body_length}\r\n\r\n"
+        ).encode("latin-1")
+
+    async def addresses(self, loop: asyncio.AbstractEventLoop) -> list[str]:
+        """The host's addresses, resolved off the loop and cached for ``DNS_TTL`` seconds."""
+        if _is_ip(self.host):
+            return [self.host]
+        now = time.monotonic()
+        if not self._addresses or now - self._resolved_at > DNS_TTL:
+            infos = await loop.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            found: list[str] = []
+            for *_, sockaddr in infos:
+                address = str(sockaddr[0])
+                if address not in found:
+                    found.append(address)
+            self._addresses, self._resolved_at = found, now
+        return self._addresses
+
+
+def parse_target(worker_name: str, path: str) -> Target | None:
+    """The :class:`Target` for ``path`` on a worker, or ``None`` if its name is no URL."""
+    try:
+        parts = urlsplit(worker_name.rstrip("/"))
+        tls = parts.scheme == "https"
+        if (tls or parts.scheme == "http") and parts.hostname:
+            port = parts.port or (443 if tls else 80)
+            return Target(parts.hostname, port, tls, parts.path + path, parts.netloc)
+    except ValueError:  # a port out of range, say
+        pass
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,347 @@
+"""The Controller's lifecycle: it owns the configuration, the registry, the connections to
+workers and the background tasks, wires the parts together, and runs either inside a host
+aiohttp application or on its own listening socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Generator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import ControllerConfig
+from .decisions.registry import Clock, Registry, Worker
+from .decisions.routing import Router
+from .edge.handlers import add_routes
+from .errors import ConfigError, NotRunningError
+from .relay.connections import WorkerConnections
+from .relay.failover import Relay
+from .relay.pool import Pool
+from .relay.upstream import Upstream
+from .sharing.parent import ParentLink
+from .sharing.state import StateFile
+from .upkeep.expiry import expire_now, sweep_forever
+from .upkeep.probing import Prober
+
+__all__ = ["CONTROLLER_KEY", "Controller"]
+
+log = logging.getLogger(__name__)
+
+# What aiohttp still waits for after the drain: requests that are not relays.
+SHUTDOWN_TIMEOUT = 2.0
+
+
+class Controller:
+    """A FastChat-compatible controller.
+
+    Three ways to run one:
+
+    * inside a host application that has not started yet::
+
+          controller = await Controller.start(app, config)
+
+      The host's runner serves the controller's routes; its background work starts and
+      stops with the host application.
+    * standalone, from async code::
+
+          async with Controller.serve(config) as controller:
+              print(controller.url)
+
+      or ``controller = await Controller.serve(config)`` and later
+      ``await controller.aclose()``.
+    * from the command line: ``fc-controller`` (see ``controller.cli``).
+
+    ``clock`` (monotonic seconds), ``wall_clock`` (seconds since the epoch, used for the
+    state file and the decision log) and ``rng`` are injectable so tests can drive time and
+    dispatch randomness.
+
+    The parts, each reachable as an attribute: ``registry`` (the workers, the one place
+    where they change, and its change feed), ``router`` (which worker gets a request),
+    ``relay`` (forwarding requests to workers, failover, draining), ``prober`` (status
+    probes, refresh, load polls) and ``connections`` (the session and pool to workers).
+    """
+
+    def __init__(
+        self,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        self.config = cfg = config if config is not None else ControllerConfig()
+        self.wall_clock = wall_clock
+        self.registry = Registry(
+            cfg.heart_beat_expiration,
+            clock,
+            ejection_base=cfg.ejection_base,
+            ejection_max=cfg.ejection_max,
+            worker_slots=cfg.worker_slots,
+        )
+        self.registry.on_back_in_rotation = _log_back_in_rotation
+        self.router = Router(
+            self.registry,
+            cfg.dispatch_method,
+            rng=rng,
+            wall_clock=wall_clock,
+            decision_log_size=cfg.decision_log_size,
+        )
+        # No total: a long generation that keeps producing must never be cut.
+        stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.status_probe_timeout, sock_read=cfg.worker_api_timeout
+        )
+        self.connections = WorkerConnections(stream_timeout, clock)
+        self.relay = Relay(cfg, self.router, self.connections)
+        self.prober = Prober(cfg, self.registry, self.connections)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        #: attached to a host application (True) or serving on its own (False)
+        self._embedded = True
+        self._parent: ParentLink | None = None
+        self._state: StateFile | None = None
+
+    # -- ways to run -----------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        app: web.Application,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        wall_clock: Clock = time.time,
+    ) -> Controller:
+        """Attach a new controller to ``app``, which must not have started yet."""
+        controller = cls(config, clock=clock, rng=rng, wall_clock=wall_clock)
+        controller.attach(app)
+        return controller
+
+    def attach(self, app: web.Application) -> None:
+        """Add the routes and the background work to ``app`` (before it starts)."""
+        cfg = self.config
+        if cfg.parent_controller is not None and cfg.advertise_address is None:
+            # The host's runner listens, so only the host knows the address.
+            raise ConfigError(
+                "an embedded controller with parent_controller needs advertise_address: "
+                "the URL the parent reaches this application at"
+            )
+        self._attach(app, embedded=True)
+
+    @classmethod
+    def serve(
+        cls,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        wall_clock: Clock = time.time,
+    ) -> _Serving:
+        """Run a controller on its own listening socket.
+
+        Await the result for a running controller, or use it with ``async with``.
+        """
+        return _Serving(cls(config, clock=clock, rng=rng, wall_clock=wall_clock))
+
+    async def aclose(self) -> None:
+        """Stop serving (if standalone), end background tasks and close the connections.
+
+        Idempotent. For a controller attached to a host application, the host's cleanup does
+        this; calling it earlier stops the controller's background work only.
+        """
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        await self._close()
+
+    async def __aenter__(self) -> Controller:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- what a running controller offers ----------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.connections.is_open
+
+    @property
+    def url(self) -> str:
+        """The base URL a standalone controller listens on (the real port if 0 was asked)."""
+        if self._runner is None:
+            raise NotRunningError("url is known only for a controller started with serve()")
+        port = self.config.port
+        for address in self._runner.addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                port = address[1]
+                break
+        host = self.config.host or "0.0.0.0"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.config.scheme}://{host}:{port}"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client session to workers (status probes, polls, single-document calls)."""
+        return self.connections.session
+
+    @property
+    def pool(self) -> Pool[Upstream]:
+        """Kept-alive connections to workers for relayed streams."""
+        return self.connections.pool
+
+    def expire_now(self) -> list[Worker]:
+        """Remove expired workers now and log each; the background sweep calls this too."""
+        return expire_now(self.registry)
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def _attach(self, app: web.Application, *, embedded: bool) -> None:
+        if app.frozen:
+            raise RuntimeError("attach the controller before the application starts")
+        if CONTROLLER_KEY in app:
+            raise RuntimeError("this application already has a controller")
+        self._embedded = embedded
+        app[CONTROLLER_KEY] = self
+        add_routes(
+            app, registry=self.registry, router=self.router, relay=self.relay, prober=self.prober
+        )
+        app.cleanup_ctx.append(self._app_context)
+        app.on_shutdown.append(self._drain)
+
+    async def _serve(self) -> Controller:
+        cfg = self.config
+        app = web.Application(client_max_size=cfg.max_body_size, handler_args={"access_log": None})
+        self._attach(app, embedded=False)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, cfg.host, cfg.port, ssl_context=self._ssl_context(), reuse_address=True
+            )
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        # Standalone: the parent link starts once the (possibly OS-chosen) port is known.
+        if cfg.parent_controller is not None:
+            self._start_parent_link(cfg.advertise_address or self.url)
+        return self
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if cfg.ssl_certfile is None or cfg.ssl_keyfile is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+        return context
+
+    async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
+        self._open()
+        try:
+            yield
+        finally:
+            await self._close()
+
+    def _open(self) -> None:
+        cfg = self.config
+        self.connections.open()
+        self._spawn(sweep_forever(self.registry, self.connections, cfg.sweep_interval), "expiry")
+        self._spawn(self.relay.watch.run(), "disconnect-watch")
+        if cfg.load_poll_interval > 0:
+            self._spawn(self.prober.poll_load_forever(), "load-poll")
+        if self._embedded and cfg.advertise_address is not None:
+            # attach() made sure a child embedded in a host has an address to advertise.
+            self._start_parent_link(cfg.advertise_address)
+        if cfg.state_file is not None:
+            self._state = StateFile(cfg.state_file, self.registry, self.wall_clock)
+            self._state.restore()
+            self._spawn(self._state.save_forever(), "state")
+
+    def _spawn(self, work: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(work, name=f"fc-controller-{name}"))
+
+    def _start_parent_link(self, advertise_address: str) -> None:
+        cfg = self.config
+        if cfg.parent_controller is None or self._parent is not None:
+            return
+        self._parent = ParentLink(
+            self.registry,
+            self.connections,
+            cfg.parent_controller,
+            advertise_address,
+            interval=cfg.parent_heart_beat_interval,
+        )
+        self._parent.start()
+
+    async def _withdraw_from_parent(self) -> None:
+        parent, self._parent = self._parent, None
+        if parent is not None:
+            await parent.aclose()
+
+    async def _drain(self, app: web.Application | None = None) -> None:
+        """Let relays in flight finish, up to ``drain_timeout``; end the rest in-band.
+
+        aiohttp calls this once the application stopped accepting connections and before it
+        waits for (and then cancels) the handlers still running, so streams that outlive
+        the drain end with the in-band error instead of being cut mid-message. A parent
+        controller is told first, so it stops sending work here.
+        """
+        await self._withdraw_from_parent()
+        await self.relay.drain()
+
+    async def _close(self) -> None:
+        await self._withdraw_from_parent()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # wait() (not awaiting each task) so that a caller already being cancelled
+            # still closes the connections below instead of stopping at the first task.
+            await asyncio.wait(tasks)
+        await self.connections.close()
+        state, self._state = self._state, None
+        if state is not None:
+            await state.save()
+
+
+def _log_back_in_rotation(worker: Worker, how: str) -> None:
+    log.info("Worker %s is back in rotation: %s", worker.info.name, how)
+
+
+class _Serving:
+    """What ``Controller.serve()`` returns: await it, or use it with ``async with``."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def __await__(self) -> Generator[Any, None, Controller]:
+        return self._controller._serve().__await__()
+
+    async def __aenter__(self) -> Controller:
+        return await self._controller._serve()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._controller.aclose()
+
+
+CONTROLLER_KEY = web.AppKey("fc_controller", Controller)

@@ -1,0 +1,217 @@
+"""The state file: the registry saved as it changes and loaded at start-up, so a restarted
+controller routes at once.
+
+The file is JSON: a format version, the wall-clock time it was written, and one entry per
+worker with what it serves and the wall-clock time of its last heartbeat. Heartbeat times
+are saved as wall-clock times because monotonic clocks do not survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import attrs
+
+from ..decisions.changes import MEMBERSHIP
+from ..decisions.models import WorkerInfo, WorkerStatus
+from ..decisions.registry import Clock, Registry
+from ..errors import BadRequestError
+from ..protocol import parse_worker_status
+
+__all__ = ["SavedWorker", "StateFile", "StateFileError", "dump", "load", "write_atomically"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+# Seconds between two state-file writes at most; changes in between are saved together.
+STATE_SAVE_DEBOUNCE = 0.5
+
+
+class StateFileError(ValueError):
+    """The state file exists but cannot be used; the message says why."""
+
+
+@attrs.frozen
+class SavedWorker:
+    name: str
+    status: WorkerStatus
+    check_heart_beat: bool
+    multimodal: bool
+    #: seconds between the worker's last heartbeat and the moment the file was loaded
+    silent_for: float
+
+
+def dump(registry: Registry, wall_now: float) -> bytes:
+    """The registry's live workers as the bytes of a state file."""
+    mono_now = registry.clock()
+    workers = [
+        {
+            "worker_name": w.info.name,
+            "model_names": list(w.info.model_names),
+            "speed": w.info.speed,
+            "queue_length": w.load.queue_length,
+            "check_heart_beat": w.info.check_heart_beat,
+            "multimodal": w.info.multimodal,
+            "last_heart_beat": wall_now - (mono_now - w.last_heart_beat),
+        }
+        for w in registry
+    ]
+    return json.dumps(
+        {"version": FORMAT_VERSION, "saved_at": wall_now, "workers": workers}, indent=1
+    ).encode()
+
+
+def load(data: bytes, wall_now: float) -> list[SavedWorker]:
+    """Parse a state file; raises :class:`StateFileError` naming the problem."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise StateFileError(f"not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+        raise StateFileError(f"not a version {FORMAT_VERSION} fc-controller state file")
+    entries = doc.get("workers")
+    if not isinstance(entries, list):
+        raise StateFileError("'workers' is not a list")
+    return [_entry(i, e, wall_now) for i, e in enumerate(entries)]
+
+
+def _entry(index: int, entry: Any, wall_now: float) -> SavedWorker:
+    where = f"workers[{index}]"
+    if not isinstance(entry, dict):
+        raise StateFileError(f"{where} is not an object")
+    try:
+        status = parse_worker_status(entry, where)
+    except BadRequestError as e:
+        raise StateFileError(str(e)) from None
+    name = entry.get("worker_name")
+    check = entry.get("check_heart_beat")
+    multimodal = entry.get("multimodal")
+    beat = entry.get("last_heart_beat")
+    if not isinstance(name, str) or not name:
+        raise StateFileError(f"{where}.worker_name is not a non-empty string")
+    if not isinstance(check, bool) or not isinstance(multimodal, bool):
+        raise StateFileError(f"{where}: check_heart_beat and multimodal must be true or false")
+    if isinstance(beat, bool) or not isinstance(beat, int | float) or not math.isfinite(beat):
+        raise StateFileError(f"{where}.last_heart_beat is not a time")
+    return SavedWorker(name, status, check, multimodal, max(0.0, wall_now - beat))
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old file or the new, whole.
+
+    Blocking: the controller runs it in a worker thread, file I/O having no non-blocking
+    form.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fc-controller-state-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class StateFile:
+    """The registry's state file: restored once at start-up, then saved as it changes.
+
+    Saving follows the registry's change feed: a registration, an update or a removal
+    wakes it; changes that come in a burst (a fleet registering at once) are saved
+    together, at most every ``STATE_SAVE_DEBOUNCE`` seconds. Heartbeats do not wake it,
+    but it saves at least every third of the expiration anyway, so the saved heartbeat
+    times stay recent enough for a restart to trust them. The file is written in a
+    worker thread: file I/O (and fsync) has no non-blocking form.
+    """
+
+    def __init__(self, path: str, registry: Registry, wall_clock: Clock = time.time) -> None:
+        self.path = path
+        self.registry = registry
+        self.wall_clock = wall_clock
+        self._failed = False
+        # Subscribed before restore() so the restored workers are saved at once.
+        self._changes = registry.feed.subscribe(MEMBERSHIP)
+
+    def restore(self) -> None:
+        """Register the workers saved in the file that have not expired meanwhile.
+
+        Reads synchronously: this runs once, while the application starts, before any
+        request is served.
+        """
+        path, registry = self.path, self.registry
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            log.info("No state file at %s yet: starting with an empty registry", path)
+            return
+        except OSError as e:
+            log.warning("Cannot read state file %s (%s): starting with an empty registry", path, e)
+            return
+        try:
+            saved = load(data, self.wall_clock())
+        except StateFileError as e:
+            log.warning("Ignoring state file %s: %s; starting with an empty registry", path, e)
+            return
+        now = registry.clock()
+        expired = 0
+        for worker in saved:
+            if worker.check_heart_beat and worker.silent_for > registry.expiration:
+                expired += 1
+                continue
+            info = WorkerInfo.from_status(
+                worker.name,
+                worker.status,
+                check_heart_beat=worker.check_heart_beat,
+                multimodal=worker.multimodal,
+            )
+            registry.register(
+                info, worker.status.queue_length, last_heart_beat=now - worker.silent_for
+            )
+        log.info(
+            "Restored %d worker(s) from %s (%d had expired meanwhile)",
+            len(saved) - expired,
+            path,
+            expired,
+        )
+
+    async def save_forever(self) -> None:
+        """Save on every change of membership (see the class docstring) until cancelled."""
+        subscription = self._changes
+        refresh = min(self.registry.expiration / 3, 30.0)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(subscription.wait(), refresh)
+                # What changed does not matter: the whole registry is written.
+                subscription.take()
+                await self.save()
+                await asyncio.sleep(STATE_SAVE_DEBOUNCE)
+        finally:
+            subscription.close()
+
+    async def save(self) -> None:
+        """Write the registry now; a failure is logged once until saving works again."""
+        data = dump(self.registry, self.wall_clock())
+        try:
+            await asyncio.to_thread(write_atomically, self.path, data)
+        except OSError as e:
+            if not self._failed:
+                log.warning("Cannot save state file %s: %s", self.path, e)
+            self._failed = True
+            return
+        if self._failed:
+            log.info("Saving state file %s works again", self.path)
+        self._failed = False

@@ -1,0 +1,224 @@
+"""Asking workers about themselves: registrations that carry no status,
+``/refresh_all_workers``, the aggregate status a parent asks for, and load polls.
+
+Each of these awaits a worker's answer between reading the registry and writing it, so
+each guards against what may change meanwhile: a refresh or a poll passes the entry's
+``generation`` to the registry, which ignores the answer if the worker re-registered or
+left in between; a registration and an unregistration of the same name are serialised by
+:class:`NameLocks`, so a goodbye sent while the registration's probe is under way is
+applied after it, not overtaken by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from .. import protocol
+from ..config import ControllerConfig
+from ..decisions.models import WorkerInfo, WorkerStatus
+from ..decisions.registry import Registry
+from ..errors import BadRequestError
+from ..protocol import RegisterRequest, worker_url
+from ..relay.connections import WorkerConnections
+
+__all__ = ["NameLocks", "Prober"]
+
+log = logging.getLogger(__name__)
+
+# Workers without a service time yet are polled this many times per load-poll interval.
+COLD_POLLS_PER_INTERVAL = 4
+# The longest wait between two load polls of a worker that keeps failing them.
+MAX_POLL_BACKOFF = 60.0
+
+
+class NameLocks:
+    """An ``asyncio.Lock`` per worker name, kept only while someone holds or awaits it.
+
+    It orders the operations on one name that await between deciding and writing
+    (registering a worker after probing it) with the others that change the same entry
+    (unregistering it, registering it again). Operations on different names never wait
+    for each other: a worker whose probe hangs holds up nobody else.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name) or (asyncio.Lock(), 0)
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class Prober:
+    """Status probes of workers and what the registry makes of their answers."""
+
+    def __init__(
+        self, config: ControllerConfig, registry: Registry, connections: WorkerConnections
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.connections = connections
+        self.locks = NameLocks()
+        self._refreshing: asyncio.Future[None] | None = None
+        self._probe_timeout = aiohttp.ClientTimeout(total=config.status_probe_timeout)
+        self._poll_timeout = aiohttp.ClientTimeout(
+            total=min(config.status_probe_timeout, max(config.load_poll_interval, 0.5))
+        )
+
+    async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
+        """Ask a worker for its status; ``None`` if it fails to answer well in time.
+
+        A load ``poll`` gets a shorter timeout: its answer is useless once stale.
+        """
+        url = worker_url(worker_name, "/worker_get_status")
+        timeout = self._poll_timeout if poll else self._probe_timeout
+        try:
+            async with self.connections.session.post(url, timeout=timeout) as response:
+                if response.status != 200:
+                    log.debug("status probe of %s: HTTP %d", worker_name, response.status)
+                    return None
+                body = await response.read()
+            return protocol.parse_worker_status(protocol.decode_body(body), "status")
+        except (aiohttp.ClientError, TimeoutError, BadRequestError) as e:
+            log.debug("status probe of %s failed: %r", worker_name, e)
+            return None
+
+    async def register(self, request: RegisterRequest) -> bool:
+        """Register a worker, asking it for its status when the request carried none."""
+        name = request.worker_name
+        async with self.locks.hold(name):
+            status = request.worker_status
+            if status is None:
+                status = await self.probe(name)
+                if status is None:
+                    log.warning("Not registering %s: it did not answer /worker_get_status", name)
+                    return False
+            info = WorkerInfo.from_status(
+                name,
+                status,
+                check_heart_beat=request.check_heart_beat,
+                multimodal=request.multimodal,
+            )
+            worker, is_new = self.registry.register(info, status.queue_length)
+        log.info(
+            "%s worker %s: models=%s speed=%s queue_length=%d",
+            "Registered new" if is_new else "Re-registered",
+            name,
+            list(info.model_names),
+            info.speed,
+            worker.load.queue_length,
+        )
+        return True
+
+    async def unregister(self, worker_name: str) -> bool:
+        """Forget a worker that says it is leaving; ``False`` if it was not registered."""
+        async with self.locks.hold(worker_name):
+            removed = self.registry.remove(worker_name) is not None
+        if removed:
+            log.info("Removed worker %s: it said it is leaving", worker_name)
+        return removed
+
+    async def refresh_all_workers(self) -> None:
+        """Re-ask every worker for its status at once; drop those that fail to answer.
+
+        Workers stay routable while they are probed. Concurrent calls share one round of
+        probes instead of each starting its own.
+        """
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+            return
+        self._refreshing = asyncio.get_running_loop().create_future()
+        try:
+            await self._refresh()
+        finally:
+            self._refreshing.set_result(None)
+            self._refreshing = None
+
+    async def _refresh(self) -> None:
+        entries = [(w, w.generation) for w in self.registry]
+        statuses = await asyncio.gather(*(self.probe(w.info.name) for w, _ in entries))
+        for (worker, generation), status in zip(entries, statuses, strict=True):
+            if status is not None:
+                self.registry.update(worker, generation, status)
+            elif self.registry.remove_if_current(worker, generation):
+                log.info(
+                    "Removed worker %s: it did not answer /worker_get_status", worker.info.name
+                )
+
+    async def aggregate_status(self) -> WorkerStatus:
+        """The sum of what every registered worker says now, as if this were one worker."""
+        workers = list(self.registry)
+        statuses = await asyncio.gather(*(self.probe(w.info.name) for w in workers))
+        names: set[str] = set()
+        speed: float = 0
+        queue = 0
+        for status in statuses:
+            if status is not None:
+                names.update(status.model_names)
+                speed += status.speed
+                queue += status.queue_length
+        return WorkerStatus(tuple(sorted(names)), speed, queue)
+
+    async def poll_load(self) -> int:
+        """Ask the workers that got work since their last report for their queue now.
+
+        Stock FastChat workers report only every 45 s; a poll a second keeps the
+        controller's view of their load, and so its dispatch, close to the truth. A worker
+        whose service time is not known yet is asked four times as often: until then every
+        request it gets is a guess, and the first reports after its first requests tell
+        how long they take. Only busy workers are asked, all at once; one that fails to
+        answer is asked less and less often. Returns how many answered.
+        """
+        interval = self.config.load_poll_interval
+        tick = interval / COLD_POLLS_PER_INTERVAL
+        registry = self.registry
+        now = registry.clock()
+        due = [
+            (w, w.generation)
+            for w in registry
+            if (w.load.dispatched_since_report or w.load.queue_length)
+            and w.next_poll_at <= now
+            and now - w.load.reported_at
+            >= (interval if w.load.service_time is not None else tick) - tick / 2
+        ]
+        if not due:
+            return 0
+        statuses = await asyncio.gather(*(self.probe(w.info.name, poll=True) for w, _ in due))
+        answered = 0
+        now = registry.clock()
+        for (worker, generation), status in zip(due, statuses, strict=True):
+            if status is None:
+                worker.poll_failures += 1
+                backoff = interval * (1 << min(worker.poll_failures, 6))
+                worker.next_poll_at = now + min(backoff, MAX_POLL_BACKOFF)
+                continue
+            worker.poll_failures = 0
+            if registry.update(worker, generation, status):
+                answered += 1
+        return answered
+
+    async def poll_load_forever(self) -> None:
+        interval = self.config.load_poll_interval / COLD_POLLS_PER_INTERVAL
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await self.poll_load()
+            elapsed = loop.time() - started
+            await asyncio.sleep(max(interval - elapsed, interval / 10))
