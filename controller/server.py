@@ -5,13 +5,13 @@ aiohttp application or on its own listening socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Generator
-from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +38,15 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 2.0
 
 
-class Controller:
+class Injected(TypedDict, total=False):
+    """What tests (and the curious) may inject into a controller: see :class:`Controller`."""
+
+    clock: Clock
+    rng: random.Random | None
+    wall_clock: Clock
+
+
+class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     """A FastChat-compatible controller.
 
     Three ways to run one:
@@ -114,13 +122,10 @@ class Controller:
         cls,
         app: web.Application,
         config: ControllerConfig | None = None,
-        *,
-        clock: Clock = time.monotonic,
-        rng: random.Random | None = None,
-        wall_clock: Clock = time.time,
+        **injected: Unpack[Injected],
     ) -> Controller:
         """Attach a new controller to ``app``, which must not have started yet."""
-        controller = cls(config, clock=clock, rng=rng, wall_clock=wall_clock)
+        controller = cls(config, **injected)
         controller.attach(app)
         return controller
 
@@ -137,18 +142,13 @@ class Controller:
 
     @classmethod
     def serve(
-        cls,
-        config: ControllerConfig | None = None,
-        *,
-        clock: Clock = time.monotonic,
-        rng: random.Random | None = None,
-        wall_clock: Clock = time.time,
+        cls, config: ControllerConfig | None = None, **injected: Unpack[Injected]
     ) -> _Serving:
         """Run a controller on its own listening socket.
 
         Await the result for a running controller, or use it with ``async with``.
         """
-        return _Serving(cls(config, clock=clock, rng=rng, wall_clock=wall_clock))
+        return _Serving(cls(config, **injected))
 
     async def aclose(self) -> None:
         """Stop serving (if standalone), end background tasks and close the connections.
@@ -161,15 +161,7 @@ class Controller:
             await runner.cleanup()
         await self._close()
 
-    async def __aenter__(self) -> Controller:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     # -- what a running controller offers ----------------------------------------------------
@@ -335,12 +327,7 @@ class _Serving:
     async def __aenter__(self) -> Controller:
         return await self._controller._serve()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._controller.aclose()
 
 

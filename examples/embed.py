@@ -25,7 +25,7 @@ async def workers(request: web.Request) -> web.Response:
     controller = request.app[CONTROLLER_KEY]
     return web.json_response(
         [
-            {"name": w.name, "models": list(w.model_names), "queue_length": w.queue_length}
+            {"name": w.name, "models": list(w.info.model_names), "queue_length": w.queue_length}
             for w in controller.registry
         ]
     )

@@ -190,10 +190,7 @@ async def snapshot(http: aiohttp.ClientSession, controller: Controller) -> Any:
     """What a user (and the dispatcher) can see of the registry."""
     async with http.post(f"{controller.url}/list_models") as r:
         listed = await r.json()
-    workers = [
-        (w.name, w.model_names, w.speed, w.queue_length, w.check_heart_beat, w.multimodal)
-        for w in controller.registry
-    ]
+    workers = [(w.info, w.queue_length) for w in controller.registry]
     return listed, len(controller.registry), workers
 
 

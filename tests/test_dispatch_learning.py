@@ -51,7 +51,7 @@ async def test_heartbeats_teach_service_time_by_littles_law(
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
     # It held 3 on average and finished 4 - 2 = 2 in 10 s: 3 * 10 / 2 seconds each.
-    assert info.service_time == pytest.approx(15.0)
+    assert info.load.service_time == pytest.approx(15.0)
 
 
 async def test_requests_handed_out_by_address_retire_after_service_time(
@@ -94,8 +94,8 @@ async def test_relayed_stream_teaches_service_time(
 
     info = controller.registry.get(worker.url)
     assert info is not None
-    assert info.service_time is not None
-    assert 0.15 <= info.service_time < 2.0
+    assert info.load.service_time is not None
+    assert 0.15 <= info.load.service_time < 2.0
 
 
 async def test_least_time_prefers_faster_worker_over_shorter_queue(
@@ -336,7 +336,7 @@ async def test_idle_time_before_the_first_request_is_not_service_time(
     assert info is not None
     # Sent together 2 s ago; two finished, two are still there: 2 s each (counting the 60
     # idle seconds would make it 62 s).
-    assert info.service_time == pytest.approx(2.0)
+    assert info.load.service_time == pytest.approx(2.0)
 
 
 async def test_overlong_affinity_key_is_refused(
@@ -368,7 +368,7 @@ async def test_one_poll_brackets_service_time_by_which_requests_finished(
     info = controller.registry.get("http://127.0.0.1:1")
     assert info is not None
     # The one sent at 0.1 took at most 0.35 s; the one sent at 0.2 is still there at 0.25 s.
-    assert info.service_time == pytest.approx(0.30)
+    assert info.load.service_time == pytest.approx(0.30)
 
 
 async def test_worker_with_nothing_finished_is_not_assumed_as_fast_as_the_others(
@@ -418,7 +418,7 @@ async def test_time_waiting_for_a_slot_is_not_learned_as_service_time(
     await call(http, controller, "/receive_heart_beat", beat)
 
     # Bracketed by 0.45 / 2 and 0.45 / 2 per service time: 0.225 s, not 0.45 s.
-    assert info.service_time == pytest.approx(0.2 + 0.25 * (0.225 - 0.2))
+    assert info.load.service_time == pytest.approx(0.2 + 0.25 * (0.225 - 0.2))
 
 
 async def test_load_poll_asks_workers_without_a_service_time_more_often(
@@ -496,7 +496,7 @@ def test_least_time_samples_a_large_fleet() -> None:
 
     def worker(i: int, queue: int) -> Worker:
         info = WorkerInfo(f"http://10.0.{i // 256}.{i % 256}:21002", ("m",), 1.0, True)
-        return Worker(info, 0.0, LoadEstimate(queue_length=queue))
+        return Worker(info, 0.0, load=LoadEstimate(queue_length=queue))
 
     fleet = [worker(i, 0 if i % 2 else 40) for i in range(4 * LEAST_TIME_SCAN)]
     rng = random.Random(3)

@@ -41,7 +41,7 @@ async def test_child_offers_its_models_streams_and_withdraws(
         await eventually(lambda: parent.registry.model_names() == ["a"])
         entry = parent.registry.get(child.url)
         assert entry is not None
-        assert entry.check_heart_beat
+        assert entry.info.check_heart_beat
 
         # A new model at the child reaches the parent, with the summed speed and queue.
         async with http.post(f"{child.url}/register_worker", json=register_body(second)):
@@ -49,7 +49,7 @@ async def test_child_offers_its_models_streams_and_withdraws(
         await eventually(lambda: parent.registry.model_names() == ["a", "b"])
         entry = parent.registry.get(child.url)
         assert entry is not None
-        assert (entry.speed, entry.queue_length) == (2, 3)
+        assert (entry.info.speed, entry.queue_length) == (2, 3)
 
         async with http.post(f"{parent.url}/worker_generate_stream", json={"model": "a"}) as r:
             messages = split_stream(await r.read())

@@ -79,7 +79,7 @@ async def test_registration_without_status_asks_the_worker(
     assert worker.status_calls == 1
     info = controller.registry.get(worker.url)
     assert info is not None
-    assert (info.model_names, info.speed, info.queue_length) == (("x", "y"), 2, 3)
+    assert (info.info.model_names, info.info.speed, info.queue_length) == (("x", "y"), 2, 3)
     assert await models(http, controller) == ["x", "y"]
 
 

@@ -73,7 +73,7 @@ async def test_reregistering_a_name_replaces_its_models_and_speed(
     assert len(controller.registry) == 1
     info = controller.registry.get(name)
     assert info is not None
-    assert (info.model_names, info.speed) == (("new",), 2)
+    assert (info.info.model_names, info.info.speed) == (("new",), 2)
 
 
 async def test_silent_worker_is_unroutable_within_a_second_of_expiring(

@@ -427,11 +427,8 @@ def snapshot(controller: Controller) -> list[tuple[Any, ...]]:
     return [
         (
             w.name,
-            w.model_names,
-            w.speed,
+            w.info,
             w.queue_length,
-            w.check_heart_beat,
-            w.multimodal,
             w.consecutive_failures,
             controller.registry.is_ejected(w),
         )

@@ -38,12 +38,12 @@ class Worker:
 
     info: WorkerInfo
     last_heart_beat: float
-    load: LoadEstimate = attrs.field(factory=LoadEstimate)
     #: incremented by every registration of this name; lets an operation that awaited
     #: (a refresh probe) tell whether the entry it looked at is still the current one
     generation: int = 0
     #: the version of the last change to this entry (see ``Change.version``)
     version: int = 0
+    load: LoadEstimate = attrs.field(factory=LoadEstimate)
     #: relayed requests that failed in a row (reset by one that succeeds)
     consecutive_failures: int = 0
     #: the worker is out of rotation until this time (the registry's clock)
@@ -58,39 +58,14 @@ class Worker:
     def _encode_address(self) -> bytes:
         return json.dumps({"address": self.info.name}).encode()
 
-    # Read-only views for readers (handlers, embedding hosts, tests); hot paths read
-    # ``info`` and ``load`` directly.
-
     @property
     def name(self) -> str:
         return self.info.name
 
     @property
-    def model_names(self) -> tuple[str, ...]:
-        return self.info.model_names
-
-    @property
-    def speed(self) -> float:
-        return self.info.speed
-
-    @property
-    def multimodal(self) -> bool:
-        return self.info.multimodal
-
-    @property
-    def check_heart_beat(self) -> bool:
-        return self.info.check_heart_beat
-
-    @property
     def queue_length(self) -> int:
+        """How many requests dispatch believes the worker holds (see ``LoadEstimate``)."""
         return self.load.queue_length
-
-    @property
-    def service_time(self) -> float | None:
-        return self.load.service_time
-
-    def status(self) -> WorkerStatus:
-        return WorkerStatus(self.info.model_names, self.info.speed, self.load.queue_length)
 
 
 class Registry:

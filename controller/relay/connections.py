@@ -19,8 +19,9 @@ class WorkerConnections:
     """Opened when the controller starts and closed when it stops.
 
     The aiohttp ``session`` carries status probes, load polls, single-document relays and
-    the parent link; the ``pool`` keeps the relay's kept-alive stream connections. Its
-    ``clock`` ages idle connections (injected so tests need not wait).
+    the parent link; its default ``timeout`` (what single-document relays get) should bound
+    a worker's silence, not the length of its answer. The ``pool`` keeps the relay's
+    kept-alive stream connections; ``clock`` ages them (injected so tests need not wait).
     """
 
     def __init__(

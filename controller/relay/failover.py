@@ -15,13 +15,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import aiohttp
+import attrs
 from aiohttp import web
 
 from .. import protocol
 from ..config import ControllerConfig
 from ..decisions import dispatch
-from ..decisions.registry import Worker
+from ..decisions.registry import Registry, Worker
 from ..decisions.routing import Router
 from .connections import WorkerConnections
 from .forward import forward_request
@@ -38,27 +38,27 @@ _R = TypeVar("_R", bound=web.StreamResponse)
 _GENERATION_PATHS = frozenset({"/worker_generate_stream", "/worker_generate"})
 
 
+@attrs.define(eq=False)
 class Relay:
     """Relays requests to the workers the router picks, and drains them on shutdown."""
 
-    def __init__(
-        self, config: ControllerConfig, router: Router, connections: WorkerConnections
-    ) -> None:
-        self.config = config
-        self.router = router
-        self.registry = router.registry
-        self.connections = connections
-        self.watch = DisconnectWatch()
-        #: relayed requests (streams and single calls) in progress, for draining
-        self.in_flight = 0
-        self._none_in_flight = asyncio.Event()
-        self._none_in_flight.set()
-        # No total: a long generation that keeps producing must never be cut.
-        self._forward_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.status_probe_timeout,
-            sock_read=config.worker_api_timeout,
-        )
+    config: ControllerConfig
+    router: Router
+    connections: WorkerConnections
+    watch: DisconnectWatch = attrs.field(factory=DisconnectWatch, init=False)
+    #: relayed requests (streams and single calls) in progress, for draining
+    in_flight: int = attrs.field(default=0, init=False)
+    _none_in_flight: asyncio.Event = attrs.field(init=False)
+
+    @_none_in_flight.default
+    def _idle(self) -> asyncio.Event:
+        event = asyncio.Event()
+        event.set()
+        return event
+
+    @property
+    def registry(self) -> Registry:
+        return self.router.registry
 
     async def generate_stream(
         self, request: web.Request, body: bytes, model: str, affinity: str | None = None
@@ -106,13 +106,7 @@ class Relay:
         profile = self.config.error_profile
 
         async def attempt(worker: Worker) -> tuple[web.Response, Outcome]:
-            answer = await forward_request(
-                self.connections.session,
-                worker.info.name,
-                path,
-                body,
-                client_timeout=self._forward_timeout,
-            )
+            answer = await forward_request(self.connections.session, worker.info.name, path, body)
             if answer is None:
                 error = protocol.error_message(profile.worker_error)
                 return _json_response(error), Outcome.FAILED_BEFORE_START
@@ -146,9 +140,37 @@ class Relay:
         self.in_flight += 1
         self._none_in_flight.clear()
         try:
-            return await self._attempts(
-                model, path, attempt, no_worker, count=count, affinity=affinity
-            )
+            tried: list[str] = []
+            answer: _R | None = None
+            learns = path in _GENERATION_PATHS
+            clock = self.registry.clock
+            slots = self.config.worker_slots
+            for _ in range(self.config.stream_attempts):
+                worker = self.router.dispatch(model, count=count, exclude=tried, affinity=affinity)
+                if worker is None:
+                    break
+                load = worker.load
+                started = clock()
+                # Service times it was expected to take (more if it had to wait for a slot):
+                # the wait is counted from the queue length, not learned as slowness.
+                periods = dispatch.periods(load.queue_length - 1, slots) if count else 1
+                try:
+                    answer, outcome = await attempt(worker)
+                finally:
+                    if count:
+                        load.stream_ended()
+                if learns and outcome is Outcome.COMPLETED:
+                    now = clock()
+                    load.learn_service_time((now - started) / periods, now)
+                self._settle(worker, outcome, path)
+                if outcome is not Outcome.FAILED_BEFORE_START:
+                    return answer
+                tried.append(worker.info.name)
+            if answer is None:
+                log.debug("no worker for model %r (%s)", model, path)
+                return no_worker()
+            # Every worker tried failed before its first byte: the last one's in-band error.
+            return answer
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -165,48 +187,6 @@ class Relay:
         except TimeoutError:
             cut = self.watch.close_all()
             log.warning("Drain timeout: ending %d stream(s) with an in-band error", cut)
-
-    async def _attempts(
-        self,
-        model: str,
-        path: str,
-        attempt: Callable[[Worker], Awaitable[tuple[_R, Outcome]]],
-        no_worker: Callable[[], _R],
-        *,
-        count: bool,
-        affinity: str | None,
-    ) -> _R:
-        tried: list[str] = []
-        answer: _R | None = None
-        learns = path in _GENERATION_PATHS
-        clock = self.registry.clock
-        slots = self.config.worker_slots
-        for _ in range(self.config.stream_attempts):
-            worker = self.router.dispatch(model, count=count, exclude=tried, affinity=affinity)
-            if worker is None:
-                break
-            load = worker.load
-            started = clock()
-            # Service times it was expected to take (more if it had to wait for a slot):
-            # the wait is counted from the queue length, not learned as slowness.
-            periods = dispatch.periods(load.queue_length - 1, slots) if count else 1
-            try:
-                answer, outcome = await attempt(worker)
-            finally:
-                if count:
-                    load.stream_ended()
-            if learns and outcome is Outcome.COMPLETED:
-                now = clock()
-                load.learn_service_time((now - started) / periods, now)
-            self._settle(worker, outcome, path)
-            if outcome is not Outcome.FAILED_BEFORE_START:
-                return answer
-            tried.append(worker.info.name)
-        if answer is None:
-            log.debug("no worker for model %r (%s)", model, path)
-            return no_worker()
-        # Every worker tried failed before its first byte: the last one's in-band error.
-        return answer
 
     def _settle(self, worker: Worker, outcome: Outcome, path: str) -> None:
         """Update a worker's health from how a relayed request ended; log state changes."""

@@ -21,19 +21,16 @@ async def forward_request(
     worker_name: str,
     path: str,
     body: bytes,
-    *,
-    client_timeout: aiohttp.ClientTimeout,
 ) -> bytes | None:
     """POST ``body`` to ``path`` on a worker; its answer, or ``None`` if it failed.
 
-    Any answer but an HTTP 200 counts as a failure, which the caller turns into an in-band
+    The session's own timeout bounds the worker's silence, not the answer's length. Any
+    answer but an HTTP 200 counts as a failure, which the caller turns into an in-band
     error.
     """
     url = worker_url(worker_name, path)
     try:
-        async with session.post(
-            url, data=body, headers=_JSON_HEADERS, timeout=client_timeout
-        ) as response:
+        async with session.post(url, data=body, headers=_JSON_HEADERS) as response:
             if response.status != 200:
                 log.debug("worker %s answered %s with HTTP %d", worker_name, path, response.status)
                 return None

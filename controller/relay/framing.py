@@ -66,10 +66,8 @@ class ResponseFraming:
         while pos < n:
             state = self.state
             if state == _SIZE:
-                end = buf.find(b"\r\n", pos)
+                end = _line_end(buf, pos, "chunk-size")
                 if end < 0:
-                    if n - pos > MAX_LINE_SIZE:
-                        raise UpstreamError("worker sent an overlong chunk-size line")
                     break
                 line = buf[pos:end].split(b";", 1)[0].strip()
                 try:
@@ -98,10 +96,8 @@ class ResponseFraming:
                 pos += 2
                 self.state = _SIZE
             elif state == _TRAILER:
-                end = buf.find(b"\r\n", pos)
+                end = _line_end(buf, pos, "trailer")
                 if end < 0:
-                    if n - pos > MAX_LINE_SIZE:
-                        raise UpstreamError("worker sent an overlong trailer line")
                     break
                 if end == pos:
                     self.state = _DONE
@@ -158,3 +154,11 @@ class ResponseFraming:
             self.state = _DONE
         else:
             self.state = _UNTIL_CLOSE
+
+
+def _line_end(buf: bytes, pos: int, what: str) -> int:
+    """Where the line starting at ``pos`` ends, or -1 while it is incomplete."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0 and len(buf) - pos > MAX_LINE_SIZE:
+        raise UpstreamError(f"worker sent an overlong {what} line")
+    return end

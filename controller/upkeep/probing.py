@@ -76,11 +76,8 @@ class Prober:
         self.registry = registry
         self.connections = connections
         self.locks = NameLocks()
+        #: the round of probes /refresh_all_workers callers are waiting for, if any
         self._refreshing: asyncio.Future[None] | None = None
-        self._probe_timeout = aiohttp.ClientTimeout(total=config.status_probe_timeout)
-        self._poll_timeout = aiohttp.ClientTimeout(
-            total=min(config.status_probe_timeout, max(config.load_poll_interval, 0.5))
-        )
 
     async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
         """Ask a worker for its status; ``None`` if it fails to answer well in time.
@@ -88,7 +85,11 @@ class Prober:
         A load ``poll`` gets a shorter timeout: its answer is useless once stale.
         """
         url = worker_url(worker_name, "/worker_get_status")
-        timeout = self._poll_timeout if poll else self._probe_timeout
+        cfg = self.config
+        limit = cfg.status_probe_timeout
+        if poll:
+            limit = min(limit, max(cfg.load_poll_interval, 0.5))
+        timeout = aiohttp.ClientTimeout(total=limit)
         try:
             async with self.connections.session.post(url, timeout=timeout) as response:
                 if response.status != 200:
