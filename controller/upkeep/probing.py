@@ -62,8 +62,9 @@ class NameLocks:
             else:
                 self._locks[name] = (lock, users - 1)
 
-    def __len__(self) -> int:
-        return len(self._locks)
+    def users(self, name: str) -> int:
+        """How many operations on ``name`` hold or await its lock."""
+        return self._locks.get(name, (None, 0))[1]
 
 
 class Prober:
