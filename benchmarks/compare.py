@@ -557,7 +557,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = []
     for rev in revisions:
         where = rev["sha"][:7] if rev["sha"] else rev["key"]
-        lines.append(f"{rev['label']} = {rev['spec']} ({where}): {rev['title']}")
+        name = rev["spec"] if where.startswith(rev["spec"]) else f"{rev['spec']} ({where})"
+        lines.append(f"{rev['label']} = {name}: {rev['title']}")
     order = "".join(r["label"] for r in summary["runs"])
     lines.append(
         f"runs: {', '.join(f'{n} of {label}' for label, n in done.items())}, in the order {order}"
@@ -661,7 +662,10 @@ def run_record(index: int, label: str, path: Path, log_path: Path, status: int) 
             "value": float(busy),
         }
     controller_core = (report.get("pinning") or {}).get("controller_cores")
-    record["notes"] = list(report.get("notes") or []) + saturation_notes(results, controller_core)
+    # The CPU of processes outside the benchmark has its own rows in the table.
+    record["notes"] = list(report.get("notes") or []) + saturation_notes(
+        results, controller_core, other_cpu=False
+    )
     record["elapsed_s"] = report.get("elapsed_s")
     return record
 
