@@ -152,7 +152,10 @@ class Revision:
 
     @property
     def name(self) -> str:
-        return f"{self.label} ({self.spec}, {self.sha[:7] if self.sha else self.key})"
+        where = self.sha[:7] if self.sha else self.key
+        if where.startswith(self.spec):
+            return f"{self.label} ({self.spec})"
+        return f"{self.label} ({self.spec}, {where})"
 
 
 def worktree_files() -> list[str]:
