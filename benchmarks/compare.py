@@ -270,7 +270,7 @@ def prepare(rev: Revision, base_python: str, constraints: str) -> None:
         sort_keys=True,
     )
     stamp_file = home / "stamp.json"
-    ready = stamp_file.exists() and stamp_file.read_text() == stamp
+    ready = python.exists() and stamp_file.exists() and stamp_file.read_text() == stamp
     if ready:
         log(f"{rev.label}: reusing {home.relative_to(REPO_ROOT)}")
     else:
