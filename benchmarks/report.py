@@ -309,7 +309,11 @@ def render(rows: list[Row], present: list[str]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in table)])
 
 
-def saturation_notes(results: dict[str, Any], controller_core: str | None) -> list[str]:
+def saturation_notes(
+    results: dict[str, Any], controller_core: str | None, *, other_cpu: bool = True
+) -> list[str]:
+    """Notes on measurements whose load side may have been the bottleneck, that had errors or,
+    unless ``other_cpu`` is false, that processes outside the benchmark disturbed."""
     notes: list[str] = []
 
     def visit(label: str, r: dict[str, Any]) -> None:
@@ -326,7 +330,7 @@ def saturation_notes(results: dict[str, Any], controller_core: str | None) -> li
                     "workers or load generator may be the bottleneck"
                 )
         other = r.get("other_cpu_util")
-        if isinstance(other, float) and other > 0.10:
+        if other_cpu and isinstance(other, float) and other > 0.10:
             notes.append(
                 f"{label}: processes outside the benchmark used {other:.0%} of a core "
                 "meanwhile; this figure is disturbed"

@@ -4,6 +4,7 @@
     python3 benchmarks/run.py                  # every scenario, about 7 minutes
     python3 benchmarks/run.py --quick          # smoke run, under 2 minutes
     python3 benchmarks/run.py --scenario stream --scenario dispatch --json out.json
+    python3 benchmarks/run.py --target ours --ours-python /path/to/venv/bin/python
 
 The first run creates ``benchmarks/.venv-fc`` and ``benchmarks/.venv-fastchat`` and installs
 ``wrk`` if it is missing (see envs.py). Every scenario runs each target in turn on the same
@@ -703,7 +704,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=sys.executable,
         help="interpreter the venvs are created from (default: this one)",
     )
+    parser.add_argument(
+        "--ours-python",
+        type=Path,
+        help="interpreter that runs fc-controller for the 'ours' target (default: the fc "
+        "venv's, i.e. this working tree); the workers and load generators still use the fc venv",
+    )
     args = parser.parse_args(argv)
+    if args.ours_python is not None:
+        # Absolute, since controllers start in scratch directories; not resolved, since a
+        # venv's python is a symlink to the base interpreter and only its path picks the venv.
+        args.ours_python = args.ours_python.absolute()
+        if not os.access(args.ours_python, os.X_OK):
+            parser.error(f"--ours-python {args.ours_python}: not an executable")
     args.scenario = args.scenario or list(SCENARIOS)
     args.target = args.target or [FASTCHAT, OURS, DIRECT]
     return args
@@ -730,9 +743,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[setup] {e}", file=sys.stderr)
         return 2
     skipped: dict[str, str] = {}
-    ours_python: Path | None = tools_python
+    ours_python: Path | None = args.ours_python or tools_python
     if OURS in args.target:
-        problem = envs.fc_controller_problem(tools_python)
+        problem = envs.fc_controller_problem(args.ours_python or tools_python)
         if problem:
             skipped[OURS] = f"fc-controller not runnable: {problem}"
             ours_python = None
@@ -800,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
             "controller_cores": controller_cores,
             "load_cores": load_cores,
         },
+        "ours_python": str(ours_python) if ours_python else None,
         "timings": asdict(timings),
         "workload": {
             "workers": N_WORKERS,
@@ -816,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
             if fastchat_python
             else {},
             "fc_env": envs.package_versions(tools_python, envs.FC_REPORTED),
+            "ours_env": envs.package_versions(ours_python, envs.FC_REPORTED) if ours_python else {},
             "wrk": subprocess.run(
                 [wrk, "--version"], capture_output=True, text=True, check=False
             ).stdout.split(" [")[0],
