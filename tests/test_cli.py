@@ -76,6 +76,28 @@ def test_flag_beats_environment_beats_default(
     assert config.worker_api_timeout == api_timeout
 
 
+def test_our_flags_read_fc_controller_variables_below_the_flag() -> None:
+    """Each flag of ours without a FastChat variable is read from FC_CONTROLLER_<FLAG>
+    when it is not given; a flag given on the command line wins; empty counts as unset."""
+    environ = {
+        "FC_CONTROLLER_PORT": "21555",
+        "FC_CONTROLLER_DISPATCH_METHOD": "lottery",
+        "FC_CONTROLLER_STATE_FILE": "/tmp/fc-state.json",
+        "FC_CONTROLLER_MAX_BODY_SIZE": "2MiB",
+        "FC_CONTROLLER_LOAD_POLL_INTERVAL": "0",
+        "FC_CONTROLLER_LOG_LEVEL": "debug",
+        "FC_CONTROLLER_HOST": "",
+    }
+    config, level = load_config(["--port", "21666"], environ)
+    assert config.port == 21666
+    assert config.dispatch_method.value == "lottery"
+    assert config.state_file == "/tmp/fc-state.json"
+    assert config.max_body_size == 2 * 1024 * 1024
+    assert config.load_poll_interval == 0
+    assert config.host == "localhost"
+    assert level == "debug"
+
+
 def test_load_config_reads_only_the_environ_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """load_config(environ=...) ignores the process environment."""
     monkeypatch.setenv(ENV_EXPIRATION, "not a number")
@@ -100,6 +122,10 @@ def test_load_config_reads_only_the_environ_it_is_given(monkeypatch: pytest.Monk
         (["--port", "70000"], {}, "--port"),
         (["--port", "http"], {}, "--port"),
         (["--dispatch-method", "random"], {}, "--dispatch-method"),
+        ([], {"FC_CONTROLLER_PORT": "70000"}, "FC_CONTROLLER_PORT"),
+        ([], {"FC_CONTROLLER_DISPATCH_METHOD": "random"}, "FC_CONTROLLER_DISPATCH_METHOD"),
+        ([], {"FC_CONTROLLER_SSL": "maybe"}, "FC_CONTROLLER_SSL"),
+        ([], {"FC_CONTROLLER_MAX_BODY_SIZE": "12"}, "FC_CONTROLLER_MAX_BODY_SIZE"),
     ],
 )
 def test_invalid_value_exits_2_naming_the_flag_or_variable(
