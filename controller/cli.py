@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from ._running import loop_factory, run_until_signalled
 from .app import Controller
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -34,6 +33,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .models import DispatchMethod, ErrorProfile
+from .worker.runtime import loop_factory, run_until_signalled
 
 __all__ = ["build_parser", "load_config", "main"]
 

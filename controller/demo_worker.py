@@ -2,7 +2,7 @@
 
 It speaks the whole worker API that FastChat's controller, OpenAI-compatible API server and
 web UI use, generates readable fake words at a chosen pace, limits its own concurrency
-like a real worker, and registers and heartbeats through ``controller.client``. Knobs make
+like a real worker, and registers and heartbeats through ``controller.worker``. Knobs make
 it slow, hang or fail, so one can watch a controller cope::
 
     fc-demo-worker --port 21002 --worker-address http://localhost:21002
@@ -34,14 +34,14 @@ from typing import Any, Self
 import attrs
 from aiohttp import web
 
-from ._running import loop_factory, run_until_signalled
-from .client import (
+from .worker import (
     DEFAULT_HEART_BEAT_INTERVAL,
     ConcurrencyLimiter,
     HeartbeatClient,
     HeartbeatConfig,
 )
-from .client import heart_beat_interval_from_environ as _interval_from_environ
+from .worker import heart_beat_interval_from_environ as _interval_from_environ
+from .worker.runtime import loop_factory, run_until_signalled
 
 __all__ = ["DemoSettings", "DemoWorker", "build_parser", "load_settings", "main"]
 

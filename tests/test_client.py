@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from controller import Controller, ControllerConfig
-from controller.client import (
+from controller.worker import (
     ENV_HEART_BEAT_INTERVAL,
     Backoff,
     ConcurrencyLimiter,
@@ -377,7 +377,7 @@ async def test_misbehaving_controller_is_retried_without_crashing(
     mode: str,
 ) -> None:
     """500s, non-JSON and silence are retried with backoff; one line when lost, one when back."""
-    caplog.set_level(logging.INFO, logger="controller.client")
+    caplog.set_level(logging.INFO, logger="controller.worker")
     fake = await make_fake(mode=mode)
     client = await make_client(make_config(fake.url, request_timeout=0.1))
     stats = await asyncio.wait_for(client.wait_until(lambda s: s.failures >= 4), TIMEOUT)
@@ -541,20 +541,43 @@ async def test_closing_a_client_never_started_sends_nothing(make_fake: MakeFake)
     assert fake.unregistrations == []
 
 
-def test_import_stays_on_the_worker_side() -> None:
-    """Importing controller.client loads neither the server modules nor uvloop."""
+def loaded_modules(module: str) -> list[str]:
+    """This package's modules and uvloop, as importing ``module`` leaves them."""
     code = (
-        "import sys, controller.client, controller._client_sync;"
-        "print(sorted(m for m in sys.modules if m.startswith(('controller.', 'uvloop'))))"
+        f"import json, sys, {module};"
+        "ours = [m for m in sys.modules if m.startswith(('controller.', 'uvloop'))];"
+        "print(json.dumps(sorted(ours)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
-    assert json.loads(result.stdout.replace("'", '"')) == [
-        "controller._client_core",
-        "controller._client_sync",
+    loaded: list[str] = json.loads(result.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "controller.worker",
+        # the old path, kept for users
         "controller.client",
-    ]
+    ],
+)
+def test_import_stays_on_the_worker_side(module: str) -> None:
+    """Importing the worker side loads none of the server's modules, nor uvloop."""
+    loaded = loaded_modules(module)
+    assert module in loaded
+    outside = [m for m in loaded if m != module and not m.startswith("controller.worker")]
+    assert outside == []
+
+
+def test_old_import_path_gives_the_same_objects() -> None:
+    """``from controller.client import ...`` still works, with controller.worker's objects."""
+    import controller.client as old
+    import controller.worker as new
+
+    assert old.__all__ == new.__all__
+    assert [name for name in new.__all__ if getattr(old, name) is not getattr(new, name)] == []
 
 
 # -- the concurrency limiter ---------------------------------------------------------------

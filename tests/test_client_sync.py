@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from controller import Controller, ControllerConfig
-from controller.client import (
+from controller.worker import (
     ENV_HEART_BEAT_INTERVAL,
     HeartbeatConfig,
     HeartbeatStats,
@@ -191,7 +191,7 @@ def test_misbehaving_controller_is_retried_without_crashing(
     servers: Servers, make_client: MakeClient, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
     """500s and silence are retried with backoff, with one log line for the outage."""
-    caplog.set_level(logging.INFO, logger="controller.client")
+    caplog.set_level(logging.INFO, logger="controller.worker")
     fake = servers.fake(mode=mode)
     client = make_client(make_config(fake.url, request_timeout=0.1))
     wait(client, lambda s: s.failures >= 4)

@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from controller import Controller, ControllerConfig
-from controller.client import ENV_HEART_BEAT_INTERVAL
 from controller.demo_worker import SERVER_ERROR_MSG, DemoSettings, DemoWorker, load_settings, main
+from controller.worker import ENV_HEART_BEAT_INTERVAL
 
 TIMEOUT = 5.0
 ROOT = Path(__file__).parent.parent

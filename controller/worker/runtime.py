@@ -1,5 +1,10 @@
-"""Running a server program until it is told to stop: shared by ``fc-controller`` and
-``fc-demo-worker``. Standard library only, so the worker side can use it too."""
+"""How things run: ``async with`` for start/aclose objects, until a signal, on uvloop.
+
+``run_until_signalled`` and ``loop_factory`` serve the entry points of both
+``fc-controller`` and ``fc-demo-worker``; ``AsyncLifecycle`` serves the heartbeat client
+and the demo worker. Standard library only: uvloop is imported when ``loop_factory`` is
+called, by an entry point, never on import.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,32 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
 
-__all__ = ["loop_factory", "run_until_signalled"]
+__all__ = ["AsyncLifecycle", "loop_factory", "run_until_signalled"]
+
+
+class AsyncLifecycle:
+    """Gives ``async with`` to a class that defines ``async start()`` and ``async aclose()``."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

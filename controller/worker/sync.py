@@ -1,13 +1,14 @@
-"""The heartbeat client for workers that are not asyncio programs: one daemon thread.
+"""The thread heartbeat client, ``SyncHeartbeatClient``, for workers that are not asyncio programs.
 
-Import it from ``controller.client``. It uses only the standard library (``urllib``) for
-HTTP, so a threaded worker needs nothing beyond what this package already requires.
+It runs in one daemon thread and uses only the standard library (``urllib``) for HTTP, so
+a threaded worker needs nothing beyond what this package already requires.
 """
 
 from __future__ import annotations
 
 import http.client
 import inspect
+import logging
 import random
 import threading
 import time
@@ -17,23 +18,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Literal, Self, TypeAlias
 
-from ._client_core import (
-    JSON_HEADERS,
-    BadAnswer,
-    Core,
-    HeartbeatConfig,
-    HeartbeatStats,
-    SupportsQueueLength,
-    check_register_answer,
-    describe,
-    log,
-    log_unregister_failed,
-    log_unregistered,
-    parse_heartbeat_answer,
-    parse_unregister_answer,
-)
+from .config import HeartbeatConfig
+from .core import Core, HeartbeatStats, SupportsQueueLength, queue_length_function
+from .wire import JSON_HEADERS, BadAnswer
 
 __all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource"]
+
+log = logging.getLogger(__name__)
 
 #: A plain callable, or an object with a ``queue_length`` attribute. It is called from the
 #: heartbeat thread, so it must be safe to call from there.
@@ -42,21 +33,13 @@ SyncQueueLengthSource: TypeAlias = Callable[[], int] | SupportsQueueLength
 _CALL_ERRORS = (OSError, http.client.HTTPException, BadAnswer)
 
 
-def _queue_length_function(source: SyncQueueLengthSource | None) -> Callable[[], int]:
-    if source is None:
-        return lambda: 0
-    if callable(source):
-        if inspect.iscoroutinefunction(source):
-            raise TypeError(
-                "SyncHeartbeatClient calls queue_length from a thread and cannot await it; "
-                "pass a plain function, or use HeartbeatClient in an asyncio program"
-            )
-        return source
-    if hasattr(source, "queue_length"):
-        return lambda: source.queue_length
-    raise TypeError(
-        f"queue_length must be a callable or have a queue_length attribute, got {source!r}"
-    )
+def _sync_queue_length_function(source: SyncQueueLengthSource | None) -> Callable[[], int]:
+    if inspect.iscoroutinefunction(source):
+        raise TypeError(
+            "SyncHeartbeatClient calls queue_length from a thread and cannot await it; "
+            "pass a plain function, or use HeartbeatClient in an asyncio program"
+        )
+    return queue_length_function(source)
 
 
 class SyncHeartbeatClient:
@@ -77,7 +60,7 @@ class SyncHeartbeatClient:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self._queue_length = _queue_length_function(queue_length)
+        self._queue_length = _sync_queue_length_function(queue_length)
         self._core = Core(config, rng if rng is not None else random.Random())
         self._state: Literal["new", "running", "closed"] = "new"
         self._stop = threading.Event()
@@ -177,37 +160,32 @@ class SyncHeartbeatClient:
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        interval = self.config.interval
         while not self._stop.is_set():
             started = time.monotonic()
+            error: Exception | None = None
             try:
                 self._exchange()
-            except _CALL_ERRORS as e:
-                delay = self._failed(describe(e, self.config.request_timeout))
             except Exception as e:
-                # A bug here must not end the thread: log it loudly and carry on.
-                delay = self._failed(describe(e, 0), e)
-            else:
-                delay = max(0.0, started + interval - time.monotonic())
+                error = e
+            with self._changed:
+                delay = self._core.after_exchange(
+                    started, time.monotonic(), error, isinstance(error, _CALL_ERRORS)
+                )
+                if error is not None:
+                    self._changed.notify_all()
             if self._stop.wait(delay):
                 return
-
-    def _failed(self, reason: str, error: BaseException | None = None) -> float:
-        with self._changed:
-            delay = self._core.on_failure(reason, time.monotonic(), error)
-            self._changed.notify_all()
-        return delay
 
     def _exchange(self) -> None:
         core = self._core
         queue_length = self._read_queue_length()
+        timeout = self.config.request_timeout
         if core.registered:
             with self._changed:
                 url, body = core.heartbeat_request(queue_length)
-            status, answer = self._post(url, body, self.config.request_timeout)
-            exist = parse_heartbeat_answer(status, answer)
+            status, answer = self._post(url, body, timeout)
             with self._changed:
-                core.on_heartbeat(exist, time.monotonic())
+                exist = core.on_heartbeat_answer(status, answer, time.monotonic())
                 self._changed.notify_all()
             if exist:
                 return
@@ -215,10 +193,9 @@ class SyncHeartbeatClient:
             return
         with self._changed:
             url, body = core.register_request(queue_length)
-        status, answer = self._post(url, body, self.config.request_timeout)
-        check_register_answer(status, answer)
+        status, answer = self._post(url, body, timeout)
         with self._changed:
-            core.on_registered(time.monotonic())
+            core.on_register_answer(status, answer, time.monotonic())
             self._changed.notify_all()
 
     def _read_queue_length(self) -> int:
@@ -248,11 +225,11 @@ class SyncHeartbeatClient:
                 e.close()
 
     def _unregister(self) -> None:
-        timeout = self.config.unregister_timeout
         try:
-            status, body = self._post(*self._core.unregister_request(), timeout)
-            removed = parse_unregister_answer(status, body)
+            status, body = self._post(
+                *self._core.unregister_request(), self.config.unregister_timeout
+            )
         except Exception as e:
-            log_unregister_failed(self.config, describe(e, timeout))
+            self._core.on_unregister_failed(e)
             return
-        log_unregistered(self.config, removed)
+        self._core.on_unregister_answer(status, body)
