@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, Self, TypeAlias
 
@@ -45,7 +46,9 @@ class HeartbeatClient(AsyncLifecycle):
     plain or async callable, or an object with a ``queue_length`` attribute such as a
     ``ConcurrencyLimiter``; by default the worker reports 0. ``session`` lets the client
     share the worker's ``aiohttp.ClientSession`` (which it then does not close); ``rng``
-    drives the backoff jitter.
+    drives the backoff jitter. ``clock`` (monotonic seconds) and ``sleep`` schedule the
+    heartbeats and retries; tests pass a fake pair to drive time themselves. Call
+    timeouts stay on real time.
 
     Run it with ``async with``, with ``await start()`` and ``await aclose()``, or tie it to
     the worker's aiohttp application with ``attach(app)``.
@@ -58,10 +61,14 @@ class HeartbeatClient(AsyncLifecycle):
         *,
         session: aiohttp.ClientSession | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
         self._queue_length = queue_length_function(queue_length)
         self._core = Core(config, rng if rng is not None else random.Random())
+        self._clock = clock
+        self._sleep = sleep
         self._session = session
         self._owns_session = session is None
         self._state: Literal["new", "running", "closed"] = "new"
@@ -173,34 +180,32 @@ class HeartbeatClient(AsyncLifecycle):
     # -- the loop --------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
+            started = self._clock()
             error: Exception | None = None
             try:
                 await self._exchange()
             except Exception as e:
                 error = e
             delay = self._core.after_exchange(
-                started, loop.time(), error, isinstance(error, _CALL_ERRORS)
+                started, self._clock(), error, isinstance(error, _CALL_ERRORS)
             )
             if error is not None:
                 self._notify()
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     async def _exchange(self) -> None:
         """One heartbeat, or a registration when the controller does not know the worker."""
         core = self._core
-        loop = asyncio.get_running_loop()
         queue_length = await self._read_queue_length()
         if core.registered:
             status, body = await self._post(*core.heartbeat_request(queue_length))
-            exist = core.on_heartbeat_answer(status, body, loop.time())
+            exist = core.on_heartbeat_answer(status, body, self._clock())
             self._notify()
             if exist:
                 return
         status, body = await self._post(*core.register_request(queue_length))
-        core.on_register_answer(status, body, loop.time())
+        core.on_register_answer(status, body, self._clock())
         self._notify()
 
     async def _read_queue_length(self) -> int:

@@ -22,7 +22,7 @@ from .config import HeartbeatConfig
 from .core import Core, HeartbeatStats, SupportsQueueLength, queue_length_function
 from .wire import JSON_HEADERS, BadAnswer
 
-__all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource"]
+__all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource", "Waiter"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,18 @@ log = logging.getLogger(__name__)
 #: heartbeat thread, so it must be safe to call from there.
 SyncQueueLengthSource: TypeAlias = Callable[[], int] | SupportsQueueLength
 
+#: Waits on a condition (held by the caller) until the predicate holds or the timeout, in
+#: seconds of the client's clock, runs out; returns the predicate. The shape of
+#: ``threading.Condition.wait_for``, which is the default.
+Waiter: TypeAlias = Callable[[threading.Condition, Callable[[], bool], float], bool]
+
 _CALL_ERRORS = (OSError, http.client.HTTPException, BadAnswer)
+
+
+def _wait_for(
+    condition: threading.Condition, predicate: Callable[[], bool], timeout: float
+) -> bool:
+    return condition.wait_for(predicate, timeout)
 
 
 def _sync_queue_length_function(source: SyncQueueLengthSource | None) -> Callable[[], int]:
@@ -47,7 +58,9 @@ class SyncHeartbeatClient:
 
     Behaves like ``HeartbeatClient`` (same ``HeartbeatConfig``, backoff, re-registration
     and goodbye) for programs without an event loop, such as FastChat's threaded workers.
-    ``queue_length`` is called from the heartbeat thread.
+    ``queue_length`` is called from the heartbeat thread. ``clock`` (monotonic seconds)
+    and ``wait`` (see ``Waiter``) schedule the heartbeats and retries; tests pass a fake
+    pair to drive time themselves. Call timeouts stay on real time.
 
     Use it as a context manager, or call ``start()`` and later ``close()``.
     """
@@ -58,14 +71,19 @@ class SyncHeartbeatClient:
         queue_length: SyncQueueLengthSource | None = None,
         *,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Waiter = _wait_for,
     ) -> None:
         self.config = config
         self._queue_length = _sync_queue_length_function(queue_length)
         self._core = Core(config, rng if rng is not None else random.Random())
+        self._clock = clock
+        self._wait = wait
         self._state: Literal["new", "running", "closed"] = "new"
-        self._stop = threading.Event()
-        # Guards the core (mutated by the thread, read by callers) and wakes waiters.
+        # Guards the core (mutated by the thread, read by callers), wakes waiters, and
+        # wakes the thread from its wait between beats when the client closes.
         self._changed = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         # No proxies: the controller is an internal address (aiohttp's default too).
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -94,7 +112,9 @@ class SyncHeartbeatClient:
             return
         was_running = self._state == "running"
         self._state = "closed"
-        self._stop.set()
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         thread, self._thread = self._thread, None
         if thread is not None:
             # urllib cannot be interrupted; its own timeout bounds the wait.
@@ -140,6 +160,7 @@ class SyncHeartbeatClient:
 
         Also returns ``None`` if the client closes before the condition holds.
         """
+        # The caller's timeout is real time, whatever clock schedules the heartbeats.
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
@@ -160,8 +181,8 @@ class SyncHeartbeatClient:
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
+        while not self._stopping:
+            started = self._clock()
             error: Exception | None = None
             try:
                 self._exchange()
@@ -169,12 +190,13 @@ class SyncHeartbeatClient:
                 error = e
             with self._changed:
                 delay = self._core.after_exchange(
-                    started, time.monotonic(), error, isinstance(error, _CALL_ERRORS)
+                    started, self._clock(), error, isinstance(error, _CALL_ERRORS)
                 )
                 if error is not None:
                     self._changed.notify_all()
-            if self._stop.wait(delay):
-                return
+                # Not a sleep: close() wakes this wait at once.
+                if self._wait(self._changed, lambda: self._stopping, delay):
+                    return
 
     def _exchange(self) -> None:
         core = self._core
@@ -185,17 +207,17 @@ class SyncHeartbeatClient:
                 url, body = core.heartbeat_request(queue_length)
             status, answer = self._post(url, body, timeout)
             with self._changed:
-                exist = core.on_heartbeat_answer(status, answer, time.monotonic())
+                exist = core.on_heartbeat_answer(status, answer, self._clock())
                 self._changed.notify_all()
             if exist:
                 return
-        if self._stop.is_set():
+        if self._stopping:
             return
         with self._changed:
             url, body = core.register_request(queue_length)
         status, answer = self._post(url, body, timeout)
         with self._changed:
-            core.on_register_answer(status, answer, time.monotonic())
+            core.on_register_answer(status, answer, self._clock())
             self._changed.notify_all()
 
     def _read_queue_length(self) -> int:
