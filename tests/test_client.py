@@ -623,8 +623,10 @@ def loaded_modules(module: str) -> list[str]:
     "module",
     [
         "controller.worker",
-        # the old path, kept for users
+        "controller.worker.demo",
+        # the old paths, kept for users
         "controller.client",
+        "controller.demo_worker",
     ],
 )
 def test_import_stays_on_the_worker_side(module: str) -> None:
