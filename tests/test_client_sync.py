@@ -353,7 +353,7 @@ def test_real_controller_stops_routing_to_a_worker_that_left(servers: Servers) -
 
 PLAIN_PROGRAM = """
 import sys
-from controller.client import HeartbeatConfig, SyncHeartbeatClient
+from controller.worker import HeartbeatConfig, SyncHeartbeatClient
 
 config = HeartbeatConfig.from_environ(
     controller_address=sys.argv[1], worker_address="http://127.0.0.1:9101", model_names=["plain"]
