@@ -1,7 +1,7 @@
 """fc-controller: a fast, asyncio-native drop-in replacement for FastChat's controller.
 
 The public API is what this module exports. Names are loaded on first use, so a worker
-that imports only ``controller.client`` (the worker-side helper) never loads the server.
+that imports only ``controller.worker`` (the worker-side helper) never loads the server.
 """
 
 from __future__ import annotations

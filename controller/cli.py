@@ -6,14 +6,12 @@ chooses the event loop. Precedence for every setting: flag, then environment, th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
 
-from ._running import loop_factory, run_until_signalled
 from .config import (
     DEFAULT_HEART_BEAT_EXPIRATION,
     DEFAULT_PARENT_HEART_BEAT_INTERVAL,
@@ -35,6 +33,7 @@ from .options import (
     seconds,
 )
 from .server import Controller
+from .worker.runtime import run_main, serve_until_signalled
 
 __all__ = ["build_parser", "load_config", "main"]
 
@@ -122,27 +121,8 @@ def load_config(
     return config, args.log_level
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        stream=sys.stderr,
-    )
-    # aiohttp's own access log would be one line per request: never wanted at INFO here.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
 async def _run(config: ControllerConfig) -> int:
-    return await run_until_signalled(lambda stop: _serve_until(stop, config), log, "shutting down")
-
-
-async def _serve_until(stop: asyncio.Event, config: ControllerConfig) -> int:
-    try:
-        controller = await Controller.serve(config)
-    except OSError as e:
-        log.error("Cannot listen on %s:%d: %s", config.host, config.port, e)
-        return 1
-    try:
+    def announce(controller: Controller) -> None:
         log.info(
             "Dispatch %s, heartbeat expiration %g s, worker API timeout %g s",
             config.dispatch_method.value,
@@ -155,16 +135,17 @@ async def _serve_until(stop: asyncio.Event, config: ControllerConfig) -> int:
             file=sys.stderr,
             flush=True,
         )
-        await stop.wait()
-    finally:
-        await controller.aclose()
-    log.info("Stopped")
-    return 0
+
+    async def start() -> Controller:
+        return await Controller.serve(config)
+
+    where = f"{config.host}:{config.port}"
+    return await serve_until_signalled(start, announce, where, log, "shutting down")
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the controller until SIGINT or SIGTERM; returns the process exit status."""
     config, level = load_config(argv, environ)
-    _configure_logging(level)
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(_run(config))
+    # aiohttp's own access log would be one line per request: never wanted at INFO here.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return run_main(_run(config), level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -33,18 +34,21 @@ DEFAULT_EJECTION_BASE = 5.0
 DEFAULT_EJECTION_MAX = 300.0
 
 
-def _positive(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{attribute.name} must be a positive number of seconds, got {value!r}")
+def _seconds(*, zero: bool) -> Callable[[Any, attrs.Attribute[float], float], None]:
+    """A validator for a finite number of seconds, positive (or also 0 if ``zero``)."""
+    expected = "0 or a positive number" if zero else "a positive number of seconds"
+
+    def check(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise ConfigError(f"{attribute.name} must be {expected}, got {value!r}")
+
+    return check
 
 
-def _non_negative(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{attribute.name} must be 0 or a positive number, got {value!r}")
+_positive = _seconds(zero=False)
+_non_negative = _seconds(zero=True)
 
 
 def _log_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:

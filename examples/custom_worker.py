@@ -1,4 +1,4 @@
-"""A minimal custom FastChat worker built on ``controller.client``.
+"""A minimal custom FastChat worker built on ``controller.worker``.
 
 It "generates" by spelling the prompt backwards, one word per message, and serves the two
 endpoints a controller needs: ``/worker_generate_stream`` and ``/worker_get_status``.
@@ -17,7 +17,7 @@ import logging
 
 from aiohttp import web
 
-from controller.client import ConcurrencyLimiter, HeartbeatClient, HeartbeatConfig
+from controller.worker import ConcurrencyLimiter, HeartbeatClient, HeartbeatConfig
 
 MODEL_NAMES = ["backwards"]
 

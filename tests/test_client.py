@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from controller import Controller, ControllerConfig
-from controller.client import (
+from controller.worker import (
     ENV_HEART_BEAT_INTERVAL,
     Backoff,
     ConcurrencyLimiter,
@@ -55,6 +57,52 @@ def make_config(controller_url: str, **overrides: Any) -> HeartbeatConfig:
     return HeartbeatConfig(**settings)
 
 
+class FakeClock:
+    """Monotonic time that moves only when the test says so: a client's ``clock`` and ``sleep``.
+
+    ``sleep`` returns once ``advance()`` has brought the time to its deadline. With
+    ``autojump`` it jumps there at once instead, so time passes only while code sleeps.
+    """
+
+    def __init__(self, *, autojump: bool = False) -> None:
+        self.now = 0.0
+        self.autojump = autojump
+        #: sleeps waiting for the clock to move
+        self.sleeping = 0
+        self._changed = asyncio.Event()
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        deadline = self.now + delay
+        if self.autojump:
+            self.now = max(self.now, deadline)
+            await asyncio.sleep(0)  # a real sleep lets other tasks run; so must this one
+            return
+        self.sleeping += 1
+        self._notify()
+        try:
+            while self.now < deadline:
+                await self._changed.wait()
+        finally:
+            self.sleeping -= 1
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self._notify()
+
+    async def wait_sleeping(self, count: int = 1) -> None:
+        """Wait until ``count`` sleeps wait for the clock (so advancing it wakes them)."""
+        async with asyncio.timeout(TIMEOUT):
+            while self.sleeping < count:
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
 @attrs.define(eq=False)
 class FakeController:
     """A controller stand-in on a real loopback port that records what workers send.
@@ -62,13 +110,16 @@ class FakeController:
     ``mode`` is how it answers registrations and heartbeats: ``ok``, ``error`` (HTTP 500),
     ``garbage`` (200 with HTML) or ``hang`` (no answer until released). ``restart()``
     brings it back on the same port with no memory of any worker, as a restarted
-    controller would. ``response_delay`` slows every answer down.
+    controller would. ``response_delay`` slows every answer down, by ``sleep``; heartbeats
+    arrive at the times of ``clock`` (tests pass a ``FakeClock``'s).
     """
 
     port: int = 0
     mode: str = "ok"
     unregister_mode: str = "ok"
     response_delay: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     registrations: list[dict[str, Any]] = attrs.Factory(list)
     heartbeats: list[dict[str, Any]] = attrs.Factory(list)
     heartbeat_times: list[float] = attrs.Factory(list)
@@ -95,7 +146,7 @@ class FakeController:
 
     async def _misbehave(self, mode: str) -> web.Response | None:
         if self.response_delay:
-            await asyncio.sleep(self.response_delay)
+            await self.sleep(self.response_delay)
         if mode == "error":
             return web.Response(status=500, text="Internal Server Error")
         if mode == "garbage":
@@ -116,7 +167,7 @@ class FakeController:
 
     async def heartbeat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.heartbeat_times.append(asyncio.get_running_loop().time())
+        self.heartbeat_times.append(self.clock())
         if (bad := await self._misbehave(self.mode)) is not None:
             return bad
         self.heartbeats.append(body)
@@ -184,8 +235,10 @@ async def make_client() -> AsyncIterator[MakeClient]:
     """Factory for started heartbeat clients; all are closed after the test."""
     clients: list[HeartbeatClient] = []
 
-    async def make(config: HeartbeatConfig, queue_length: Any = None) -> HeartbeatClient:
-        client = HeartbeatClient(config, queue_length, rng=random.Random(0))
+    async def make(
+        config: HeartbeatConfig, queue_length: Any = None, **options: Any
+    ) -> HeartbeatClient:
+        client = HeartbeatClient(config, queue_length, rng=random.Random(0), **options)
         clients.append(client)
         await client.start()
         return client
@@ -316,13 +369,13 @@ async def test_interval_runs_from_the_start_of_each_beat(
     make_fake: MakeFake, make_client: MakeClient
 ) -> None:
     """A slow answer does not stretch the interval: beats start one interval apart."""
-    fake = await make_fake(response_delay=0.2)
-    await make_client(make_config(fake.url, interval=0.3, request_timeout=1.0))
+    clock = FakeClock(autojump=True)
+    fake = await make_fake(response_delay=0.2, clock=clock.time, sleep=clock.sleep)
+    await make_client(make_config(fake.url, interval=0.3), clock=clock.time, sleep=clock.sleep)
     await fake.wait_until(lambda: len(fake.heartbeat_times) >= 4)
-    times = fake.heartbeat_times[:4]
-    mean_gap = (times[-1] - times[0]) / 3
-    # From the start: 0.3 s; from the end of the previous beat it would be 0.5 s.
-    assert 0.25 < mean_gap < 0.42
+    gaps = [b - a for a, b in itertools.pairwise(fake.heartbeat_times[:4])]
+    # From the start of each beat: 0.3 s; from the end of the previous one it would be 0.5 s.
+    assert gaps == pytest.approx([0.3] * 3)
 
 
 async def test_reregisters_when_the_controller_forgot_the_worker(
@@ -358,15 +411,20 @@ async def test_restarted_controller_gets_the_worker_back_within_one_interval(
     make_fake: MakeFake, make_client: MakeClient
 ) -> None:
     """After a controller restart the worker is registered again within one interval."""
+    clock = FakeClock()
     fake = await make_fake()
     interval = 0.5
-    client = await make_client(make_config(fake.url, interval=interval))
+    client = await make_client(
+        make_config(fake.url, interval=interval), clock=clock.time, sleep=clock.sleep
+    )
     await asyncio.wait_for(client.wait_registered(), TIMEOUT)
+    await clock.wait_sleeping()
     await fake.restart()
-    restarted = asyncio.get_running_loop().time()
+    # One interval passes and no more: the worker must be back without further waiting.
+    clock.advance(interval)
     await fake.wait_until(lambda: bool(fake.known))
-    assert asyncio.get_running_loop().time() - restarted < interval + 0.2
     assert len(fake.registrations) == 2
+    assert client.statistics().failures == 0
 
 
 @pytest.mark.parametrize("mode", ["error", "garbage", "hang"])
@@ -377,7 +435,7 @@ async def test_misbehaving_controller_is_retried_without_crashing(
     mode: str,
 ) -> None:
     """500s, non-JSON and silence are retried with backoff; one line when lost, one when back."""
-    caplog.set_level(logging.INFO, logger="controller.client")
+    caplog.set_level(logging.INFO, logger="controller.worker")
     fake = await make_fake(mode=mode)
     client = await make_client(make_config(fake.url, request_timeout=0.1))
     stats = await asyncio.wait_for(client.wait_until(lambda s: s.failures >= 4), TIMEOUT)
@@ -442,22 +500,28 @@ async def test_close_tells_the_controller_the_worker_is_leaving(make_fake: MakeF
     assert client.statistics().closed
 
 
-@pytest.mark.parametrize("unregister_mode", ["hang", "error", "down"])
+@pytest.mark.parametrize(
+    ("unregister_mode", "reason"),
+    [("hang", "no answer within 0.2 s"), ("error", "HTTP 500"), ("down", "")],
+)
 async def test_close_never_fails_on_a_bad_goodbye(
-    make_fake: MakeFake, unregister_mode: str
+    make_fake: MakeFake, caplog: pytest.LogCaptureFixture, unregister_mode: str, reason: str
 ) -> None:
-    """A goodbye that hangs, fails or finds nobody is bounded and never raises."""
+    """A goodbye that hangs, fails or finds nobody is given up after unregister_timeout."""
+    caplog.set_level(logging.INFO, logger="controller.worker")
     fake = await make_fake(unregister_mode=unregister_mode)
     client = HeartbeatClient(make_config(fake.url, unregister_timeout=0.2))
     await client.start()
     await asyncio.wait_for(client.wait_registered(), TIMEOUT)
     if unregister_mode == "down":
         await fake.stop()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await client.aclose()
-    assert loop.time() - started < 1.0
+    # The fake's hang lasts until the test ends: aclose() returning at all shows the bound.
+    await asyncio.wait_for(client.aclose(), TIMEOUT)
     assert fake.unregistrations == []
+    assert client.statistics().closed
+    gave_up = [r.getMessage() for r in caplog.records if "Could not tell" in r.getMessage()]
+    assert len(gave_up) == 1
+    assert reason in gave_up[0]
 
 
 async def test_close_propagates_cancellation(make_fake: MakeFake) -> None:
@@ -541,20 +605,45 @@ async def test_closing_a_client_never_started_sends_nothing(make_fake: MakeFake)
     assert fake.unregistrations == []
 
 
-def test_import_stays_on_the_worker_side() -> None:
-    """Importing controller.client loads neither the server modules nor uvloop."""
+def loaded_modules(module: str) -> list[str]:
+    """This package's modules and uvloop, as importing ``module`` leaves them."""
     code = (
-        "import sys, controller.client, controller._client_sync;"
-        "print(sorted(m for m in sys.modules if m.startswith(('controller.', 'uvloop'))))"
+        f"import json, sys, {module};"
+        "ours = [m for m in sys.modules if m.startswith(('controller.', 'uvloop'))];"
+        "print(json.dumps(sorted(ours)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
-    assert json.loads(result.stdout.replace("'", '"')) == [
-        "controller._client_core",
-        "controller._client_sync",
+    loaded: list[str] = json.loads(result.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "controller.worker",
+        "controller.worker.demo",
+        # the old paths, kept for users
         "controller.client",
-    ]
+        "controller.demo_worker",
+    ],
+)
+def test_import_stays_on_the_worker_side(module: str) -> None:
+    """Importing the worker side loads none of the server's modules, nor uvloop."""
+    loaded = loaded_modules(module)
+    assert module in loaded
+    outside = [m for m in loaded if m != module and not m.startswith("controller.worker")]
+    assert outside == []
+
+
+def test_old_import_path_gives_the_same_objects() -> None:
+    """``from controller.client import ...`` still works, with controller.worker's objects."""
+    import controller.client as old
+    import controller.worker as new
+
+    assert old.__all__ == new.__all__
+    assert [name for name in new.__all__ if getattr(old, name) is not getattr(new, name)] == []
 
 
 # -- the concurrency limiter ---------------------------------------------------------------
@@ -656,24 +745,28 @@ async def test_real_controller_restart_brings_every_worker_back_within_one_inter
     controller = await serve(controllers)
     port = int(controller.url.rsplit(":", 1)[1])
     interval = 0.5
+    clock = FakeClock()
     clients = [
         await make_client(
             make_config(
                 controller.url, worker_address=f"http://127.0.0.1:{9001 + i}", interval=interval
-            )
+            ),
+            clock=clock.time,
+            sleep=clock.sleep,
         )
         for i in range(3)
     ]
     for client in clients:
         await asyncio.wait_for(client.wait_registered(), TIMEOUT)
+    await clock.wait_sleeping(len(clients))
     await controller.aclose()
     restarted = await serve(controllers, port)
-    started = asyncio.get_running_loop().time()
+    # One interval passes and no more: every worker must be back without further waiting.
+    clock.advance(interval)
     async with asyncio.timeout(TIMEOUT):
         await asyncio.gather(
             *(c.wait_until(lambda s: s.registrations == 2 and s.registered) for c in clients)
         )
-    assert asyncio.get_running_loop().time() - started < interval + 0.2
     assert restarted.registry.model_names(None) == ["m"]
     assert sorted(w.name for w in restarted.registry) == [
         "http://127.0.0.1:9001",

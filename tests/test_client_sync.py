@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from controller import Controller, ControllerConfig
-from controller.client import (
+from controller.worker import (
     ENV_HEART_BEAT_INTERVAL,
     HeartbeatConfig,
     HeartbeatStats,
@@ -59,6 +58,51 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(TIMEOUT)
         self.loop.close()
+
+
+class ThreadClock:
+    """Monotonic time that moves only when the test says so: a thread client's ``clock``
+    and ``wait``. A wait returns once ``advance()`` has brought the time to its deadline,
+    or at once when the client closes.
+    """
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        # Guards the time and the list of waiting clients; never held with theirs.
+        self._lock = threading.Condition()
+        self._waiting: list[threading.Condition] = []
+
+    def time(self) -> float:
+        with self._lock:
+            return self._now
+
+    def wait(
+        self, condition: threading.Condition, predicate: Callable[[], bool], timeout: float
+    ) -> bool:
+        with self._lock:
+            deadline = self._now + timeout
+            self._waiting.append(condition)
+            self._lock.notify_all()
+        try:
+            while not predicate() and self.time() < deadline:
+                condition.wait()
+        finally:
+            with self._lock:
+                self._waiting.remove(condition)
+        return predicate()
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+            waiting = list(self._waiting)
+        for condition in waiting:
+            with condition:
+                condition.notify_all()
+
+    def wait_waiting(self, count: int) -> bool:
+        """Wait until ``count`` clients wait for the clock; ``False`` after TIMEOUT."""
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self._waiting) >= count, TIMEOUT)
 
 
 class Servers:
@@ -113,8 +157,10 @@ def make_client() -> Iterator[MakeClient]:
     """Factory for started thread clients; all are closed after the test."""
     clients: list[SyncHeartbeatClient] = []
 
-    def make(config: HeartbeatConfig, queue_length: Any = None) -> SyncHeartbeatClient:
-        client = SyncHeartbeatClient(config, queue_length)
+    def make(
+        config: HeartbeatConfig, queue_length: Any = None, **options: Any
+    ) -> SyncHeartbeatClient:
+        client = SyncHeartbeatClient(config, queue_length, **options)
         clients.append(client)
         client.start()
         return client
@@ -191,7 +237,7 @@ def test_misbehaving_controller_is_retried_without_crashing(
     servers: Servers, make_client: MakeClient, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
     """500s and silence are retried with backoff, with one log line for the outage."""
-    caplog.set_level(logging.INFO, logger="controller.client")
+    caplog.set_level(logging.INFO, logger="controller.worker")
     fake = servers.fake(mode=mode)
     client = make_client(make_config(fake.url, request_timeout=0.1))
     wait(client, lambda s: s.failures >= 4)
@@ -206,14 +252,23 @@ def test_misbehaving_controller_is_retried_without_crashing(
     assert len([r for r in caplog.records if "answers again" in r.getMessage()]) == 1
 
 
-def test_close_is_prompt_and_says_goodbye(servers: Servers) -> None:
-    """close() does not wait out the interval, and tells the controller the worker left."""
+def heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "fc-heartbeat http://127.0.0.1:9001"]
+
+
+def test_close_is_prompt_and_says_goodbye(
+    servers: Servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() wakes the thread from its 30 s wait, and tells the controller the worker left."""
     fake = servers.fake()
     client = SyncHeartbeatClient(make_config(fake.url, interval=30))
     with client:
         assert client.wait_registered(TIMEOUT)
-        started = time.monotonic()
-    assert time.monotonic() - started < 1.0
+        assert len(heartbeat_threads()) == 1
+    # close() gives the thread about 2 s to end: if it slept out its interval it would
+    # still be running, and close() would have warned that it left it behind.
+    assert heartbeat_threads() == []
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
     assert fake.unregistrations == [{"worker_name": "http://127.0.0.1:9001"}]
     assert client.statistics().closed
 
@@ -260,22 +315,26 @@ def test_real_controller_restart_brings_workers_back_within_one_interval(
     controller = servers.controller()
     port = int(controller.url.rsplit(":", 1)[1])
     interval = 0.5
+    clock = ThreadClock()
     clients = [
         make_client(
             make_config(
                 controller.url, worker_address=f"http://127.0.0.1:{9001 + i}", interval=interval
-            )
+            ),
+            clock=clock.time,
+            wait=clock.wait,
         )
         for i in range(3)
     ]
     for client in clients:
         assert client.wait_registered(TIMEOUT)
+    assert clock.wait_waiting(len(clients))
     servers.lt.run(controller.aclose())
     restarted = servers.controller(port)
-    started = time.monotonic()
+    # One interval passes and no more: every worker must be back without further waiting.
+    clock.advance(interval)
     for client in clients:
         wait(client, lambda s: s.registrations == 2 and s.registered)
-    assert time.monotonic() - started < interval + 0.2
     assert sorted(w.name for w in restarted.registry) == [
         "http://127.0.0.1:9001",
         "http://127.0.0.1:9002",
@@ -294,7 +353,7 @@ def test_real_controller_stops_routing_to_a_worker_that_left(servers: Servers) -
 
 PLAIN_PROGRAM = """
 import sys
-from controller.client import HeartbeatConfig, SyncHeartbeatClient
+from controller.worker import HeartbeatConfig, SyncHeartbeatClient
 
 config = HeartbeatConfig.from_environ(
     controller_address=sys.argv[1], worker_address="http://127.0.0.1:9101", model_names=["plain"]

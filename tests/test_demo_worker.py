@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,8 +21,8 @@ import aiohttp
 import pytest
 
 from controller import Controller, ControllerConfig
-from controller.client import ENV_HEART_BEAT_INTERVAL
-from controller.demo_worker import SERVER_ERROR_MSG, DemoSettings, DemoWorker, load_settings, main
+from controller.worker import ENV_HEART_BEAT_INTERVAL
+from controller.worker.demo import SERVER_ERROR_MSG, DemoSettings, DemoWorker, load_settings, main
 
 TIMEOUT = 5.0
 ROOT = Path(__file__).parent.parent
@@ -421,7 +422,7 @@ async def test_signal_unregisters_and_exits_0(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.demo_worker",
+        "controller.worker.demo",
         "--host",
         "127.0.0.1",
         "--port",
@@ -457,3 +458,23 @@ async def test_signal_unregisters_and_exits_0(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_old_module_path_still_works() -> None:
+    """``controller.demo_worker`` still gives the demo's names and runs with ``python -m``."""
+    from controller import demo_worker
+
+    assert (demo_worker.DemoWorker, demo_worker.load_settings, demo_worker.main) == (
+        DemoWorker,
+        load_settings,
+        main,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.demo_worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: fc-demo-worker")

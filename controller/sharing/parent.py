@@ -13,11 +13,11 @@ import logging
 
 import aiohttp
 
-from ..client import HeartbeatClient, HeartbeatConfig
 from ..decisions.changes import MEMBERSHIP
 from ..decisions.registry import Registry
 from ..protocol import worker_url
 from ..relay.connections import WorkerConnections
+from ..worker import HeartbeatClient, HeartbeatConfig
 
 __all__ = ["ParentLink"]
 

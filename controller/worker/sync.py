@@ -1,13 +1,14 @@
-"""The heartbeat client for workers that are not asyncio programs: one daemon thread.
+"""The thread heartbeat client, ``SyncHeartbeatClient``, for workers that are not asyncio programs.
 
-Import it from ``controller.client``. It uses only the standard library (``urllib``) for
-HTTP, so a threaded worker needs nothing beyond what this package already requires.
+It runs in one daemon thread and uses only the standard library (``urllib``) for HTTP, so
+a threaded worker needs nothing beyond what this package already requires.
 """
 
 from __future__ import annotations
 
 import http.client
 import inspect
+import logging
 import random
 import threading
 import time
@@ -17,54 +18,49 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Literal, Self, TypeAlias
 
-from ._client_core import (
-    JSON_HEADERS,
-    BadAnswer,
-    Core,
-    HeartbeatConfig,
-    HeartbeatStats,
-    SupportsQueueLength,
-    check_register_answer,
-    describe,
-    log,
-    log_unregister_failed,
-    log_unregistered,
-    parse_heartbeat_answer,
-    parse_unregister_answer,
-)
+from .config import HeartbeatConfig
+from .core import ClientBase, HeartbeatStats, SupportsQueueLength, queue_length_function
+from .wire import JSON_HEADERS, BadAnswer
 
-__all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource"]
+__all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource", "Waiter"]
+
+log = logging.getLogger(__name__)
 
 #: A plain callable, or an object with a ``queue_length`` attribute. It is called from the
 #: heartbeat thread, so it must be safe to call from there.
 SyncQueueLengthSource: TypeAlias = Callable[[], int] | SupportsQueueLength
 
+#: Waits on a condition (held by the caller) until the predicate holds or the timeout, in
+#: seconds of the client's clock, runs out; returns the predicate. The shape of
+#: ``threading.Condition.wait_for``, which is the default.
+Waiter: TypeAlias = Callable[[threading.Condition, Callable[[], bool], float], bool]
+
 _CALL_ERRORS = (OSError, http.client.HTTPException, BadAnswer)
 
 
-def _queue_length_function(source: SyncQueueLengthSource | None) -> Callable[[], int]:
-    if source is None:
-        return lambda: 0
-    if callable(source):
-        if inspect.iscoroutinefunction(source):
-            raise TypeError(
-                "SyncHeartbeatClient calls queue_length from a thread and cannot await it; "
-                "pass a plain function, or use HeartbeatClient in an asyncio program"
-            )
-        return source
-    if hasattr(source, "queue_length"):
-        return lambda: source.queue_length
-    raise TypeError(
-        f"queue_length must be a callable or have a queue_length attribute, got {source!r}"
-    )
+def _wait_for(
+    condition: threading.Condition, predicate: Callable[[], bool], timeout: float
+) -> bool:
+    return condition.wait_for(predicate, timeout)
 
 
-class SyncHeartbeatClient:
+def _sync_queue_length_function(source: SyncQueueLengthSource | None) -> Callable[[], int]:
+    if inspect.iscoroutinefunction(source):
+        raise TypeError(
+            "SyncHeartbeatClient calls queue_length from a thread and cannot await it; "
+            "pass a plain function, or use HeartbeatClient in an asyncio program"
+        )
+    return queue_length_function(source)
+
+
+class SyncHeartbeatClient(ClientBase[int]):
     """Registers a worker with a controller and keeps it registered, from a daemon thread.
 
     Behaves like ``HeartbeatClient`` (same ``HeartbeatConfig``, backoff, re-registration
     and goodbye) for programs without an event loop, such as FastChat's threaded workers.
-    ``queue_length`` is called from the heartbeat thread.
+    ``queue_length`` is called from the heartbeat thread. ``clock`` (monotonic seconds)
+    and ``wait`` (see ``Waiter``) schedule the heartbeats and retries; tests pass a fake
+    pair to drive time themselves. Call timeouts stay on real time.
 
     Use it as a context manager, or call ``start()`` and later ``close()``.
     """
@@ -75,14 +71,16 @@ class SyncHeartbeatClient:
         queue_length: SyncQueueLengthSource | None = None,
         *,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Waiter = _wait_for,
     ) -> None:
-        self.config = config
-        self._queue_length = _queue_length_function(queue_length)
-        self._core = Core(config, rng if rng is not None else random.Random())
-        self._state: Literal["new", "running", "closed"] = "new"
-        self._stop = threading.Event()
-        # Guards the core (mutated by the thread, read by callers) and wakes waiters.
+        super().__init__(config, _sync_queue_length_function(queue_length), rng, clock)
+        self._wait = wait
+        # Guards the core (mutated by the thread, read by callers), wakes waiters, and
+        # wakes the thread from its wait between beats when the client closes.
         self._changed = threading.Condition()
+        self._state: Literal["new", "running", "closed"] = "new"
+        self._stopping = False
         self._thread: threading.Thread | None = None
         # No proxies: the controller is an internal address (aiohttp's default too).
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -111,7 +109,9 @@ class SyncHeartbeatClient:
             return
         was_running = self._state == "running"
         self._state = "closed"
-        self._stop.set()
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         thread, self._thread = self._thread, None
         if thread is not None:
             # urllib cannot be interrupted; its own timeout bounds the wait.
@@ -157,6 +157,7 @@ class SyncHeartbeatClient:
 
         Also returns ``None`` if the client closes before the condition holds.
         """
+        # The caller's timeout is real time, whatever clock schedules the heartbeats.
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
@@ -177,48 +178,43 @@ class SyncHeartbeatClient:
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        interval = self.config.interval
-        while not self._stop.is_set():
-            started = time.monotonic()
+        while not self._stopping:
+            started = self._clock()
+            error: Exception | None = None
             try:
                 self._exchange()
-            except _CALL_ERRORS as e:
-                delay = self._failed(describe(e, self.config.request_timeout))
             except Exception as e:
-                # A bug here must not end the thread: log it loudly and carry on.
-                delay = self._failed(describe(e, 0), e)
-            else:
-                delay = max(0.0, started + interval - time.monotonic())
-            if self._stop.wait(delay):
-                return
-
-    def _failed(self, reason: str, error: BaseException | None = None) -> float:
-        with self._changed:
-            delay = self._core.on_failure(reason, time.monotonic(), error)
-            self._changed.notify_all()
-        return delay
+                error = e
+            with self._changed:
+                delay = self._core.after_exchange(
+                    started, self._clock(), error, isinstance(error, _CALL_ERRORS)
+                )
+                if error is not None:
+                    self._changed.notify_all()
+                # Not a sleep: close() wakes this wait at once.
+                if self._wait(self._changed, lambda: self._stopping, delay):
+                    return
 
     def _exchange(self) -> None:
         core = self._core
         queue_length = self._read_queue_length()
+        timeout = self.config.request_timeout
         if core.registered:
             with self._changed:
                 url, body = core.heartbeat_request(queue_length)
-            status, answer = self._post(url, body, self.config.request_timeout)
-            exist = parse_heartbeat_answer(status, answer)
+            status, answer = self._post(url, body, timeout)
             with self._changed:
-                core.on_heartbeat(exist, time.monotonic())
+                exist = core.on_heartbeat_answer(status, answer, self._clock())
                 self._changed.notify_all()
             if exist:
                 return
-        if self._stop.is_set():
+        if self._stopping:
             return
         with self._changed:
             url, body = core.register_request(queue_length)
-        status, answer = self._post(url, body, self.config.request_timeout)
-        check_register_answer(status, answer)
+        status, answer = self._post(url, body, timeout)
         with self._changed:
-            core.on_registered(time.monotonic())
+            core.on_register_answer(status, answer, self._clock())
             self._changed.notify_all()
 
     def _read_queue_length(self) -> int:
@@ -248,11 +244,11 @@ class SyncHeartbeatClient:
                 e.close()
 
     def _unregister(self) -> None:
-        timeout = self.config.unregister_timeout
         try:
-            status, body = self._post(*self._core.unregister_request(), timeout)
-            removed = parse_unregister_answer(status, body)
+            status, body = self._post(
+                *self._core.unregister_request(), self.config.unregister_timeout
+            )
         except Exception as e:
-            log_unregister_failed(self.config, describe(e, timeout))
+            self._core.on_unregister_failed(e)
             return
-        log_unregistered(self.config, removed)
+        self._core.on_unregister_answer(status, body)
