@@ -52,6 +52,7 @@ class FakeWorker:
     ``status_hang`` makes ``/worker_get_status`` never answer; ``status_garbage`` makes it
     answer something that is not a status; ``stream_status`` is the HTTP status of streams;
     ``drop_at_once`` closes the connection before sending anything, headers included.
+    After :meth:`stop` it refuses connections (a worker that crashed) and keeps its ``url``.
 
     A stream request may override the stream knobs for itself alone with a ``fake`` object
     in its body, such as ``{"model": "m", "fake": {"die_after": 1}}``.
@@ -73,6 +74,8 @@ class FakeWorker:
     hold_headers: bool = False
     drop_at_once: bool = False
     server: TestServer | None = None
+    #: the base URL while listening, and the one it had after :meth:`stop`
+    _url: str | None = None
     #: streams being served right now (what a real worker reports as its queue length)
     active: int = 0
     #: ``loop.time()`` when ``upstream_gone`` was last set
@@ -88,8 +91,8 @@ class FakeWorker:
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        return str(self.server.make_url("")).rstrip("/")
+        assert self._url is not None, "start() the worker first"
+        return self._url
 
     def status(self) -> dict[str, Any]:
         return {
@@ -193,6 +196,7 @@ class FakeWorker:
         app.router.add_post("/worker_generate_stream", self.handle_stream)
         self.server = TestServer(app, host="127.0.0.1", port=port)
         await self.server.start_server()
+        self._url = str(self.server.make_url("")).rstrip("/")
         return self
 
     async def stop(self) -> int:
@@ -231,13 +235,20 @@ MakeWorker = Callable[..., Awaitable[FakeWorker]]
 
 @pytest.fixture
 async def make_worker() -> AsyncIterator[MakeWorker]:
-    """Factory for fake workers on loopback ports; all are stopped after the test."""
+    """Factory for fake workers on loopback ports; all are stopped after the test.
+
+    Keywords are :class:`FakeWorker`'s knobs; ``crashed=True`` gives one that has already
+    crashed (:meth:`FakeWorker.stop`), whose address refuses connections.
+    """
     workers: list[FakeWorker] = []
 
-    async def make(**knobs: Any) -> FakeWorker:
+    async def make(*, crashed: bool = False, **knobs: Any) -> FakeWorker:
         worker = FakeWorker(**knobs)
         workers.append(worker)
-        return await worker.start()
+        await worker.start()
+        if crashed:
+            await worker.stop()
+        return worker
 
     yield make
     for worker in workers:
@@ -412,6 +423,26 @@ async def post_ok(
     async with http.post(f"{controller.url}{path}", json=body) as r:
         assert r.status == 200, await r.text()
         return json.loads(await r.read())
+
+
+async def register(
+    http: aiohttp.ClientSession, controller: Controller, *workers: FakeWorker
+) -> None:
+    """Register ``workers`` with ``controller``, each with its status, as FastChat's do."""
+    for worker in workers:
+        await post_ok(http, controller, "/register_worker", register_body(worker))
+
+
+async def stream(
+    http: aiohttp.ClientSession, controller: Controller, body: Any = None
+) -> list[dict[str, Any]]:
+    """Stream a generation through ``controller`` (model ``m`` unless ``body`` says); the
+    messages, decoded."""
+    async with http.post(
+        f"{controller.url}/worker_generate_stream", json={"model": "m"} if body is None else body
+    ) as r:
+        assert r.status == 200, await r.text()
+        return split_stream(await r.read())
 
 
 @pytest.fixture(scope="module")
