@@ -7,9 +7,16 @@ import asyncio
 import aiohttp
 import pytest
 
-from controller import Controller
+from controller import Controller, ControllerConfig
 
-from .conftest import MakeWorker, RunController, register
+from .conftest import (
+    FakeClock,
+    MakeWorker,
+    RunController,
+    queue_estimates,
+    register,
+    wait_until,
+)
 
 #: how long a test waits for what it expects: a bound against hanging, not a latency bound
 #: (test_reliability_faults.py pins how quickly a departure reaches the worker)
@@ -69,3 +76,41 @@ async def test_client_leaving_while_worker_is_silent(
     info = controller.registry.get(worker.url)
     assert info is not None
     assert not controller.registry.is_ejected(info)
+
+
+async def test_client_leaving_lowers_queue_estimate_between_load_polls(
+    run_controller: RunController,
+    make_worker: MakeWorker,
+    http: aiohttp.ClientSession,
+    clock: FakeClock,
+) -> None:
+    """A client leaving mid-stream lowers the queue estimate at once, not at the next load poll."""
+    # Load polling on (the default interval), but the controller's clock stands still: no
+    # poll ever falls due, so only the relay's own accounting can lower the estimate.
+    config = ControllerConfig(host="127.0.0.1", port=0)
+    assert config.load_poll_interval > 0
+    controller = await run_controller(config, clock=clock)
+    worker = await make_worker(tokens=1_000_000, token_delay=0.01)
+    await register(http, controller, worker)
+    assert await queue_estimates(http, controller) == {worker.url: 0}
+
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(
+            f"{controller.url}/worker_generate_stream", json={"model": "m"}
+        )
+        await response.content.readuntil(b"\0")
+        assert await queue_estimates(http, controller) == {worker.url: 1}
+        response.close()
+
+    # The worker was still streaming: only the controller can have closed its request.
+    await asyncio.wait_for(worker.upstream_gone.wait(), PATIENCE)
+
+    async def idle() -> bool:
+        return await queue_estimates(http, controller) == {worker.url: 0}
+
+    try:
+        await wait_until(idle, timeout=PATIENCE)
+    except TimeoutError:
+        left = await queue_estimates(http, controller)
+        raise AssertionError(f"the departed client's stream is still counted: {left}") from None
+    assert worker.status_calls == 0, "a load poll ran: the test proves nothing"
