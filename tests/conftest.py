@@ -52,6 +52,10 @@ class FakeWorker:
     ``status_hang`` makes ``/worker_get_status`` never answer; ``status_garbage`` makes it
     answer something that is not a status; ``stream_status`` is the HTTP status of streams;
     ``drop_at_once`` closes the connection before sending anything, headers included.
+    After :meth:`stop` it refuses connections (a worker that crashed) and keeps its ``url``.
+
+    ``/model_details`` answers at once, as a FastChat worker does: the controller relays it
+    without counting it as work, which :func:`queue_estimates` relies on.
 
     A stream request may override the stream knobs for itself alone with a ``fake`` object
     in its body, such as ``{"model": "m", "fake": {"die_after": 1}}``.
@@ -73,6 +77,8 @@ class FakeWorker:
     hold_headers: bool = False
     drop_at_once: bool = False
     server: TestServer | None = None
+    #: the base URL while listening, and the one it had after :meth:`stop`
+    _url: str | None = None
     #: streams being served right now (what a real worker reports as its queue length)
     active: int = 0
     #: ``loop.time()`` when ``upstream_gone`` was last set
@@ -88,8 +94,8 @@ class FakeWorker:
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        return str(self.server.make_url("")).rstrip("/")
+        assert self._url is not None, "start() the worker first"
+        return self._url
 
     def status(self) -> dict[str, Any]:
         return {
@@ -109,6 +115,9 @@ class FakeWorker:
         if self.status_garbage:
             return web.Response(text="<html>not json</html>")
         return web.json_response(self.status())
+
+    async def handle_model_details(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"context_length": 4096})
 
     def knobs(self, body: bytes) -> StreamKnobs:
         """The stream knobs for one request: the worker's, with the body's ``fake`` applied."""
@@ -191,8 +200,10 @@ class FakeWorker:
         app = web.Application()
         app.router.add_post("/worker_get_status", self.handle_status)
         app.router.add_post("/worker_generate_stream", self.handle_stream)
+        app.router.add_post("/model_details", self.handle_model_details)
         self.server = TestServer(app, host="127.0.0.1", port=port)
         await self.server.start_server()
+        self._url = str(self.server.make_url("")).rstrip("/")
         return self
 
     async def stop(self) -> int:
@@ -231,13 +242,20 @@ MakeWorker = Callable[..., Awaitable[FakeWorker]]
 
 @pytest.fixture
 async def make_worker() -> AsyncIterator[MakeWorker]:
-    """Factory for fake workers on loopback ports; all are stopped after the test."""
+    """Factory for fake workers on loopback ports; all are stopped after the test.
+
+    Keywords are :class:`FakeWorker`'s knobs; ``crashed=True`` gives one that has already
+    crashed (:meth:`FakeWorker.stop`), whose address refuses connections.
+    """
     workers: list[FakeWorker] = []
 
-    async def make(**knobs: Any) -> FakeWorker:
+    async def make(*, crashed: bool = False, **knobs: Any) -> FakeWorker:
         worker = FakeWorker(**knobs)
         workers.append(worker)
-        return await worker.start()
+        await worker.start()
+        if crashed:
+            await worker.stop()
+        return worker
 
     yield make
     for worker in workers:
@@ -390,13 +408,21 @@ def register_body(worker: FakeWorker | str, *, status: bool = True, **extra: Any
     return body
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+async def wait_until(
+    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float = 2.0
+) -> None:
     """Wait for ``predicate`` to hold, checking every few milliseconds; fail after ``timeout``.
 
-    For state with no event to wait on (a count in the registry); never a fixed sleep.
+    For state with no event to wait on (a count in the registry, or an answer over HTTP
+    when ``predicate`` is async); never a fixed sleep.
     """
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while True:
+            holds = predicate()
+            if not isinstance(holds, bool):
+                holds = await holds
+            if holds:
+                return
             await asyncio.sleep(0.005)
 
 
@@ -412,6 +438,44 @@ async def post_ok(
     async with http.post(f"{controller.url}{path}", json=body) as r:
         assert r.status == 200, await r.text()
         return json.loads(await r.read())
+
+
+async def register(
+    http: aiohttp.ClientSession, controller: Controller, *workers: FakeWorker
+) -> None:
+    """Register ``workers`` with ``controller``, each with its status, as FastChat's do."""
+    for worker in workers:
+        await post_ok(http, controller, "/register_worker", register_body(worker))
+
+
+async def stream(
+    http: aiohttp.ClientSession, controller: Controller, body: Any = None
+) -> list[dict[str, Any]]:
+    """Stream a generation through ``controller`` (model ``m`` unless ``body`` says); the
+    messages, decoded."""
+    async with http.post(
+        f"{controller.url}/worker_generate_stream", json={"model": "m"} if body is None else body
+    ) as r:
+        assert r.status == 200, await r.text()
+        return split_stream(await r.read())
+
+
+async def queue_estimates(
+    http: aiohttp.ClientSession, controller: Controller, model: str = "m"
+) -> dict[str, int]:
+    """The controller's queue estimate of each worker serving ``model``, as it dispatches.
+
+    Seen over the wire without adding to it: a ``/model_details`` call is relayed to a
+    worker without being counted, and ``/dispatch_decisions`` shows the estimates that
+    choice was made on. Needs workers that answer ``/model_details`` (as :class:`FakeWorker`
+    does).
+    """
+    await post_ok(http, controller, "/model_details", {"model": model})
+    async with http.get(f"{controller.url}/dispatch_decisions", params={"n": "1"}) as r:
+        assert r.status == 200, await r.text()
+        (decision,) = (await r.json())["decisions"]
+    assert decision["model"] == model, decision
+    return {c["worker"]: c["queue_length"] for c in decision["candidates"]}
 
 
 @pytest.fixture(scope="module")

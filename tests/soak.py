@@ -6,8 +6,8 @@ Run by hand for a longer look (loopback only)::
 
 It prints a small table: requests served, errors clients saw (in-band and HTTP), worker
 deaths, and the controller's resident memory (from /proc) at start, after warm-up and at
-the end. ``tests/test_soak.py`` runs a short variant in the normal suite and the long one
-when ``FC_SOAK_SECONDS`` is set.
+the end. ``pytest -m soak`` (a step of ``.ci/run``, not of the default run) runs a short
+variant from ``tests/test_soak.py``, and the long one too when ``FC_SOAK_SECONDS`` is set.
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ async def controller_process(
 async def wait_for_line(process: asyncio.subprocess.Process, text: str, timeout: float) -> str:
     """The first stderr line containing ``text``; fails if the process exits first."""
     assert process.stderr is not None
-    seen = []
+    seen: list[str] = []
     async with asyncio.timeout(timeout):
         while True:
             raw = await process.stderr.readline()

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-from typing import Any
-
 import aiohttp
 import pytest
 
 from controller import Controller, ControllerConfig
 
-from .conftest import FakeClock, MakeWorker, RunController, register_body, split_stream
-
-
-def closed_port_url() -> str:
-    """The URL of a loopback port nothing listens on (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def dead_worker_body(url: str, model: str = "m") -> dict[str, Any]:
-    return {
-        "worker_name": url,
-        "check_heart_beat": True,
-        "worker_status": {"model_names": [model], "speed": 1, "queue_length": 0},
-    }
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> Any:
-    async with http.post(url, json=body) as r:
-        assert r.status == 200, await r.text()
-        return await r.json()
-
-
-async def stream(http: aiohttp.ClientSession, url: str, body: Any) -> list[dict[str, Any]]:
-    async with http.post(f"{url}/worker_generate_stream", json=body) as r:
-        assert r.status == 200
-        return split_stream(await r.read())
+from .conftest import FakeClock, MakeWorker, RunController, post_ok, register, stream
 
 
 @pytest.fixture
@@ -50,12 +19,11 @@ async def test_refused_connection_fails_over_to_healthy_worker(
     controller: Controller, make_worker: MakeWorker, http: aiohttp.ClientSession
 ) -> None:
     """A worker refusing connections is skipped: the client gets the healthy worker's stream."""
-    dead = closed_port_url()
+    dead = await make_worker(crashed=True)
     healthy = await make_worker(tokens=2)
-    await post(http, f"{controller.url}/register_worker", dead_worker_body(dead))
-    await post(http, f"{controller.url}/register_worker", register_body(healthy))
+    await register(http, controller, dead, healthy)
 
-    messages = await stream(http, controller.url, {"model": "m"})
+    messages = await stream(http, controller)
 
     assert [m["error_code"] for m in messages] == [0, 0]
     assert messages[-1]["text"] == "tok0 tok1"
@@ -68,10 +36,9 @@ async def test_http_error_before_first_byte_fails_over(
     """A worker answering HTTP 500 is replaced by another before the client sees anything."""
     broken = await make_worker(stream_status=500)
     healthy = await make_worker(tokens=1)
-    await post(http, f"{controller.url}/register_worker", register_body(broken))
-    await post(http, f"{controller.url}/register_worker", register_body(healthy))
+    await register(http, controller, broken, healthy)
 
-    messages = await stream(http, controller.url, {"model": "m", "prompt": "x"})
+    messages = await stream(http, controller, {"model": "m", "prompt": "x"})
 
     assert messages == [{"text": "tok0", "error_code": 0}]
     assert broken.stream_bodies and healthy.stream_bodies
@@ -81,14 +48,13 @@ async def test_failed_worker_leaves_rotation_for_get_worker_address(
     controller: Controller, make_worker: MakeWorker, http: aiohttp.ClientSession
 ) -> None:
     """After a failed relay, /get_worker_address stops handing out the failed worker."""
-    dead = closed_port_url()
+    dead = await make_worker(crashed=True)
     healthy = await make_worker()
-    await post(http, f"{controller.url}/register_worker", dead_worker_body(dead))
-    await post(http, f"{controller.url}/register_worker", register_body(healthy))
-    await stream(http, controller.url, {"model": "m"})
+    await register(http, controller, dead, healthy)
+    await stream(http, controller)
 
     addresses = {
-        (await post(http, f"{controller.url}/get_worker_address", {"model": "m"}))["address"]
+        (await post_ok(http, controller, "/get_worker_address", {"model": "m"}))["address"]
         for _ in range(6)
     }
 
@@ -101,10 +67,9 @@ async def test_failure_after_first_byte_ends_with_in_band_error(
     """A worker dying mid-stream is not retried: messages so far, then the 50006 message."""
     dying = await make_worker(tokens=5, die_after=2)
     spare = await make_worker()
-    await post(http, f"{controller.url}/register_worker", register_body(dying))
-    await post(http, f"{controller.url}/register_worker", register_body(spare))
+    await register(http, controller, dying, spare)
 
-    messages = await stream(http, controller.url, {"model": "m"})
+    messages = await stream(http, controller)
 
     assert [m["error_code"] for m in messages] == [0, 0, 50006]
     assert spare.stream_bodies == []
@@ -112,13 +77,13 @@ async def test_failure_after_first_byte_ends_with_in_band_error(
 
 
 async def test_every_worker_failing_gives_one_in_band_error(
-    controller: Controller, http: aiohttp.ClientSession
+    controller: Controller, make_worker: MakeWorker, http: aiohttp.ClientSession
 ) -> None:
     """When every worker fails before its first byte, the client gets a single 50006."""
-    for _ in range(2):
-        await post(http, f"{controller.url}/register_worker", dead_worker_body(closed_port_url()))
+    dead = [await make_worker(crashed=True) for _ in range(2)]
+    await register(http, controller, *dead)
 
-    messages = await stream(http, controller.url, {"model": "m"})
+    messages = await stream(http, controller)
 
     assert [m["error_code"] for m in messages] == [50006]
 
@@ -130,10 +95,9 @@ async def test_attempts_are_bounded(
     controller = await run_controller(ControllerConfig(host="127.0.0.1", port=0, stream_attempts=1))
     broken = await make_worker(stream_status=503)
     spare = await make_worker()
-    await post(http, f"{controller.url}/register_worker", register_body(broken))
-    await post(http, f"{controller.url}/register_worker", register_body(spare))
+    await register(http, controller, broken, spare)
 
-    messages = await stream(http, controller.url, {"model": "m"})
+    messages = await stream(http, controller)
 
     assert [m["error_code"] for m in messages] == [50006]
     assert spare.stream_bodies == []
@@ -145,18 +109,17 @@ async def test_heartbeat_brings_ejected_worker_back(
     """A worker ejected after one failure is routable again once it sends a heartbeat."""
     flaky = await make_worker(stream_status=500)
     other = await make_worker()
-    await post(http, f"{controller.url}/register_worker", register_body(flaky))
-    await post(http, f"{controller.url}/register_worker", register_body(other))
-    await stream(http, controller.url, {"model": "m"})
+    await register(http, controller, flaky, other)
+    await stream(http, controller)
     info = controller.registry.get(flaky.url)
     assert info is not None and controller.registry.is_ejected(info)
 
     beat = {"worker_name": flaky.url, "queue_length": 0}
-    assert await post(http, f"{controller.url}/receive_heart_beat", beat) == {"exist": True}
+    assert await post_ok(http, controller, "/receive_heart_beat", beat) == {"exist": True}
 
     assert not controller.registry.is_ejected(info)
     # Both idle with equal queues: the earliest registered (the flaky one) is chosen again.
-    answer = await post(http, f"{controller.url}/get_worker_address", {"model": "m"})
+    answer = await post_ok(http, controller, "/get_worker_address", {"model": "m"})
     assert answer == {"address": flaky.url}
 
 
@@ -166,24 +129,23 @@ async def test_outlier_waits_out_a_doubling_ejection(
     """Three failures in a row make an outlier: heartbeats no longer lift it, time does."""
     flaky = await make_worker(stream_status=500)
     other = await make_worker()
-    await post(http, f"{controller.url}/register_worker", register_body(flaky))
-    await post(http, f"{controller.url}/register_worker", register_body(other))
+    await register(http, controller, flaky, other)
     info = controller.registry.get(flaky.url)
     assert info is not None
     beat = {"worker_name": flaky.url, "queue_length": 0}
     for _ in range(3):
-        await post(http, f"{controller.url}/receive_heart_beat", beat)
-        await stream(http, controller.url, {"model": "m"})
+        await post_ok(http, controller, "/receive_heart_beat", beat)
+        await stream(http, controller)
     assert info.consecutive_failures == 3
 
-    await post(http, f"{controller.url}/receive_heart_beat", beat)
+    await post_ok(http, controller, "/receive_heart_beat", beat)
     assert controller.registry.is_ejected(info)
     # Third failure in a row: 5 s doubled twice.
     clock.advance(19.9)
     assert controller.registry.is_ejected(info)
     clock.advance(0.2)
     assert not controller.registry.is_ejected(info)
-    answer = await post(http, f"{controller.url}/get_worker_address", {"model": "m"})
+    answer = await post_ok(http, controller, "/get_worker_address", {"model": "m"})
     assert answer == {"address": flaky.url}
 
 
@@ -192,12 +154,12 @@ async def test_all_ejected_workers_are_still_tried(
 ) -> None:
     """When every worker of a model is ejected they are still handed out, not an empty address."""
     flaky = await make_worker(stream_status=500)
-    await post(http, f"{controller.url}/register_worker", register_body(flaky))
-    await stream(http, controller.url, {"model": "m"})
+    await register(http, controller, flaky)
+    await stream(http, controller)
     info = controller.registry.get(flaky.url)
     assert info is not None and controller.registry.is_ejected(info)
 
-    answer = await post(http, f"{controller.url}/get_worker_address", {"model": "m"})
+    answer = await post_ok(http, controller, "/get_worker_address", {"model": "m"})
 
     assert answer == {"address": flaky.url}
 
@@ -208,10 +170,9 @@ async def test_queue_count_settles_after_failover(
     """Every attempt of a failed-over stream is released from its worker's queue length."""
     broken = await make_worker(stream_status=500, queue_length=2)
     healthy = await make_worker(queue_length=1)
-    await post(http, f"{controller.url}/register_worker", register_body(broken))
-    await post(http, f"{controller.url}/register_worker", register_body(healthy))
+    await register(http, controller, broken, healthy)
 
-    await stream(http, controller.url, {"model": "m"})
+    await stream(http, controller)
 
     queues = {w.name: w.queue_length for w in controller.registry}
     assert queues == {broken.url: 2, healthy.url: 1}

@@ -319,7 +319,8 @@ async def test_streams_share_kept_alive_connections_and_idle_ones_are_closed(
     both = asyncio.gather(stream(http, controller), stream(http, controller))
     await wait_until(lambda: worker.requests == 3)
     release.set()
-    assert await both == [MESSAGES[0], MESSAGES[0]]
+    # gather() gives a list; typeshed says a tuple (for two awaitables): compare as a list.
+    assert list(await both) == [MESSAGES[0], MESSAGES[0]]
     assert worker.connections == 2
     assert controller.pool.idle_count() == 2
     clock.advance(IDLE_TIMEOUT - 0.5)

@@ -1,4 +1,5 @@
-"""The soak (see ``tests/soak.py``): a short run in every suite, a long one on request."""
+"""The soak (see ``tests/soak.py``), deselected by default: ``pytest -m soak`` runs the
+short one, with ``FC_SOAK_SECONDS`` set the long one too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from .soak import run_soak
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.soak, pytest.mark.slow]
 
 #: growth of the controller's resident memory allowed between warm-up and the end
 RSS_GROWTH_MIB = 10.0
