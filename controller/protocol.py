@@ -8,7 +8,6 @@ encoding of responses lives here too.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, NoReturn
 
 import attrs
@@ -144,7 +143,9 @@ def _count(value: Any, field: str) -> int:
 def _speed(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequestError(field, f"must be a number, got {_describe(value)}")
-    if not (math.isfinite(value) and 0 <= value <= MAX_SPEED):
+    # Compared as a range, not with math.isfinite: an int too large for a float (10**30)
+    # would raise OverflowError there. NaN and the infinities fall outside the range.
+    if not 0 <= value <= MAX_SPEED:
         raise BadRequestError(field, f"must be from 0 to {MAX_SPEED:g}, got {value!r}")
     return value
 

@@ -86,6 +86,8 @@ CASES = [
     ("/register_worker", reg(worker_status=status(speed=-1)), "worker_status.speed", "-1"),
     ("/register_worker", reg(worker_status=status(speed="fast")), "worker_status.speed", "number"),
     ("/register_worker", reg(worker_status=status(speed=True)), "worker_status.speed", "number"),
+    # Too large for a float: must be refused, not overflow into a 500.
+    ("/register_worker", reg(worker_status=status(speed=10**400)), "worker_status.speed", "10000"),
     (
         "/register_worker",
         reg(worker_status=status(speed=12345)).replace(b"12345", b"1e999"),

@@ -505,7 +505,7 @@ async def test_fuzzed_requests_get_4xx_and_leave_the_registry_alone(
     assert errors == []
     async with http.get(f"{controller.url}/test_connection") as r:
         assert await r.json() == "success"
-    covered = {c.path for c in cases}
+    covered = {c.path.partition("?")[0] for c in cases}
     assert set(served) <= covered, f"endpoints never fuzzed: {set(served) - covered}"
 
 
