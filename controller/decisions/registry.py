@@ -71,7 +71,7 @@ class Worker:
 class Registry:
     """Registered workers by name, with an index from model name to the workers serving it.
 
-    Both the name map and each model's list keep registration order, which is the order
+    Both the name map and each model's set of workers keep registration order, which is the order
     dispatch ties are broken in. A worker registered with ``check_heart_beat`` whose last
     heartbeat is older than ``expiration`` is invisible to every query from that instant,
     whether or not :meth:`expire` has removed it yet.
@@ -105,7 +105,9 @@ class Registry:
         # The workers that can expire, so the sweep does not visit the others (a fleet of
         # manual registrations or child controllers would otherwise cost a scan a second).
         self._expiring: dict[str, Worker] = {}
-        self._by_model: dict[str, list[Worker]] = {}
+        # Per model, its workers as an ordered set (a dict's keys): registration order for
+        # dispatch ties, and removal in O(1) (a fleet expiring together stays linear).
+        self._by_model: dict[str, dict[Worker, None]] = {}
 
     # -- queries -----------------------------------------------------------------------
 
@@ -352,13 +354,13 @@ class Registry:
 
     def _index(self, worker: Worker, model_names: tuple[str, ...]) -> None:
         for model in model_names:
-            self._by_model.setdefault(model, []).append(worker)
+            self._by_model.setdefault(model, {})[worker] = None
 
     def _unindex(self, worker: Worker) -> None:
         for model in worker.info.model_names:
             serving = self._by_model.get(model)
             if serving is None:
                 continue
-            serving[:] = [w for w in serving if w is not worker]
+            serving.pop(worker, None)
             if not serving:
                 del self._by_model[model]
