@@ -71,10 +71,10 @@ class Worker:
 class Registry:
     """Registered workers by name, with an index from model name to the workers serving it.
 
-    Both the name map and each model's set of workers keep registration order, which is the order
-    dispatch ties are broken in. A worker registered with ``check_heart_beat`` whose last
-    heartbeat is older than ``expiration`` is invisible to every query from that instant,
-    whether or not :meth:`expire` has removed it yet.
+    Both the name map and each model's set of workers keep registration order, which is
+    the order dispatch ties are broken in. A worker registered with ``check_heart_beat``
+    whose last heartbeat is older than ``expiration`` is invisible to every query from that
+    instant, whether or not :meth:`expire` has removed it yet.
     """
 
     #: after this many failed relays in a row a worker is an outlier: only its ejection
