@@ -180,20 +180,20 @@ async def test_restarts_back_off_and_start_over_after_a_healthy_run(
 @pytest.mark.parametrize("where", ["while it works", "while it waits to restart"])
 async def test_cancelling_a_supervised_task_always_cancels_it(where: str) -> None:
     """Cancellation is never taken for a failure: the supervised task ends cancelled."""
-    started = asyncio.Event()
+    working, waiting = asyncio.Event(), asyncio.Event()
 
     async def work() -> None:
-        started.set()
+        working.set()
         if where == "while it works":
             await asyncio.Event().wait()
         raise InjectedFault("injected by the test")
 
     async def sleep(seconds: float) -> None:
+        waiting.set()
         await asyncio.Event().wait()
 
     task = asyncio.create_task(supervise(work, "test", sleep=sleep))
-    await started.wait()
-    await asyncio.sleep(0)
+    await (working if where == "while it works" else waiting).wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
