@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypedDict, Unpack
 
 import aiohttp
@@ -29,6 +30,7 @@ from .sharing.parent import ParentLink
 from .sharing.state import StateFile
 from .upkeep.expiry import expire_now, sweep_forever
 from .upkeep.probing import Prober
+from .upkeep.supervision import supervise
 
 __all__ = ["CONTROLLER_KEY", "Controller"]
 
@@ -252,20 +254,25 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     def _open(self) -> None:
         cfg = self.config
         self.connections.open()
-        self._spawn(sweep_forever(self.registry, self.connections, cfg.sweep_interval), "expiry")
-        self._spawn(self.relay.watch.run(), "disconnect-watch")
+        self._spawn(
+            functools.partial(sweep_forever, self.registry, self.connections, cfg.sweep_interval),
+            "expiry",
+        )
+        self._spawn(self.relay.watch.run, "disconnect-watch")
         if cfg.load_poll_interval > 0:
-            self._spawn(self.prober.poll_load_forever(), "load-poll")
+            self._spawn(self.prober.poll_load_forever, "load-poll")
         if self._embedded and cfg.advertise_address is not None:
             # attach() made sure a child embedded in a host has an address to advertise.
             self._start_parent_link(cfg.advertise_address)
         if cfg.state_file is not None:
             self._state = StateFile(cfg.state_file, self.registry, self.wall_clock)
             self._state.restore()
-            self._spawn(self._state.save_forever(), "state")
+            self._spawn(self._state.save_forever, "state")
 
-    def _spawn(self, work: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(work, name=f"fc-controller-{name}"))
+    def _spawn(self, work: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``work`` in the background until the controller closes, restarted if it fails."""
+        task = asyncio.create_task(supervise(work, name), name=f"fc-controller-{name}")
+        self._tasks.append(task)
 
     def _start_parent_link(self, advertise_address: str) -> None:
         cfg = self.config

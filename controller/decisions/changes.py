@@ -30,11 +30,11 @@ DEFAULT_RETENTION = 65_536
 class ChangeKind(enum.Enum):
     #: a worker joined, or registered again (possibly serving something else)
     REGISTERED = "registered"
-    #: a status probe (refresh or load poll) found it serving other models or at another speed
+    #: a refresh found it serving other models or at another speed
     UPDATED = "updated"
     #: a heartbeat: the worker is alive and reported its queue
     HEARTBEAT = "heartbeat"
-    #: a status probe reported the worker's queue; what it serves is unchanged
+    #: a load poll, or a refresh that found nothing else changed, reported the worker's queue
     LOAD = "load"
     #: the worker left: it said so, expired, or failed a refresh (see ``Change.reason``)
     REMOVED = "removed"

@@ -71,10 +71,10 @@ class Worker:
 class Registry:
     """Registered workers by name, with an index from model name to the workers serving it.
 
-    Both the name map and each model's list keep registration order, which is the order
-    dispatch ties are broken in. A worker registered with ``check_heart_beat`` whose last
-    heartbeat is older than ``expiration`` is invisible to every query from that instant,
-    whether or not :meth:`expire` has removed it yet.
+    Both the name map and each model's set of workers keep registration order, which is
+    the order dispatch ties are broken in. A worker registered with ``check_heart_beat``
+    whose last heartbeat is older than ``expiration`` is invisible to every query from that
+    instant, whether or not :meth:`expire` has removed it yet.
     """
 
     #: after this many failed relays in a row a worker is an outlier: only its ejection
@@ -105,7 +105,9 @@ class Registry:
         # The workers that can expire, so the sweep does not visit the others (a fleet of
         # manual registrations or child controllers would otherwise cost a scan a second).
         self._expiring: dict[str, Worker] = {}
-        self._by_model: dict[str, list[Worker]] = {}
+        # Per model, its workers as an ordered set (a dict's keys): registration order for
+        # dispatch ties, and removal in O(1) (a fleet expiring together stays linear).
+        self._by_model: dict[str, dict[Worker, None]] = {}
 
     # -- queries -----------------------------------------------------------------------
 
@@ -222,7 +224,13 @@ class Registry:
         return True
 
     def update(self, worker: Worker, generation: int, status: WorkerStatus) -> bool:
-        """Apply what a status probe found unless the worker re-registered or left meanwhile."""
+        """Re-register a worker from its answer to ``/refresh_all_workers``'s status probe,
+        unless it re-registered or left meanwhile.
+
+        As in FastChat, whose refresh registers every worker again: what it serves, its
+        speed and its queue are replaced, and it counts as a sign of life (its heartbeat
+        time is renewed).
+        """
         if not self._is_current(worker, generation):
             return False
         now = self.clock()
@@ -232,12 +240,24 @@ class Registry:
             self._set_info(
                 worker, attrs.evolve(info, model_names=status.model_names, speed=status.speed)
             )
-        worker.load.report(status.queue_length, now, self.worker_slots)
         worker.last_heart_beat = now
         kind = ChangeKind.UPDATED if changed else ChangeKind.LOAD
-        self._record(worker, kind, status.queue_length, now)
-        if worker.ejected_until:
-            self._shows_life(worker, "it answered a status probe")
+        self._report(worker, kind, status.queue_length, now)
+        return True
+
+    def report_load(self, worker: Worker, generation: int, queue_length: int) -> bool:
+        """Take the queue a load poll found, unless the worker re-registered or left meanwhile.
+
+        Only the load changes. A poll is not a heartbeat: a worker that answers polls but
+        stopped heartbeating still expires. Nor does it change what the worker serves: a
+        restarted child controller answers ``model_names: []`` until its own workers have
+        registered again, and forgetting its models then would leave it without traffic,
+        and so without polls, for good. Registrations and ``/refresh_all_workers`` change
+        what a worker serves.
+        """
+        if not self._is_current(worker, generation):
+            return False
+        self._report(worker, ChangeKind.LOAD, queue_length, self.clock())
         return True
 
     def remove(self, name: str) -> Worker | None:
@@ -294,6 +314,14 @@ class Registry:
     ) -> None:
         worker.version = self.feed.append(kind, worker.info, queue_length, now, reason).version
 
+    def _report(self, worker: Worker, kind: ChangeKind, queue_length: int, now: float) -> None:
+        """A status probe's answer: the queue feeds the estimate, and a worker ejected after
+        a failure or two is back in rotation (it answers, so it is up)."""
+        worker.load.report(queue_length, now, self.worker_slots)
+        self._record(worker, kind, queue_length, now)
+        if worker.ejected_until:
+            self._shows_life(worker, "it answered a status probe")
+
     def _shows_life(self, worker: Worker, how: str) -> None:
         # A worker that failed once or twice is back as soon as it shows it is alive; an
         # outlier waits out its ejection whatever it says.
@@ -326,13 +354,13 @@ class Registry:
 
     def _index(self, worker: Worker, model_names: tuple[str, ...]) -> None:
         for model in model_names:
-            self._by_model.setdefault(model, []).append(worker)
+            self._by_model.setdefault(model, {})[worker] = None
 
     def _unindex(self, worker: Worker) -> None:
         for model in worker.info.model_names:
             serving = self._by_model.get(model)
             if serving is None:
                 continue
-            serving[:] = [w for w in serving if w is not worker]
+            serving.pop(worker, None)
             if not serving:
                 del self._by_model[model]

@@ -17,6 +17,7 @@ from ..decisions.changes import MEMBERSHIP
 from ..decisions.registry import Registry
 from ..protocol import worker_url
 from ..relay.connections import WorkerConnections
+from ..upkeep.supervision import supervise
 from ..worker import HeartbeatClient, HeartbeatConfig
 
 __all__ = ["ParentLink"]
@@ -53,7 +54,9 @@ class ParentLink:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="fc-controller-parent-link")
+        self._task = asyncio.create_task(
+            supervise(self._run, "parent-link"), name="fc-controller-parent-link"
+        )
 
     def queue_length(self) -> int:
         return sum(w.load.queue_length for w in self.registry)
@@ -66,6 +69,9 @@ class ParentLink:
 
     async def _run(self) -> None:
         changes = self.registry.feed.subscribe(MEMBERSHIP)
+        # A run that failed may have left the offer half made: the first _follow of a new
+        # run makes it again whatever it was.
+        self._offer = None
         try:
             while True:
                 await self._follow()

@@ -199,8 +199,11 @@ class StateFile:
                 subscription.take()
                 await self.save()
                 await asyncio.sleep(STATE_SAVE_DEBOUNCE)
-        finally:
+        except asyncio.CancelledError:
+            # Only when the controller stops: a run that failed is started again by its
+            # supervisor and must find the changes made meanwhile still queued.
             subscription.close()
+            raise
 
     async def save(self) -> None:
         """Write the registry now; a failure is logged once until saving works again."""

@@ -186,7 +186,8 @@ class Prober:
         whose service time is not known yet is asked four times as often: until then every
         request it gets is a guess, and the first reports after its first requests tell
         how long they take. Only busy workers are asked, all at once; one that fails to
-        answer is asked less and less often. Returns how many answered.
+        answer is asked less and less often. An answer updates the worker's load and
+        nothing else (see ``Registry.report_load``). Returns how many answered.
         """
         interval = self.config.load_poll_interval
         tick = interval / COLD_POLLS_PER_INTERVAL
@@ -212,7 +213,8 @@ class Prober:
                 worker.next_poll_at = now + min(backoff, MAX_POLL_BACKOFF)
                 continue
             worker.poll_failures = 0
-            if registry.update(worker, generation, status):
+            # Only the queue: what it serves and whether it is alive are not a poll's to say.
+            if registry.report_load(worker, generation, status.queue_length):
                 answered += 1
         return answered
 
