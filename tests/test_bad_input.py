@@ -249,3 +249,19 @@ async def test_body_just_under_max_body_size_is_accepted(
     async with http.post(f"{small.url}/receive_heart_beat", data=raw) as r:
         assert r.status == 200
         assert await r.json() == {"exist": True}
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"],
+)
+async def test_body_in_any_encoding_json_reads_is_read_alike(
+    controller: Controller, http: aiohttp.ClientSession, encoding: str
+) -> None:
+    """A body in any encoding json.loads(bytes) reads (UTF-8 with or without a BOM, UTF-16,
+    UTF-32, with or without a BOM) is dispatched like its UTF-8 original."""
+    for body in ({"model": "m"}, {"model": "m", "affinity_key": "k€"}):
+        raw = json.dumps(body, ensure_ascii=False).encode(encoding)
+        async with http.post(f"{controller.url}/get_worker_address", data=raw) as r:
+            assert r.status == 200, await r.text()
+            assert await r.json() == {"address": EXISTING}
