@@ -61,13 +61,20 @@ class RegisterRequest:
 # -- decoding ---------------------------------------------------------------------------
 
 
+class _NotJSONNumber(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotJSONNumber(f"{name} is not a JSON number")
 
 
 # One decoder for every request: json.loads would build a new one per call when given
 # parse_constant (which keeps NaN and Infinity, not JSON, out).
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# Decodes NaN and Infinity to this marker, to find which field held one.
+_CONSTANT = object()
+_marking_decoder = json.JSONDecoder(parse_constant=lambda name: _CONSTANT)
 
 
 def decode_body(raw: bytes) -> Any:
@@ -83,8 +90,34 @@ def decode_body(raw: bytes) -> Any:
         return _decoder.decode(text)
     except RecursionError:
         raise BadRequestError(None, "request body is nested too deeply") from None
+    except _NotJSONNumber as e:
+        raise BadRequestError(_constant_field(text), str(e)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
+
+
+def _constant_field(text: str) -> str | None:
+    """The field of the top-level object that holds the first NaN or Infinity of ``text``,
+    as the 400 names fields (``worker_status.speed``, ``stop_token_ids[1]``); ``None`` when
+    none does (a NaN outside any object, a duplicate key that overwrote it, bad JSON
+    further on)."""
+    try:
+        data = _marking_decoder.decode(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    # Depth first in document order, without recursion: the body may nest deeply.
+    stack: list[tuple[Any, str]] = [(v, k) for k, v in reversed(data.items())]
+    while stack:
+        value, path = stack.pop()
+        if value is _CONSTANT:
+            return path
+        if isinstance(value, dict):
+            stack += [(v, f"{path}.{k}") for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value)))]
+    return None
 
 
 def _object(data: Any, field: str | None = None) -> dict[str, Any]:

@@ -48,7 +48,8 @@ CASES = [
     ("/register_worker", b"", None, "object"),
     ("/register_worker", b"[" * 100_000, None, "deep"),
     ("/register_worker", b'{"worker_name": ' + b"[" * 100_000, None, "deep"),
-    ("/register_worker", b'{"worker_name": NaN}', None, "NaN"),
+    ("/register_worker", b'{"worker_name": NaN}', "worker_name", "NaN"),
+    ("/register_worker", b"NaN", None, "NaN"),
     ("/register_worker", b"9" * 5000, None, "JSON"),
     # -- registration fields
     ("/register_worker", reg(worker_name=DROP), "worker_name", "required"),
@@ -95,7 +96,7 @@ CASES = [
     (
         "/register_worker",
         reg(worker_status=status(speed=12345)).replace(b"12345", b"-Infinity"),
-        None,
+        "worker_status.speed",
         "Infinity",
     ),
     (
@@ -150,6 +151,13 @@ CASES = [
         "from 0",
     ),
     ("/receive_heart_beat", b'{"worker_name": 1, "queue_length": 0}', "worker_name", "string"),
+    # NaN and Infinity are not JSON: the answer names the field that holds one.
+    (
+        "/receive_heart_beat",
+        b'{"worker_name": "http://127.0.0.1:9", "queue_length": NaN}',
+        "queue_length",
+        "NaN",
+    ),
     # -- model look-ups and generation
     ("/get_worker_address", b"{}", "model", "required"),
     ("/get_worker_address", b'{"model": ["m"]}', "model", "string"),
@@ -157,6 +165,14 @@ CASES = [
     ("/worker_generate_stream", b'{"prompt": "hi"}', "model", "required"),
     ("/worker_generate_stream", b'{"model": null}', "model", "string"),
     ("/worker_generate_stream", b"{", None, "JSON"),
+    ("/get_worker_address", b'{"model": Infinity}', "model", "Infinity"),
+    ("/worker_generate_stream", b'{"model": "m", "temperature": NaN}', "temperature", "NaN"),
+    (
+        "/worker_generate_stream",
+        b'{"model": "m", "params": {"stop_token_ids": [2, -Infinity]}}',
+        "params.stop_token_ids[1]",
+        "Infinity",
+    ),
     # -- our extension
     ("/unregister_worker", b"{}", "worker_name", "required"),
     ("/unregister_worker", b'{"worker_name": 7}', "worker_name", "string"),
