@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 
 import uvloop
 from aiohttp import web
+from bench_worker import until_signalled
 
 ANSWER_KEY = web.AppKey("answer", bytes)
 
@@ -52,11 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_signalled()
     finally:
         await runner.cleanup()
 
