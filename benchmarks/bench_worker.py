@@ -108,6 +108,15 @@ def make_app(*, model: str, tokens: int, delay: float, hanging: bool) -> web.App
     return app
 
 
+async def until_signalled() -> None:
+    """Return on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve(args: argparse.Namespace) -> None:
     runners: list[web.AppRunner] = []
     plan = [(port, False) for port in args.port] + [(port, True) for port in args.hang_port]
@@ -122,11 +131,7 @@ async def serve(args: argparse.Namespace) -> None:
             runners.append(runner)
             await web.TCPSite(runner, args.host, port, backlog=1024).start()
         print("ready", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_signalled()
     finally:
         for runner in runners:
             await runner.cleanup()

@@ -51,12 +51,12 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import envs  # noqa: E402
-from report import DIRECT, FASTCHAT, OURS, TARGET_NAMES, saturation_notes  # noqa: E402
+from report import BARE, DIRECT, FASTCHAT, OURS, TARGET_NAMES, saturation_notes  # noqa: E402
 
 AB_DIR = BENCH_DIR / ".ab"
 WORKTREE_NAMES = ("WORKTREE", ".")
 SCENARIOS = ("dispatch", "heartbeat", "stream", "registry", "slow-worker")
-TARGET_ORDER = (OURS, DIRECT, FASTCHAT)
+TARGET_ORDER = (OURS, BARE, DIRECT, FASTCHAT)
 # Bumped when the way a revision's venv is made changes, so old venvs are rebuilt.
 VENV_FORMAT = 1
 # How long run.py gets to stop its own processes after SIGTERM before its group is killed.
@@ -346,9 +346,10 @@ def ab_lock() -> Iterator[None]:
 COST, RATE, CONTEXT = "cost", "rate", "context"
 OTHER_CPU = (("other_cpu_util",), "other processes' CPU", CONTEXT)
 
+CPU_PER_REQUEST = ("controller_cpu_us_per_req",)
 # (path inside one target's result, label, lower is better)
 WRK_FIGURES = (
-    (("controller_cpu_us_per_req",), "CPU µs/request", COST),
+    (CPU_PER_REQUEST, "CPU µs/request", COST),
     (("req_per_s",), "requests/s", RATE),
     (("p50_ms",), "latency p50 ms", COST),
     (("p99_ms",), "latency p99 ms", COST),
@@ -429,6 +430,17 @@ def figures_of(results: dict[str, Any]) -> dict[Figure, float]:
     for scenario in ("dispatch", "heartbeat"):
         for target, data in (results.get(scenario) or {}).items():
             add(scenario, "", target, data, WRK_FIGURES)
+        # Within one run, so the machine's noise mostly cancels out of it.
+        ours = dig(results.get(scenario), (OURS, *CPU_PER_REQUEST))
+        bare = dig(results.get(scenario), (BARE, *CPU_PER_REQUEST))
+        if ours is not None and bare:
+            figure = Figure(
+                key=f"{scenario}.{OURS}.cpu_per_request_over_bare",
+                label=f"{scenario}: CPU/request ÷ bare JSON app's (same run)",
+                kind=COST,
+                order=(0, SCENARIOS.index(scenario), 0, len(WRK_FIGURES)),
+            )
+            out[figure] = ours / bare
     for level, per_target in (results.get("stream") or {}).items():
         for target, data in per_target.items():
             add("stream", level, target, data, STREAM_FIGURES)
@@ -694,9 +706,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target",
         action="append",
-        choices=(DIRECT, FASTCHAT),
+        choices=(BARE, DIRECT, FASTCHAT),
         help="also run this target in every run (repeatable): its rows show the machine's "
-        "noise, since it is the same for every revision",
+        "noise, since it is the same for every revision; with 'bare', each run's dispatch CPU "
+        "per request is also given as a ratio to the bare JSON app's",
     )
     parser.add_argument("--quick", action="store_true", help="passed to run.py (smoke test)")
     parser.add_argument("--no-pin", action="store_true", help="passed to run.py")

@@ -17,7 +17,18 @@ from typing import Any
 FASTCHAT = "fastchat"
 OURS = "ours"
 DIRECT = "direct"
-TARGET_NAMES = {FASTCHAT: "FastChat 0.2.36", OURS: "fc-controller", DIRECT: "direct"}
+#: benchmarks/bare_app.py: parses the JSON body, answers a fixed address (dispatch only)
+BARE = "bare"
+TARGET_NAMES = {
+    FASTCHAT: "FastChat 0.2.36",
+    OURS: "fc-controller",
+    BARE: "bare JSON app",
+    DIRECT: "direct",
+}
+#: the table's columns, in order
+COLUMNS = (FASTCHAT, OURS, BARE, DIRECT)
+#: fc-controller's dispatch CPU per request may be at most this many times the bare app's
+BARE_CPU_RATIO = 1.1
 
 
 @dataclass
@@ -80,7 +91,7 @@ def build_table(report: dict[str, Any]) -> tuple[list[Row], list[Check]]:
     def cells(per_kind: dict[str, Any], fn: Callable[[Any], str]) -> dict[str, str]:
         """One cell per target: ``fn`` of that target's figures, '-' where they are missing."""
         out: dict[str, str] = {}
-        for kind in (FASTCHAT, OURS, DIRECT):
+        for kind in COLUMNS:
             try:
                 out[kind] = fn(per_kind[kind])
             except (KeyError, TypeError):
@@ -136,6 +147,26 @@ def build_table(report: dict[str, Any]) -> tuple[list[Row], list[Check]]:
             ),
             Row(f"{label} wrk CPU / other CPU", cells(d, load)),
         ]
+        ours_cpu = get(d, OURS, "controller_cpu_us_per_req")
+        bare_cpu = get(d, BARE, "controller_cpu_us_per_req")
+        if bare_cpu is not None:
+            ratio_cells = dict.fromkeys(COLUMNS, "-")
+            if ours_cpu is not None and bare_cpu:
+                ratio_cells[OURS] = f"{ours_cpu / bare_cpu:.2f}x"
+            rows.append(
+                Row(
+                    f"{label} CPU/request / bare JSON app's",
+                    ratio_cells,
+                    f"<= {BARE_CPU_RATIO}x bare JSON app",
+                    check(
+                        f"{scenario} CPU/request vs bare JSON app",
+                        f"<= {BARE_CPU_RATIO} x bare JSON app",
+                        ours_cpu,
+                        bare_cpu * BARE_CPU_RATIO,
+                        at_most=True,
+                    ),
+                )
+            )
 
     for level, d in (results.get("stream") or {}).items():
         name = f"{level} streams"
@@ -365,7 +396,7 @@ def saturation_notes(
 def format_report(report: dict[str, Any]) -> tuple[str, list[Check]]:
     """The printable summary of ``report`` (header, table, notes) and the checks."""
     rows, checks = build_table(report)
-    present = [k for k in (FASTCHAT, OURS, DIRECT) if any(r.cells[k] != "-" for r in rows)]
+    present = [k for k in COLUMNS if any(r.cells[k] != "-" for r in rows)]
     m = report["machine"]
     pins = report["pinning"]
     lines = [

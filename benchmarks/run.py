@@ -41,7 +41,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import envs  # noqa: E402
 from procstat import core_busy, core_times, cpu_seconds, rss_bytes  # noqa: E402
-from report import DIRECT, FASTCHAT, OURS, TARGET_NAMES, format_report  # noqa: E402
+from report import BARE, DIRECT, FASTCHAT, OURS, TARGET_NAMES, format_report  # noqa: E402
 
 SCENARIOS = ("dispatch", "heartbeat", "stream", "registry", "slow-worker")
 
@@ -312,6 +312,10 @@ class Bench:
             cmd = [str(self.fastchat_python), "-m", "fastchat.serve.controller"]
             cmd += flags(host="127.0.0.1", port=port)
             env["LOGDIR"] = str(rundir)  # where it writes controller.log
+        elif kind == BARE:
+            # Answers the first worker's address: the same answer size as a controller's.
+            cmd = [str(self.tools_python), str(BENCH_DIR / "bare_app.py")]
+            cmd += flags(host="127.0.0.1", port=port, address=self.worker_urls[0])
         else:
             assert self.ours_python is not None
             cmd = [str(self.ours_python), "-m", "controller"]
@@ -445,13 +449,15 @@ class Bench:
         path: str,
         bodies: list[dict[str, Any]],
         check: Callable[[str], None],
+        kinds: tuple[str, ...] = (FASTCHAT, OURS),
     ) -> None:
         out = self.results.setdefault(scenario, {})
         t = self.timings
-        for kind in self.targets(FASTCHAT, OURS):
+        for kind in self.targets(*kinds):
             with self.guard(f"{scenario} / {TARGET_NAMES[kind]}"):
                 with self.controller(kind) as (url, pid):
-                    self.register_bench_workers(url)
+                    if kind != BARE:  # it has no registry
+                        self.register_bench_workers(url)
                     check(url)
                     target = f"{url}{path}"
                     if t.wrk_warmup:
@@ -468,7 +474,9 @@ class Bench:
             if address not in self.worker_urls:
                 raise BenchError(f"dispatch answered {address!r}")
 
-        self.scenario_wrk("dispatch", "/get_worker_address", [{"model": MODEL}], check)
+        self.scenario_wrk(
+            "dispatch", "/get_worker_address", [{"model": MODEL}], check, (FASTCHAT, OURS, BARE)
+        )
 
     def scenario_heartbeat(self) -> None:
         bodies = [{"worker_name": w, "queue_length": 0} for w in self.worker_urls]
@@ -682,7 +690,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target",
         action="append",
-        choices=(FASTCHAT, OURS, DIRECT),
+        choices=(FASTCHAT, OURS, BARE, DIRECT),
         help="run only against this target (repeatable; default: all)",
     )
     parser.add_argument(
@@ -718,7 +726,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not os.access(args.ours_python, os.X_OK):
             parser.error(f"--ours-python {args.ours_python}: not an executable")
     args.scenario = args.scenario or list(SCENARIOS)
-    args.target = args.target or [FASTCHAT, OURS, DIRECT]
+    args.target = args.target or [FASTCHAT, OURS, BARE, DIRECT]
     return args
 
 

@@ -60,26 +60,63 @@ class RegisterRequest:
 # -- decoding ---------------------------------------------------------------------------
 
 
+class _NotJSONNumber(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotJSONNumber(f"{name} is not a JSON number")
 
 
 # One decoder for every request: json.loads would build a new one per call when given
 # parse_constant (which keeps NaN and Infinity, not JSON, out).
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# Decodes NaN and Infinity to this marker, to find which field held one.
+_CONSTANT = object()
+_marking_decoder = json.JSONDecoder(parse_constant=lambda name: _CONSTANT)
 
 
 def decode_body(raw: bytes) -> Any:
     """Decode a request body; an empty body (FastChat clients send some) decodes to ``None``."""
     if not raw or raw.isspace():
         return None
+    # Same encodings as json.loads(bytes): UTF-8 with or without a BOM, UTF-16, UTF-32.
+    # A body opening with "{" and no NUL after it is UTF-8 by json.detect_encoding's own
+    # rules; nearly every body is one, and the detection costs as much as the rest.
+    encoding = "utf-8" if raw[0] == 0x7B and raw[1:2] != b"\0" else json.detect_encoding(raw)
     try:
-        # Same encodings as json.loads(bytes): UTF-8 with or without a BOM, UTF-16, UTF-32.
-        return _decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        text = raw.decode(encoding, "surrogatepass")
+        return _decoder.decode(text)
     except RecursionError:
         raise BadRequestError(None, "request body is nested too deeply") from None
+    except _NotJSONNumber as e:
+        raise BadRequestError(_constant_field(text), str(e)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
+
+
+def _constant_field(text: str) -> str | None:
+    """The field of the top-level object that holds the first NaN or Infinity of ``text``,
+    as the 400 names fields (``worker_status.speed``, ``stop_token_ids[1]``); ``None`` when
+    none does (a NaN outside any object, a duplicate key that overwrote it, bad JSON
+    further on)."""
+    try:
+        data = _marking_decoder.decode(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    # Depth first in document order, without recursion: the body may nest deeply.
+    stack: list[tuple[Any, str]] = [(v, k) for k, v in reversed(data.items())]
+    while stack:
+        value, path = stack.pop()
+        if value is _CONSTANT:
+            return path
+        if isinstance(value, dict):
+            stack += [(v, f"{path}.{k}") for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value)))]
+    return None
 
 
 def _object(data: Any, field: str | None = None) -> dict[str, Any]:
@@ -212,6 +249,11 @@ def parse_worker_name(data: Any) -> str:
 
 def parse_dispatch(data: Any) -> tuple[str, str | None]:
     """The model a request names, and its optional ``affinity_key`` (our extension)."""
+    if type(data) is dict:
+        # The usual request, checked on the way: a dict with a string model, no key.
+        model = data.get("model")
+        if type(model) is str and data.get("affinity_key") is None:
+            return model, None
     obj = _object(data)
     model = _string(_require(obj, "model"), "model")
     key = obj.get("affinity_key")

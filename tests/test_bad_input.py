@@ -48,7 +48,8 @@ CASES = [
     ("/register_worker", b"", None, "object"),
     ("/register_worker", b"[" * 100_000, None, "deep"),
     ("/register_worker", b'{"worker_name": ' + b"[" * 100_000, None, "deep"),
-    ("/register_worker", b'{"worker_name": NaN}', None, "NaN"),
+    ("/register_worker", b'{"worker_name": NaN}', "worker_name", "NaN"),
+    ("/register_worker", b"NaN", None, "NaN"),
     ("/register_worker", b"9" * 5000, None, "JSON"),
     # -- registration fields
     ("/register_worker", reg(worker_name=DROP), "worker_name", "required"),
@@ -97,7 +98,7 @@ CASES = [
     (
         "/register_worker",
         reg(worker_status=status(speed=12345)).replace(b"12345", b"-Infinity"),
-        None,
+        "worker_status.speed",
         "Infinity",
     ),
     (
@@ -152,6 +153,13 @@ CASES = [
         "from 0",
     ),
     ("/receive_heart_beat", b'{"worker_name": 1, "queue_length": 0}', "worker_name", "string"),
+    # NaN and Infinity are not JSON: the answer names the field that holds one.
+    (
+        "/receive_heart_beat",
+        b'{"worker_name": "http://127.0.0.1:9", "queue_length": NaN}',
+        "queue_length",
+        "NaN",
+    ),
     # -- model look-ups and generation
     ("/get_worker_address", b"{}", "model", "required"),
     ("/get_worker_address", b'{"model": ["m"]}', "model", "string"),
@@ -159,6 +167,14 @@ CASES = [
     ("/worker_generate_stream", b'{"prompt": "hi"}', "model", "required"),
     ("/worker_generate_stream", b'{"model": null}', "model", "string"),
     ("/worker_generate_stream", b"{", None, "JSON"),
+    ("/get_worker_address", b'{"model": Infinity}', "model", "Infinity"),
+    ("/worker_generate_stream", b'{"model": "m", "temperature": NaN}', "temperature", "NaN"),
+    (
+        "/worker_generate_stream",
+        b'{"model": "m", "params": {"stop_token_ids": [2, -Infinity]}}',
+        "params.stop_token_ids[1]",
+        "Infinity",
+    ),
     # -- our extension
     ("/unregister_worker", b"{}", "worker_name", "required"),
     ("/unregister_worker", b'{"worker_name": 7}', "worker_name", "string"),
@@ -251,3 +267,19 @@ async def test_body_just_under_max_body_size_is_accepted(
     async with http.post(f"{small.url}/receive_heart_beat", data=raw) as r:
         assert r.status == 200
         assert await r.json() == {"exist": True}
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"],
+)
+async def test_body_in_any_encoding_json_reads_is_read_alike(
+    controller: Controller, http: aiohttp.ClientSession, encoding: str
+) -> None:
+    """A body in any encoding json.loads(bytes) reads (UTF-8 with or without a BOM, UTF-16,
+    UTF-32, with or without a BOM) is dispatched like its UTF-8 original."""
+    for body in ({"model": "m"}, {"model": "m", "affinity_key": "k€"}):
+        raw = json.dumps(body, ensure_ascii=False).encode(encoding)
+        async with http.post(f"{controller.url}/get_worker_address", data=raw) as r:
+            assert r.status == 200, await r.text()
+            assert await r.json() == {"address": EXISTING}

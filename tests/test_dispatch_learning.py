@@ -507,6 +507,46 @@ def test_least_time_samples_a_large_fleet() -> None:
     assert len({id(w) for w in chosen}) > 10
 
 
+@pytest.mark.parametrize("evidence", ["none", "some", "all"])
+@pytest.mark.parametrize("slots", [None, 1, 5])
+def test_least_time_picks_what_expected_time_ranks_first(evidence: str, slots: int | None) -> None:
+    """least_time's shortcuts pick the worker its documented rule does: among those within
+    the tie tolerance of the lowest expected_time, the shortest queue, then the earliest."""
+    from controller.decisions.dispatch import (
+        TIE_TOLERANCE,
+        expected_time,
+        least_time,
+        prior_service_time,
+    )
+    from controller.decisions.estimator import LoadEstimate
+    from controller.decisions.models import WorkerInfo
+    from controller.decisions.registry import Worker
+
+    rng = random.Random(f"{evidence}-{slots}")
+    now = 100.0
+    for _ in range(300):
+        fleet = []
+        for i in range(rng.randint(1, 7)):
+            learned = {"none": False, "some": rng.random() < 0.5, "all": True}[evidence]
+            load = LoadEstimate(
+                queue_length=rng.randint(0, 12),
+                service_time=rng.uniform(0.05, 3.0) if learned else None,
+                service_floor=rng.choice([0.0, 0.0, rng.uniform(0.1, 4.0)]),
+                learned_at=now - rng.uniform(0, 30),
+            )
+            speed = rng.choice([0.0, 0.5, 1.0, 1.0, 2.0, 4.0])
+            fleet.append(Worker(WorkerInfo(f"http://w{i}", ("m",), speed, False), 0.0, load=load))
+        prior = prior_service_time(fleet)
+        times = [expected_time(w, prior, slots, now) for w in fleet]
+        bound = min(times) * (1 + TIE_TOLERANCE)
+        tied = [
+            (w.queue_length, e, i)
+            for i, (w, e) in enumerate(zip(fleet, times, strict=True))
+            if e <= bound
+        ]
+        assert least_time(fleet, slots, now) is fleet[min(tied)[2]]
+
+
 async def test_a_reported_queue_deeper_than_the_slots_drains_a_round_at_a_time(
     run_controller: RunController, clock: FakeClock, http: aiohttp.ClientSession
 ) -> None:

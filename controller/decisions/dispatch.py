@@ -165,21 +165,29 @@ def least_time(
     if not candidates:
         return None
     prior = prior_service_time(candidates)
-    # This runs on every dispatch over every candidate: the common case (a learned
-    # estimate at or below the prior) is computed inline, the rest by expected_time.
-    per_slot = 1.0 / slots if slots is not None else None
+    # This runs on every dispatch over every candidate: the common cases (a learned
+    # estimate at or below the prior; nothing learned anywhere yet) are computed inline,
+    # the rest by expected_time.
+    per_slot = 1.0 / slots if slots is not None else 0.0
     expected: list[float] = []
     lowest = math.inf
     for w in candidates:
         load = w.load
         learned = load.service_time
         speed = w.info.speed
-        if (
-            per_slot is None
-            or learned is None
-            or speed <= 0
-            or (prior is not None and learned * speed > prior)
-        ):
+        if slots is None or speed <= 0:
+            e = expected_time(w, prior, slots, now)
+        elif learned is None:
+            if prior is None:
+                # As expected_time has it without evidence anywhere.
+                per_request = 1.0 / speed
+                floor = load.service_floor
+                if floor > per_request:
+                    per_request = floor
+                e = per_request * (1 + load.queue_length / slots)
+            else:
+                e = expected_time(w, prior, slots, now)
+        elif prior is not None and learned * speed > prior:
             e = expected_time(w, prior, slots, now)
         else:
             e = learned * (1 + load.queue_length * per_slot)

@@ -122,8 +122,10 @@ class _Handlers:
         return _json(protocol.encode({"models": self.registry.model_names(multimodal)}))
 
     async def get_worker_address(self, request: web.Request) -> web.StreamResponse:
+        # The busiest route: one coroutine frame fewer than _read_json.
+        raw = await _read(request)
         try:
-            model, affinity = protocol.parse_dispatch(await _read_json(request))
+            model, affinity = protocol.parse_dispatch(protocol.decode_body(raw))
         except BadRequestError as e:
             return _bad_request(e)
         worker = self.router.dispatch(model, by_address=True, affinity=affinity)
