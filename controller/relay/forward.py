@@ -9,7 +9,6 @@ piece. The client's departure and the shutdown drain stop it as they stop a stre
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
@@ -49,11 +48,8 @@ async def relay_document(
         log.debug("worker %s has no usable http(s) address", worker_name)
         return None, Outcome.FAILED_BEFORE_START
     fresh = False
-    loop = asyncio.get_running_loop()
     while True:
-        upstream = None if fresh else pool.acquire(target, read_timeout)
-        if upstream is None:
-            upstream = Upstream(loop, read_timeout, pool, budget)
+        upstream = Upstream.for_request(pool, target, read_timeout, budget, fresh)
         upstream.start(target, body, connect_timeout, document_limit=answer_limit)
         if request is not None:
             watch.add(request, upstream.stop)

@@ -9,7 +9,6 @@ error message, so every client sees a well-formed stream. The worker side of a s
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 
@@ -67,11 +66,8 @@ async def relay_stream(
         log.debug("worker %s has no usable http(s) address", worker_name)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
     fresh = False
-    loop = asyncio.get_running_loop()
     while True:
-        upstream = None if fresh else pool.acquire(target, read_timeout)
-        if upstream is None:
-            upstream = Upstream(loop, read_timeout, pool, budget)
+        upstream = Upstream.for_request(pool, target, read_timeout, budget, fresh)
         upstream.start(target, body, connect_timeout)
         watch.add(request, upstream.stop)
         try:
