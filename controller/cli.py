@@ -102,6 +102,8 @@ def load_config(
             worker_api_timeout=api_timeout,
             status_probe_timeout=args.status_probe_timeout,
             max_body_size=args.max_body_size,
+            max_worker_answer_size=args.max_worker_answer_size,
+            max_buffered_bytes=args.max_buffered_bytes,
             stream_attempts=args.stream_attempts,
             drain_timeout=args.drain_timeout,
             state_file=args.state_file,

@@ -20,6 +20,10 @@ DEFAULT_WORKER_API_TIMEOUT = 100.0
 DEFAULT_STATUS_PROBE_TIMEOUT = 5.0
 # Large enough for multimodal prompts carrying several base64 images.
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+# A worker's answer to a single-document call (/worker_generate, embeddings) and the bytes
+# all relays may hold at once.
+DEFAULT_MAX_WORKER_ANSWER_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 DEFAULT_STREAM_ATTEMPTS = 3
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_LOAD_POLL_INTERVAL = 1.0
@@ -82,6 +86,11 @@ def _body_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
         raise ConfigError(f"max_body_size must be an integer of at least 1024 bytes, got {value!r}")
 
 
+def _byte_count(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be a positive integer of bytes, got {value!r}")
+
+
 def _attempts(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
         raise ConfigError(f"stream_attempts must be an integer from 1 to 100, got {value!r}")
@@ -122,6 +131,12 @@ class ControllerConfig:
     )
     #: request bodies larger than this get HTTP 413
     max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_body_size)
+    #: a worker's answer to a single-document call larger than this is refused
+    max_worker_answer_size: int = attrs.field(
+        default=DEFAULT_MAX_WORKER_ANSWER_SIZE, validator=_byte_count
+    )
+    #: bytes all relays may hold at once (messages not yet written, single-document answers)
+    max_buffered_bytes: int = attrs.field(default=DEFAULT_MAX_BUFFERED_BYTES, validator=_byte_count)
     #: how many workers a stream may be tried on before its first byte reaches the client
     stream_attempts: int = attrs.field(default=DEFAULT_STREAM_ATTEMPTS, validator=_attempts)
     #: how long a worker that failed a relayed request is kept out of rotation; doubles

@@ -14,6 +14,8 @@ from .config import (
     DEFAULT_HOST,
     DEFAULT_LOAD_POLL_INTERVAL,
     DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_WORKER_ANSWER_SIZE,
     DEFAULT_PARENT_HEART_BEAT_INTERVAL,
     DEFAULT_PORT,
     DEFAULT_STATUS_PROBE_TIMEOUT,
@@ -176,6 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="request bodies larger than this get HTTP 413; suffixes KiB, MiB and GiB are "
         "accepted (default: 64MiB)",
+    )
+    parser.add_argument(
+        "--max-worker-answer-size",
+        type=_size,
+        default=DEFAULT_MAX_WORKER_ANSWER_SIZE,
+        metavar="BYTES",
+        help="a worker's answer to /worker_generate, /worker_get_embeddings and the other "
+        "single-document calls larger than this is refused with the worker error "
+        "(default: 64MiB)",
+    )
+    parser.add_argument(
+        "--max-buffered-bytes",
+        type=_size,
+        default=DEFAULT_MAX_BUFFERED_BYTES,
+        metavar="BYTES",
+        help="bytes all relays may hold at once; a stream over it stops reading from its "
+        "worker until it frees, a single-document answer that does not fit fails "
+        "(default: 1GiB)",
     )
     parser.add_argument(
         "--stream-attempts",

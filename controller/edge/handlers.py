@@ -158,7 +158,9 @@ class _Handlers:
                 model, affinity = protocol.parse_generate(body)
             except BadRequestError as e:
                 return _bad_request(e)
-            return await self.relay.forward(path, body, model, count=count, affinity=affinity)
+            return await self.relay.forward(
+                path, body, model, count=count, affinity=affinity, request=request
+            )
 
         return forward
 

@@ -18,10 +18,10 @@ __all__ = ["WorkerConnections"]
 class WorkerConnections:
     """Opened when the controller starts and closed when it stops.
 
-    The aiohttp ``session`` carries status probes, load polls, single-document relays and
-    the parent link; its default ``timeout`` (what single-document relays get) should bound
-    a worker's silence, not the length of its answer. The ``pool`` keeps the relay's
-    kept-alive stream connections; ``clock`` ages them (injected so tests need not wait).
+    The aiohttp ``session`` carries status probes, load polls and the parent link; its
+    default ``timeout`` should bound a worker's silence, not the length of its answer. The
+    ``pool`` keeps the relay's kept-alive connections (streams and single-document calls);
+    ``clock`` ages them (injected so tests need not wait).
     """
 
     def __init__(

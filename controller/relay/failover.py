@@ -23,8 +23,9 @@ from ..config import ControllerConfig
 from ..decisions import dispatch
 from ..decisions.registry import Registry, Worker
 from ..decisions.routing import Router
+from .budget import Budget
 from .connections import WorkerConnections
-from .forward import forward_request
+from .forward import relay_document
 from .stream import Outcome, relay_stream
 from .watch import DisconnectWatch
 
@@ -46,9 +47,15 @@ class Relay:
     router: Router
     connections: WorkerConnections
     watch: DisconnectWatch = attrs.field(factory=DisconnectWatch, init=False)
+    #: the bytes all relays may hold at once
+    budget: Budget = attrs.field(init=False)
     #: relayed requests (streams and single calls) in progress, for draining
     in_flight: int = attrs.field(default=0, init=False)
     _none_in_flight: asyncio.Event = attrs.field(init=False)
+
+    @budget.default
+    def _budget(self) -> Budget:
+        return Budget(self.config.max_buffered_bytes)
 
     @_none_in_flight.default
     def _idle(self) -> asyncio.Event:
@@ -68,21 +75,17 @@ class Relay:
         error_code = cfg.error_profile.worker_error
 
         async def attempt(worker: Worker) -> tuple[web.StreamResponse, Outcome]:
-            load = worker.load
-            load.active_streams += 1
-            try:
-                return await relay_stream(
-                    request,
-                    worker.info.name,
-                    body,
-                    connect_timeout=cfg.status_probe_timeout,
-                    read_timeout=cfg.worker_api_timeout,
-                    error_code=error_code,
-                    watch=self.watch,
-                    pool=self.connections.pool,
-                )
-            finally:
-                load.active_streams -= 1
+            return await relay_stream(
+                request,
+                worker.info.name,
+                body,
+                connect_timeout=cfg.status_probe_timeout,
+                read_timeout=cfg.worker_api_timeout,
+                error_code=error_code,
+                watch=self.watch,
+                pool=self.connections.pool,
+                budget=self.budget,
+            )
 
         no_worker = cfg.error_profile.no_worker
         return await self.attempts(
@@ -95,22 +98,43 @@ class Relay:
         )
 
     async def forward(
-        self, path: str, body: bytes, model: str, *, count: bool, affinity: str | None = None
+        self,
+        path: str,
+        body: bytes,
+        model: str,
+        *,
+        count: bool,
+        affinity: str | None = None,
+        request: web.Request | None = None,
     ) -> web.Response:
         """Relay a worker call answered by one JSON document to a worker serving ``model``.
 
         This is what lets clients treat this controller as a worker (hierarchical mode).
-        ``count`` says whether the call occupies the worker like a generation does. Failures
-        come back as a worker-shaped error document with HTTP 200, as workers send them.
+        ``count`` says whether the call occupies the worker like a generation does (it then
+        stays counted in the worker's load until it ends). Failures come back as a
+        worker-shaped error document with HTTP 200, as workers send them. Given the
+        client's ``request``, a client that leaves stops the call at the worker.
         """
-        profile = self.config.error_profile
+        cfg = self.config
+        profile = cfg.error_profile
 
         async def attempt(worker: Worker) -> tuple[web.Response, Outcome]:
-            answer = await forward_request(self.connections.session, worker.info.name, path, body)
+            answer, outcome = await relay_document(
+                request,
+                worker.info.name,
+                path,
+                body,
+                connect_timeout=cfg.status_probe_timeout,
+                read_timeout=cfg.worker_api_timeout,
+                answer_limit=cfg.max_worker_answer_size,
+                watch=self.watch,
+                pool=self.connections.pool,
+                budget=self.budget,
+            )
             if answer is None:
                 error = protocol.error_message(profile.worker_error)
-                return _json_response(error), Outcome.FAILED_BEFORE_START
-            return _json_response(answer), Outcome.COMPLETED
+                return _json_response(error), outcome
+            return _json_response(answer), outcome
 
         return await self.attempts(
             model,
@@ -154,10 +178,14 @@ class Relay:
                 # Service times it was expected to take (more if it had to wait for a slot):
                 # the wait is counted from the queue length, not learned as slowness.
                 periods = dispatch.periods(load.queue_length - 1, slots) if count else 1
+                if count:
+                    # Counted until it ends, not presumed finished at the worker's next report.
+                    load.active_streams += 1
                 try:
                     answer, outcome = await attempt(worker)
                 finally:
                     if count:
+                        load.active_streams -= 1
                         load.stream_ended()
                 if learns and outcome is Outcome.COMPLETED:
                     now = clock()

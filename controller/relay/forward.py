@@ -1,40 +1,83 @@
 """Relaying a worker call answered by one JSON document (``/worker_generate``,
-``/count_token``, ...) through the controller's shared aiohttp client session."""
+``/count_token``, ...) over the relay's own connections.
+
+The answer goes through the same parser, checks and bounds as a stream's
+(:class:`~controller.relay.upstream.Upstream`), is collected whole up to
+``max_worker_answer_size`` bytes reserved in the shared budget, and is then answered in one
+piece. The client's departure and the shutdown drain stop it as they stop a stream.
+"""
 
 from __future__ import annotations
 
 import logging
 
-import aiohttp
+from aiohttp import web
 
-from ..protocol import worker_url
+from .budget import Budget
+from .pool import Pool
+from .stream import Outcome
+from .upstream import Upstream
+from .watch import DisconnectWatch, client_gone
 
-__all__ = ["forward_request"]
+__all__ = ["relay_document"]
 
 log = logging.getLogger(__name__)
 
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
-
-async def forward_request(
-    session: aiohttp.ClientSession,
+async def relay_document(
+    request: web.Request | None,
     worker_name: str,
     path: str,
     body: bytes,
-) -> bytes | None:
-    """POST ``body`` to ``path`` on a worker; its answer, or ``None`` if it failed.
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    answer_limit: int,
+    watch: DisconnectWatch,
+    pool: Pool[Upstream],
+    budget: Budget,
+) -> tuple[bytes | None, Outcome]:
+    """POST ``body`` to ``path`` on a worker; its answer and how the call ended.
 
-    The session's own timeout bounds the worker's silence, not the answer's length. Any
-    answer but an HTTP 200 counts as a failure, which the caller turns into an in-band
-    error.
+    Never raises for I/O. The answer is ``None`` unless the outcome is ``COMPLETED``.
+    ``read_timeout`` bounds the worker's silence, not the answer's length. A ``request``
+    is watched for its client leaving (and for the shutdown drain).
     """
-    url = worker_url(worker_name, path)
-    try:
-        async with session.post(url, data=body, headers=_JSON_HEADERS) as response:
-            if response.status != 200:
-                log.debug("worker %s answered %s with HTTP %d", worker_name, path, response.status)
-                return None
-            return await response.read()
-    except (aiohttp.ClientError, TimeoutError) as e:
-        log.debug("worker %s failed %s: %r", worker_name, path, e)
-        return None
+    target = pool.target(worker_name, path)
+    if target is None:
+        log.debug("worker %s has no usable http(s) address", worker_name)
+        return None, Outcome.FAILED_BEFORE_START
+    fresh = False
+    while True:
+        upstream = Upstream.for_request(pool, target, read_timeout, budget, fresh)
+        upstream.start(target, body, connect_timeout, document_limit=answer_limit)
+        if request is not None:
+            watch.add(request, upstream.stop)
+        try:
+            while not upstream.ended:
+                await upstream.wait()
+            if upstream.stale:
+                # A kept-alive connection the worker had closed: once more on a new one.
+                fresh = True
+                continue
+            return _outcome(request, upstream, worker_name, path)
+        finally:
+            if request is not None:
+                watch.discard(request)
+            upstream.close()
+
+
+def _outcome(
+    request: web.Request | None, upstream: Upstream, worker_name: str, path: str
+) -> tuple[bytes | None, Outcome]:
+    if request is not None and client_gone(request):
+        return None, Outcome.CLIENT_GONE
+    if upstream.stopped:
+        return None, Outcome.ABORTED
+    if upstream.refused is not None:
+        log.warning("refused %s's answer to %s: %s", worker_name, path, upstream.refused)
+        return None, Outcome.REFUSED
+    if upstream.failure is not None or upstream.document is None:
+        log.debug("worker %s failed %s: %r", worker_name, path, upstream.failure)
+        return None, Outcome.FAILED_BEFORE_START
+    return bytes(upstream.document), Outcome.COMPLETED

@@ -1,17 +1,31 @@
-"""The framing of a worker's HTTP/1.1 answer: status line, headers, then a chunked,
-length-delimited or close-delimited body, decoded incrementally as bytes arrive."""
+"""The framing of a worker's HTTP/1.1 answer, decoded by llhttp, with a proxy's checks.
+
+llhttp (through ``httptools``) parses the status line, the headers and the chunked or
+length-delimited body without a byte of it passing through Python code. It still lets a
+few things through that a proxy must not pass on, so :class:`ResponseFraming` refuses them
+itself: more than one ``Transfer-Encoding`` or any value but ``chunked``, a status that is
+not three digits, ``101`` (the relay speaks HTTP/1.1 only), an HTTP version other than 1.0
+or 1.1, and answers that never end their head, their interim answers or their trailers.
+"""
 
 from __future__ import annotations
 
-__all__ = ["MAX_HEAD_SIZE", "MAX_LINE_SIZE", "ResponseFraming", "UpstreamError"]
+import httptools
 
-#: status line and headers larger than this are refused
+__all__ = [
+    "MAX_HEAD_SIZE",
+    "MAX_INTERIM",
+    "MAX_TRAILER_SIZE",
+    "ResponseFraming",
+    "UpstreamError",
+]
+
+#: status line and headers larger than this are refused (about: counted per header)
 MAX_HEAD_SIZE = 64 * 1024
-#: a chunk-size line (or trailer line) longer than this is refused
-MAX_LINE_SIZE = 4096
-
-# Parser states.
-_HEAD, _SIZE, _DATA, _DATA_END, _TRAILER, _LENGTH, _UNTIL_CLOSE, _DONE = range(8)
+#: interim (1xx) answers allowed before the real one
+MAX_INTERIM = 8
+#: trailer fields after a chunked body larger than this are refused
+MAX_TRAILER_SIZE = 16 * 1024
 
 
 class UpstreamError(Exception):
@@ -19,146 +33,170 @@ class UpstreamError(Exception):
 
 
 class ResponseFraming:
-    """Where one response is in its framing; :meth:`feed` it the bytes as they come."""
+    """Where one answer is in its framing; :meth:`feed` it the bytes as they come.
 
-    __slots__ = ("buf", "keep_alive", "left", "state")
+    The body bytes of each :meth:`feed` are left in :attr:`pieces` for the caller to take.
+    ``boundary`` and ``chunk_events`` let the caller recognise a read that held exactly one
+    whole chunk, which it may forward as it came (see :mod:`controller.relay.upstream`).
+    """
+
+    __slots__ = (
+        "_content_length",
+        "_head_size",
+        "_interim",
+        "_parser",
+        "_te",
+        "_trailer_size",
+        "_trailing",
+        "boundary",
+        "chunk_events",
+        "done",
+        "head_done",
+        "keep_alive",
+        "length",
+        "pieces",
+        "spoiled",
+        "until_close",
+    )
 
     def __init__(self) -> None:
-        self.state = _HEAD
-        #: an incomplete line or head kept for the next :meth:`feed`
-        self.buf = b""
-        #: bytes left in the current chunk or in a length-delimited body
-        self.left = 0
-        #: the worker may take another request on this connection after this response
-        self.keep_alive = True
-
-    @property
-    def at_chunk_start(self) -> bool:
-        """Between two chunks with nothing buffered: the next bytes start a chunk."""
-        return self.state == _SIZE and not self.buf
-
-    @property
-    def done(self) -> bool:
-        return self.state == _DONE
-
-    @property
-    def until_close(self) -> bool:
-        """The body ends when the worker closes the connection."""
-        return self.state == _UNTIL_CLOSE
+        self._parser = httptools.HttpResponseParser(self)
+        #: body bytes decoded by the last :meth:`feed`
+        self.pieces: list[bytes] = []
+        #: the last thing decoded ended a chunk (or a chunked answer's head)
+        self.boundary = False
+        #: chunk starts and ends decoded since the caller last set this to 0
+        self.chunk_events = 0
+        #: the final (non-1xx) answer's head is complete
+        self.head_done = False
+        #: the answer is complete
+        self.done = False
+        #: the body ends when the worker closes the connection
+        self.until_close = False
+        #: the worker may take another request on this connection after this answer
+        self.keep_alive = False
+        #: bytes came after the answer, or it was malformed: never reuse the connection
+        self.spoiled = False
+        #: the body's Content-Length, or -1
+        self.length = -1
+        self._head_size = 0
+        self._interim = 0
+        self._trailer_size = 0
+        #: after a chunk's size line with no data since: the last chunk's trailers, maybe
+        self._trailing = False
+        self._te: list[bytes] = []
+        self._content_length: bytes | None = None
 
     @property
     def reusable(self) -> bool:
-        """The response ended cleanly and the connection may carry another request."""
-        return self.keep_alive and self.state == _DONE and not self.buf
+        """The answer ended cleanly and the connection may carry another request."""
+        return self.done and self.keep_alive and not self.spoiled
 
     def spoil(self) -> None:
-        """Bytes came after the response: the connection cannot be trusted again."""
-        self.buf = b"?"
+        """Bytes came after the answer: the connection cannot be trusted again."""
+        self.spoiled = True
 
-    def feed(self, data: bytes) -> bytes:
-        """Consume ``data``; return the body bytes it held and keep any incomplete rest.
+    def feed(self, data: bytes) -> None:
+        """Decode ``data``; raises :class:`UpstreamError` when the worker breaks HTTP/1.1."""
+        head_done, trailing = self.head_done, self._trailing
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            if self.done:  # garbage after a complete answer: only the connection is lost
+                self.spoiled = True
+                return
+            self.spoiled = True
+            cause = e.__context__
+            if isinstance(cause, UpstreamError):
+                raise cause from None
+            raise UpstreamError(f"worker broke HTTP/1.1: {e}") from None
+        # Reads that end nothing are counted whole: llhttp keeps an unfinished header line
+        # in memory, and a worker could send one forever.
+        if not head_done and not self.head_done:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD_SIZE:
+                self._refuse("worker sent an oversized response head")
+        elif trailing and self._trailing and not self.done:
+            self._trailer_size += len(data)
+            if self._trailer_size > MAX_TRAILER_SIZE:
+                self._refuse("worker sent oversized trailers")
 
-        Raises :class:`UpstreamError` when the worker breaks HTTP/1.1 framing.
-        """
-        buf = self.buf + data if self.buf else data
-        pieces: list[bytes] = []
-        pos, n = 0, len(buf)
-        while pos < n:
-            state = self.state
-            if state == _SIZE:
-                end = _line_end(buf, pos, "chunk-size")
-                if end < 0:
-                    break
-                line = buf[pos:end].split(b";", 1)[0].strip()
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise UpstreamError(f"worker sent a bad chunk size {line[:20]!r}") from None
-                pos = end + 2
-                if size < 0:
-                    raise UpstreamError("worker sent a negative chunk size")
-                if size == 0:
-                    self.state = _TRAILER
-                else:
-                    self.left, self.state = size, _DATA
-            elif state in (_DATA, _LENGTH):
-                take = min(self.left, n - pos)
-                pieces.append(buf[pos : pos + take])
-                pos += take
-                self.left -= take
-                if not self.left:
-                    self.state = _DATA_END if state == _DATA else _DONE
-            elif state == _DATA_END:
-                if n - pos < 2:
-                    break
-                if buf[pos : pos + 2] != b"\r\n":
-                    raise UpstreamError("worker sent a chunk without its CRLF")
-                pos += 2
-                self.state = _SIZE
-            elif state == _TRAILER:
-                end = _line_end(buf, pos, "trailer")
-                if end < 0:
-                    break
-                if end == pos:
-                    self.state = _DONE
-                pos = end + 2
-            elif state == _UNTIL_CLOSE:
-                pieces.append(buf[pos:] if pos else buf)
-                pos = n
-            elif state == _HEAD:
-                end = buf.find(b"\r\n\r\n", pos)
-                if end < 0:
-                    if n - pos > MAX_HEAD_SIZE:
-                        raise UpstreamError("worker sent an oversized response head")
-                    break
-                self._status_and_headers(buf[pos:end])
-                pos = end + 4
-            else:  # _DONE: bytes after the response; the connection cannot be trusted again
-                self.keep_alive = False
-                pos = n
-        self.buf = buf[pos:] if pos < n else b""
-        if len(pieces) == 1:
-            return pieces[0]
-        return b"".join(pieces)
+    def _refuse(self, reason: str) -> None:
+        self.spoiled = True
+        raise UpstreamError(reason)
 
-    def _status_and_headers(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise UpstreamError(f"worker sent no HTTP status line: {lines[0][:40]!r}")
-        status = int(parts[1])
-        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+    # -- llhttp's callbacks (an exception raised here ends feed_data) ------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.spoiled = True  # a second answer to one request
+            raise UpstreamError("worker sent bytes after its answer")
+
+    def on_status(self, status: bytes) -> None:
+        self._head_size += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 4
+        if self.head_done:
+            self._trailer_size += size
+            if self._trailer_size > MAX_TRAILER_SIZE:
+                self._refuse("worker sent oversized trailers")
+            return
+        self._head_size += size
+        if self._head_size > MAX_HEAD_SIZE:
+            self._refuse("worker sent an oversized response head")
+        name = name.lower()
+        if name == b"transfer-encoding":
+            self._te.append(value)
+        elif name == b"content-length":
+            # llhttp refuses a second one, even with the same value, and any non-digit.
+            self._content_length = value
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 100:  # llhttp reads up to three digits: "099" is 99
+            self._refuse(f"worker sent a status that is not three digits: {status:03d}")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            self._refuse(f"worker answered in HTTP/{parser.get_http_version()}")
+        if status == 101:
+            self._refuse("worker switched protocols (101): the relay speaks HTTP/1.1 only")
+        te, self._te = self._te, []
+        content_length, self._content_length = self._content_length, None
+        if status < 200:
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                self._refuse(f"worker sent more than {MAX_INTERIM} interim (1xx) answers")
             return
         if status != 200:
-            raise UpstreamError(f"worker answered HTTP {status}")
-        chunked, length = False, -1
-        self.keep_alive = parts[0] == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"connection":
-                if b"close" in value.lower():
-                    self.keep_alive = False
-            elif name == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
-            elif name == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    raise UpstreamError("worker sent a bad Content-Length") from None
-        if chunked:
-            self.state = _SIZE
-        elif length > 0:
-            self.left, self.state = length, _LENGTH
-        elif length == 0:
-            self.state = _DONE
+            self._refuse(f"worker answered HTTP {status}")
+        if te:
+            if len(te) != 1 or te[0].strip().lower() != b"chunked":
+                values = b", ".join(te).decode("latin-1")[:60]
+                self._refuse(f"worker sent a Transfer-Encoding other than chunked: {values!r}")
+            self.boundary = True
+        elif content_length is not None:
+            self.length = int(content_length)  # digits only: llhttp checked
         else:
-            self.state = _UNTIL_CLOSE
+            self.until_close = True
+        self.keep_alive = parser.should_keep_alive()
+        self.head_done = True
 
+    def on_message_complete(self) -> None:
+        if not self.head_done:  # the end of an interim answer
+            return
+        self.keep_alive = self.keep_alive and self._parser.should_keep_alive()
+        self.done = True
 
-def _line_end(buf: bytes, pos: int, what: str) -> int:
-    """Where the line starting at ``pos`` ends, or -1 while it is incomplete."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0 and len(buf) - pos > MAX_LINE_SIZE:
-        raise UpstreamError(f"worker sent an overlong {what} line")
-    return end
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+        self._trailing = False
+
+    def on_chunk_header(self) -> None:
+        self.chunk_events += 1
+        self.boundary = False
+        self._trailing = True
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_events += 1
+        self.boundary = True

@@ -9,7 +9,6 @@ error message, so every client sees a well-formed stream. The worker side of a s
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 
@@ -18,7 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from .. import protocol
+from .budget import Budget
 from .pool import Pool
+from .sink import ClientSink
 from .upstream import Upstream
 from .watch import DisconnectWatch, client_gone
 
@@ -33,6 +34,9 @@ class Outcome(enum.Enum):
     COMPLETED = "completed"
     #: the worker could not be reached or failed before its first message
     FAILED_BEFORE_START = "failed_before_start"
+    #: the controller refused the answer for its own limits (too large, buffers full);
+    #: says nothing about the worker's health, and another worker would fare no better
+    REFUSED = "refused"
     #: the worker failed or went silent after messages had been relayed
     FAILED_MIDSTREAM = "failed_midstream"
     CLIENT_GONE = "client_gone"
@@ -50,6 +54,7 @@ async def relay_stream(
     error_code: int,
     watch: DisconnectWatch,
     pool: Pool[Upstream],
+    budget: Budget,
 ) -> tuple[web.StreamResponse, Outcome]:
     """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
 
@@ -58,14 +63,11 @@ async def relay_stream(
     """
     target = pool.target(worker_name, "/worker_generate_stream")
     if target is None:
-        log.debug("worker %s has no http(s) address", worker_name)
+        log.debug("worker %s has no usable http(s) address", worker_name)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
     fresh = False
-    loop = asyncio.get_running_loop()
     while True:
-        upstream = None if fresh else pool.acquire(target, read_timeout)
-        if upstream is None:
-            upstream = Upstream(loop, read_timeout, pool)
+        upstream = Upstream.for_request(pool, target, read_timeout, budget, fresh)
         upstream.start(target, body, connect_timeout)
         watch.add(request, upstream.stop)
         try:
@@ -93,6 +95,7 @@ async def _pump(
     # wakes only when the client must be waited for, and at the end.
     response: web.StreamResponse | None = None
     writer: AbstractStreamWriter | None = None
+    sink: ClientSink | None = None
     while True:
         await upstream.wait()
         try:
@@ -107,10 +110,10 @@ async def _pump(
                 while staged:
                     await response.write(staged)
                     staged = upstream.take_staged()
-                transport = request.transport
-                if transport is None or transport.is_closing():
+                sink = ClientSink.of(request, response)
+                if sink is None:
                     raise ConnectionResetError("client gone")
-                upstream.attach(transport, request.protocol, response.chunked)
+                upstream.attach(sink)
             if upstream.draining and writer is not None:
                 await writer.drain()
                 upstream.resume()
@@ -136,10 +139,12 @@ async def _pump(
     else:
         # A last message without its NUL still counts as a message (FastChat relays it).
         pending = upstream.pending
-        tail, outcome = (pending + b"\0" if pending else b""), Outcome.COMPLETED
+        tail, outcome = (bytes(pending) + b"\0" if pending else b""), Outcome.COMPLETED
     if response is None:
         return web.Response(body=tail), outcome
     try:
+        if sink is not None and writer is not None:
+            sink.account(writer)  # for the access log's byte count
         if tail:
             await response.write(tail)
         await response.write_eof()

@@ -60,8 +60,10 @@ def parse_target(worker_name: str, path: str) -> Target | None:
         tls = parts.scheme == "https"
         if (tls or parts.scheme == "http") and parts.hostname:
             port = parts.port or (443 if tls else 80)
-            return Target(parts.hostname, port, tls, parts.path + path, parts.netloc)
-    except ValueError:  # a port out of range, say
+            target = Target(parts.hostname, port, tls, parts.path + path, parts.netloc)
+            target.request_head(0)  # a name HTTP/1.1 cannot carry (a path with '€') fails here
+            return target
+    except ValueError:  # a port out of range, say, or a UnicodeEncodeError
         pass
     return None
 

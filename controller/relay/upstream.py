@@ -1,4 +1,4 @@
-"""The worker side of a relayed stream, below aiohttp: one connection, parsed in place.
+"""The worker side of a relayed request, below aiohttp: one connection, parsed by llhttp.
 
 Relaying is the controller's hottest path: a token costs a read from the worker and a write
 to the client. Through aiohttp's client, each token also wakes the handler task, goes
@@ -7,12 +7,13 @@ worker connection's ``data_received`` callback straight to the client's transpor
 handler task wakes only to start the response, to wait for a slow client, and at the end.
 That halves the controller's CPU time per relayed token (see docs/performance.md).
 
-:class:`Upstream` speaks just enough HTTP/1.1 for one request at a time on a kept-alive
-connection: it sends the request, reads the status line and headers, and decodes a chunked,
-length-delimited or close-delimited body; :class:`Pool` keeps the idle connections. It
-forwards whole NUL-terminated messages only, so a client never sees half a message.
-The relay that drives it (:mod:`controller.relay.stream`) waits with :meth:`Upstream.wait`
-and reads its outcome from a few flags.
+:class:`Upstream` sends one request at a time on a kept-alive connection and decodes the
+answer with :class:`~controller.relay.framing.ResponseFraming` (llhttp plus a proxy's
+checks). A stream's body is forwarded as whole NUL-terminated messages only, so a client
+never sees half a message; a single-document answer is collected whole, up to a limit.
+:class:`Pool` keeps the idle connections. The relays that drive it
+(:mod:`controller.relay.stream`, :mod:`controller.relay.forward`) wait with
+:meth:`Upstream.wait` and read the outcome from a few flags.
 """
 
 from __future__ import annotations
@@ -20,30 +21,34 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
+from .holding import MAX_MESSAGE_SIZE, Holding
 from .pool import Pool
+from .sink import ClientSink
 from .target import Target
 
 __all__ = ["MAX_MESSAGE_SIZE", "Upstream"]
 
-#: a worker that sends this much without a single NUL is not speaking the protocol
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
-
-class Upstream(asyncio.Protocol):
+class Upstream(Holding, asyncio.Protocol):
     """One connection to a worker, serving one relayed request at a time.
 
-    The relay reads the state below after each :meth:`wait`. Before :meth:`attach`,
-    whole messages are kept for :meth:`take_staged`; after, they go straight to the
-    client's transport. When a response ends cleanly, :meth:`close` returns the
-    connection to its :class:`Pool` for the next request.
+    The relay reads the state below after each :meth:`wait`. For a stream, before
+    :meth:`attach` whole messages are kept for :meth:`take_staged`; after, they go straight
+    to the client. For a single document (``start(..., document_limit=N)``), the body is
+    collected in :attr:`document`. When an answer ends cleanly, :meth:`close` returns the
+    connection to its :class:`Pool` for the next request; after anything malformed, never.
+    Bytes held (staged messages, a message still arriving, a document) are counted in the
+    shared :class:`Budget`.
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, timeout: float, pool: Pool[Upstream]
+        self, loop: asyncio.AbstractEventLoop, timeout: float, pool: Pool[Upstream], budget: Budget
     ) -> None:
         self._loop = loop
         self._pool = pool
+        self._budget = budget
         self.transport: asyncio.Transport | None = None
         self._key: tuple[str, int, bool] | None = None
         self._connect: asyncio.Future[Any] | None = None
@@ -60,28 +65,46 @@ class Upstream(asyncio.Protocol):
         self._timeout = timeout
         self._framing = ResponseFraming()
         #: received bytes since the last NUL: the start of a message still arriving
-        self.pending = b""
+        self.pending = bytearray()
         #: whole messages waiting for the relay (before :meth:`attach`)
         self._staged: list[bytes] = []
-        self._sink: asyncio.BaseTransport | None = None
-        self._sink_protocol: Any = None
-        self._sink_chunked = True
+        #: bytes counted in the budget
+        self._held = 0
+        self._parked = False
+        self._sink: ClientSink | None = None
+        #: a single document's body (``None`` for a stream), and its size limit
+        self.document: bytearray | None = None
+        self._document_limit = 0
+        self._reserved = False
         #: resolved (with None) whenever the relay has something to do
         self._waiter: asyncio.Future[None] = self._loop.create_future()
-        #: the response ended, one way or another (see ``completed``/``failure``/``stopped``)
+        #: the answer ended, one way or another (see ``completed``/``failure``/``stopped``)
         self.ended = False
         self.completed = False
         self.failure: BaseException | None = None
+        #: why the controller refused the answer for its own limits (not the worker's fault)
+        self.refused: str | None = None
         #: the watch stopped this relay (client gone, or shutting down)
         self.stopped = False
         #: the client's transport was closing when a message was to be written
         self.client_left = False
         #: the client stopped reading; the handler waits for it, then calls :meth:`resume`
         self.draining = False
+        self._sent_at = 0.0
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        #: any byte of this response has arrived
+        #: any byte of this answer has arrived
         self._received = False
+        #: the worker closed or reset the connection before sending a byte
+        self._dropped = False
+
+    @classmethod
+    def for_request(
+        cls, pool: Pool[Upstream], target: Target, timeout: float, budget: Budget, fresh: bool
+    ) -> Upstream:
+        """An idle connection to ``target`` from ``pool`` (unless ``fresh``), or a new one."""
+        upstream = None if fresh else pool.acquire(target, timeout)
+        return upstream or cls(asyncio.get_running_loop(), timeout, pool, budget)
 
     # -- driven by the pool --------------------------------------------------------------
 
@@ -113,17 +136,34 @@ class Upstream(asyncio.Protocol):
     def take_staged(self) -> bytes:
         """The whole messages received before :meth:`attach`, in one piece."""
         staged, self._staged = self._staged, []
-        return b"".join(staged)
+        data = b"".join(staged)
+        self._give_back(len(data))
+        return data
 
     @property
     def stale(self) -> bool:
-        """A reused connection failed before any byte of the answer: the worker had closed
-        it between requests, so the request can safely go again on a new connection."""
-        return self.reused and not self._received and self.failure is not None
+        """A reused connection the worker closed or reset before any byte of the answer:
+        it had closed it between requests, so the request can safely go again on a new
+        connection. A timeout is never stale: the worker may be working on the request."""
+        return self.reused and self._dropped
 
-    def start(self, target: Target, body: bytes, connect_timeout: float) -> None:
+    def start(
+        self, target: Target, body: bytes, connect_timeout: float, document_limit: int = 0
+    ) -> None:
         """Send the request (connecting first unless reused); results arrive through the
-        state."""
+        state. With ``document_limit``, the answer is one document of at most that many
+        bytes, collected in :attr:`document`. Never raises: whatever goes wrong is the
+        worker's failure before its first byte."""
+        try:
+            self._start(target, body, connect_timeout, document_limit)
+        except Exception as e:  # an address that cannot be encoded, say
+            self._fail(e)
+
+    def _start(
+        self, target: Target, body: bytes, connect_timeout: float, document_limit: int
+    ) -> None:
+        if document_limit:
+            self.document, self._document_limit = bytearray(), document_limit
         self._key = target.key
         request = target.request_head(len(body)) + body
         if self.reused and self.transport is not None:
@@ -151,19 +191,18 @@ class Upstream(asyncio.Protocol):
                 last = e
         raise last or OSError(f"{target.host} has no address")
 
-    def attach(
-        self, request_transport: asyncio.BaseTransport, protocol: Any, chunked: bool
-    ) -> None:
+    def attach(self, sink: ClientSink) -> None:
         """From now on, write messages straight to the client (its response has started)."""
-        self._sink, self._sink_protocol, self._sink_chunked = request_transport, protocol, chunked
+        self._sink = sink
         staged, self._staged = self._staged, []
         for message in staged:
+            self._give_back(len(message))
             self._write(message)
 
     def resume(self) -> None:
         """The client caught up: read from the worker again."""
         self.draining = False
-        if self.transport is not None and not self.ended:
+        if self.transport is not None and not self.ended and not self._parked:
             self.transport.resume_reading()
 
     def stop(self) -> None:
@@ -173,13 +212,17 @@ class Upstream(asyncio.Protocol):
             self._end()
 
     def close(self) -> None:
-        """Release the connection: back to the pool if the response ended cleanly, else
+        """Release the connection: back to the pool if the answer ended cleanly, else
         dropped, which tells the worker its client is gone and it can stop generating."""
         if self._connect is not None and not self._connect.done():
             self._connect.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._parked:
+            self._parked = False
+            self._budget.leave(self._budget_freed)
+        self._give_back(self._held)
         transport = self.transport
         if transport is None:
             return
@@ -187,7 +230,7 @@ class Upstream(asyncio.Protocol):
             transport.abort()
         elif self._framing.reusable and self._key is not None and not transport.is_closing():
             self.idle = True
-            self._sink = self._sink_protocol = None
+            self._sink = None
             self._pool.release(self, self._key)
         else:
             transport.close()
@@ -205,10 +248,10 @@ class Upstream(asyncio.Protocol):
 
     def _send(self, transport: asyncio.Transport, request: bytes) -> None:
         transport.write(request)
-        self._last_data = self._loop.time()
+        self._sent_at = self._last_data = self._loop.time()
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(self._last_data + self._timeout, self._check_silence)
+        self._timer = self._loop.call_at(self._sent_at + self._timeout, self._check_silence)
 
     def data_received(self, data: bytes) -> None:
         if self.ended:
@@ -220,26 +263,36 @@ class Upstream(asyncio.Protocol):
         self._received = True
         self._last_data = self._loop.time()
         framing = self._framing
-        if framing.at_chunk_start and not self.pending:
-            # The common case: exactly one chunk holding whole messages.
-            end = data.find(b"\r\n")
-            try:
-                size = int(data[:end], 16) if end > 0 else -1
-            except ValueError:
-                size = -1
-            if size > 0 and end + size + 4 == len(data) and data[-3] == 0 and data[-2:] == b"\r\n":
-                if self._sink is not None and self._sink_chunked:
-                    self._to_client(data)  # the worker's chunk is the client's chunk
-                else:
-                    self._message(data[end + 2 : -2])
-                return
+        # Exactly one chunk of whole messages, from a chunk boundary: forwarded as it came
+        # (it is byte for byte what the relay would write) once llhttp has accepted it.
+        fast = framing.boundary and not self.pending
+        framing.chunk_events = 0
         try:
-            body = framing.feed(data)
+            framing.feed(data)
         except UpstreamError as e:
             self._fail(e)
             return
-        if body:
-            self._body(body)
+        pieces = framing.pieces
+        if self.document is not None:
+            framing.pieces = []
+            self._collect(pieces)
+        elif pieces:
+            framing.pieces = []
+            body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if (
+                fast
+                and framing.chunk_events == 2
+                and framing.boundary
+                and body[-1] == 0
+                and data.startswith(size_line := b"%x\r\n" % len(body))
+                and len(data) == len(size_line) + len(body) + 2
+            ):
+                if self._sink is not None and self._sink.chunked:
+                    self._to_client(data)  # the worker's chunk is the client's chunk
+                else:
+                    self._message(body)
+            else:
+                self._body(body)
         if framing.done and not self.ended:
             self.completed = True
             self._end()
@@ -251,11 +304,14 @@ class Upstream(asyncio.Protocol):
         self.transport = None
         if self.ended:
             return
-        if self._framing.until_close:
+        framing = self._framing
+        if framing.until_close and framing.head_done:
             self.completed = True
             self._end()
-        else:
-            self._fail(UpstreamError(f"worker closed the connection: {exc or 'EOF'}"))
+            return
+        if not self._received:
+            self._dropped = True
+        self._fail(UpstreamError(f"worker closed the connection: {exc or 'EOF'}"))
 
     def pause_writing(self) -> None:  # the request is small; nothing to do
         pass
@@ -281,56 +337,17 @@ class Upstream(asyncio.Protocol):
         self._timer = None
         if self.ended:
             return
-        deadline = self._last_data + self._timeout
-        if self.draining or self._loop.time() < deadline:
-            # Data came since this timer was set (or the client is the slow one).
+        if self._framing.head_done:
+            deadline = self._last_data + self._timeout
+        else:  # the head as a whole, however it trickles in
+            deadline = self._sent_at + self._timeout
+        if self.draining or self._parked or self._loop.time() < deadline:
+            # Data came since this timer was set (or the relay is the one not reading).
             next_at = max(deadline, self._loop.time() + 0.001)
             self._timer = self._loop.call_at(next_at, self._check_silence)
             return
-        self._fail(TimeoutError(f"worker silent for {self._timeout:g} s"))
-
-    def _body(self, data: bytes) -> None:
-        """Split received body bytes into whole messages and hand those on."""
-        if not self.pending and data[-1] == 0:
-            self._message(data)
-            return
-        cut = data.rfind(b"\0") + 1
-        if not cut:
-            self.pending += data
-            if len(self.pending) > MAX_MESSAGE_SIZE:
-                self._fail(UpstreamError("worker sent a message larger than 16 MiB"))
-            return
-        out, self.pending = self.pending + data[:cut], data[cut:]
-        self._message(out)
-
-    def _message(self, data: bytes) -> None:
-        if self._sink is None:
-            self._staged.append(data)
-            self._wake()
-        else:
-            self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        """Write whole messages to the client, framed as its response is."""
-        if self._sink_chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self._to_client(data)
-
-    def _to_client(self, framed: bytes) -> None:
-        sink = self._sink
-        assert sink is not None
-        if sink.is_closing():
-            self._client_gone()
-            return
-        sink.write(framed)  # type: ignore[attr-defined]
-        if self._sink_protocol.writing_paused:
-            self._pause()
-
-    def _pause(self) -> None:
-        if not self.draining and self.transport is not None:
-            self.draining = True
-            self.transport.pause_reading()
-            self._wake()
+        what = "silent" if self._framing.head_done else "without a complete answer head"
+        self._fail(TimeoutError(f"worker {what} for {self._timeout:g} s"))
 
     def _client_gone(self) -> None:
         self.client_left = True
@@ -338,6 +355,7 @@ class Upstream(asyncio.Protocol):
 
     def _fail(self, error: BaseException) -> None:
         self.failure = error
+        self._framing.spoil()
         self._end()
 
     def _end(self) -> None:
