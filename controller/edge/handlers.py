@@ -8,17 +8,18 @@ answered here with HTTP 400 and a JSON body naming the field and the problem.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from .. import protocol
+from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
 from ..errors import BadRequestError
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
+from .access import Gate, Handler
 
 __all__ = ["add_routes"]
 
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _NO_ADDRESS = protocol.encode({"address": ""})
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
@@ -178,10 +177,18 @@ class _Handlers:
 
 
 def add_routes(
-    app: web.Application, *, registry: Registry, router: Router, relay: Relay, prober: Prober
+    app: web.Application,
+    *,
+    registry: Registry,
+    router: Router,
+    relay: Relay,
+    prober: Prober,
+    access: Access | None = None,
 ) -> None:
-    """Add every route of the wire protocol to ``app``."""
+    """Add every route of the wire protocol to ``app``, each behind the access check for
+    its role (open to all unless ``access`` says otherwise)."""
     h = _Handlers(registry, router, relay, prober)
+    gate = Gate(access if access is not None else Access())
     posts: dict[str, Handler] = {
         "/register_worker": h.register_worker,
         "/unregister_worker": h.unregister_worker,
@@ -202,7 +209,12 @@ def add_routes(
         "/model_details": h.forwarder("/model_details", count=False),
         "/count_token": h.forwarder("/count_token", count=False),
     }
-    routes = [web.post(path, handler) for path, handler in posts.items()]
-    routes.append(web.get("/test_connection", h.test_connection, allow_head=False))
-    routes.append(web.get("/dispatch_decisions", h.dispatch_decisions, allow_head=False))
+    gets: dict[str, Handler] = {
+        "/test_connection": h.test_connection,
+        "/dispatch_decisions": h.dispatch_decisions,
+    }
+    routes = [web.post(path, gate.guard(path, handler)) for path, handler in posts.items()]
+    routes += [
+        web.get(path, gate.guard(path, handler), allow_head=False) for path, handler in gets.items()
+    ]
     app.add_routes(routes)
