@@ -16,10 +16,10 @@ from .. import protocol
 from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
-from ..errors import BadRequestError
+from ..errors import BadRequestError, ForbiddenError
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
-from .access import Gate, Handler
+from .access import CALLER, Gate, Handler
 
 __all__ = ["add_routes"]
 
@@ -41,6 +41,12 @@ def _bad_request(error: BadRequestError) -> web.Response:
 def _refusal(exception: type[web.HTTPClientError], message: str) -> web.HTTPClientError:
     body = protocol.encode({"error": "bad_request", "field": None, "message": message})
     return exception(text=body.decode(), content_type=_JSON)
+
+
+def _forbidden(error: ForbiddenError) -> web.Response:
+    log.debug("refused: %s", error)
+    body = {"error": "forbidden", "field": "worker_name", "message": str(error)}
+    return _json(protocol.encode(body), status=403)
 
 
 async def _read(request: web.Request) -> bytes:
@@ -87,7 +93,11 @@ class _Handlers:
             parsed = protocol.parse_register(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        await self.prober.register(parsed)
+        caller = request[CALLER]
+        try:
+            await self.prober.register(parsed, caller.owner, caller.admin)
+        except ForbiddenError as e:
+            return _forbidden(e)
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
@@ -95,7 +105,12 @@ class _Handlers:
             name = protocol.parse_worker_name(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        return _json(protocol.encode({"removed": await self.prober.unregister(name)}))
+        caller = request[CALLER]
+        try:
+            removed = await self.prober.unregister(name, caller.owner, caller.admin)
+        except ForbiddenError as e:
+            return _forbidden(e)
+        return _json(protocol.encode({"removed": removed}))
 
     async def refresh_all_workers(self, request: web.Request) -> web.StreamResponse:
         await _read(request)
@@ -133,9 +148,15 @@ class _Handlers:
             name, queue_length = protocol.parse_heartbeat(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        exist = self.registry.heartbeat(name, queue_length)
+        caller = request[CALLER]
+        try:
+            exist = self.registry.heartbeat(
+                name, queue_length, owner=caller.owner, admin=caller.admin
+            )
+        except ForbiddenError as e:
+            return _forbidden(e)
         if not exist:
-            log.debug("Heartbeat from unknown worker %s", name)
+            log.debug("Heartbeat for %s not applied: unknown, expired or another source", name)
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
