@@ -106,7 +106,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.status_probe_timeout, sock_read=cfg.worker_api_timeout
         )
-        self.connections = WorkerConnections(stream_timeout, clock)
+        self.connections = WorkerConnections(
+            stream_timeout, clock, token=cfg.upstream_token, ca_certs=cfg.worker_ca_certs
+        )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
         self._tasks: list[asyncio.Task[None]] = []
@@ -285,10 +287,11 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             return
         self._parent = ParentLink(
             self.registry,
-            self.connections,
             cfg.parent_controller,
             advertise_address,
             interval=cfg.parent_heart_beat_interval,
+            token=cfg.parent_token,
+            ssl_context=self.connections.ssl_context,
         )
         self._parent.start()
 

@@ -125,7 +125,7 @@ class Upstream(asyncio.Protocol):
         """Send the request (connecting first unless reused); results arrive through the
         state."""
         self._key = target.key
-        request = target.request_head(len(body)) + body
+        request = target.request_head(len(body), self._pool.extra_head) + body
         if self.reused and self.transport is not None:
             self._send(self.transport, request)
             return
