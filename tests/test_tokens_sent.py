@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from controller import Controller, ControllerConfig
 from controller.cli import load_config
 from controller.credentials import Access, TokenTable
+from controller.decisions.models import Owner
 from controller.worker import HeartbeatClient, HeartbeatConfig, SyncHeartbeatClient
 from controller.worker.demo.cli import load_settings
 from controller.worker.tokens import read_token_file
@@ -60,9 +61,10 @@ async def test_a_worker_with_its_token_registers_with_a_closed_controller(
     async with HeartbeatClient(heartbeat_config(controller, token=WORKER)) as client:
         async with asyncio.timeout(5):
             await client.wait_registered()
-    worker = controller.registry.get("http://127.0.0.1:9001")
+        worker = controller.registry.get("http://127.0.0.1:9001")
+        assert worker is not None and worker.owner == Owner(principal="gpu")
     # The goodbye went through with the token too.
-    assert worker is None
+    assert controller.registry.get("http://127.0.0.1:9001") is None
 
 
 @pytest.mark.parametrize("token", [None, "not-the-worker-token-0123"])
