@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import sys
 from collections.abc import Mapping, Sequence
 
+from .access_flags import access_settings
 from .config import (
     DEFAULT_HEART_BEAT_EXPIRATION,
     DEFAULT_PARENT_HEART_BEAT_INTERVAL,
@@ -23,8 +23,6 @@ from .errors import ConfigError
 from .options import (
     ENV_API_TIMEOUT,
     ENV_EXPIRATION,
-    ENV_SSL_CERTFILE,
-    ENV_SSL_KEYFILE,
     ENV_WORKER_INTERVAL,
     TINYCHAT_HEART_BEAT_EXPIRATION,
     build_parser,
@@ -70,29 +68,6 @@ def load_config(
     ):
         if value is not None and not value.startswith(("http://", "https://")):
             parser.error(f"{flag} must be a URL such as http://10.0.0.1:21001, got {value!r}")
-    certfile = keyfile = None
-    if args.ssl:
-        keyfile, certfile = env.get(ENV_SSL_KEYFILE), env.get(ENV_SSL_CERTFILE)
-        named = ((ENV_SSL_KEYFILE, keyfile), (ENV_SSL_CERTFILE, certfile))
-        missing = [name for name, value in named if not value]
-        if missing:
-            parser.error(
-                f"--ssl needs the environment variables {ENV_SSL_KEYFILE} and "
-                f"{ENV_SSL_CERTFILE} set to the key and certificate files; "
-                f"not set: {', '.join(missing)}"
-            )
-        for name, path in ((ENV_SSL_KEYFILE, keyfile), (ENV_SSL_CERTFILE, certfile)):
-            if not os.path.isfile(str(path)):
-                parser.error(f"{name}={path!r} is not a readable file")
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                str(certfile), str(keyfile)
-            )
-        except (OSError, ssl.SSLError) as e:
-            parser.error(
-                f"cannot load {ENV_SSL_CERTFILE}={certfile!r} "
-                f"with {ENV_SSL_KEYFILE}={keyfile!r}: {e}"
-            )
     try:
         config = ControllerConfig(
             host=args.host,
@@ -115,8 +90,7 @@ def load_config(
             error_profile=(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),
-            ssl_certfile=certfile,
-            ssl_keyfile=keyfile,
+            **access_settings(parser, args, env),
         )
     except ConfigError as e:
         parser.error(str(e))

@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 
+from .credentials import Access
 from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
 
@@ -170,6 +171,17 @@ class ControllerConfig:
     error_profile: ErrorProfile = attrs.field(factory=ErrorProfile.fastchat)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    #: require client certificates signed by the CA certificates in this file (mutual TLS)
+    ssl_client_ca_certs: str | None = None
+    #: verify https workers (and the parent) against these CA certificates instead of the
+    #: system's trust store
+    worker_ca_certs: str | None = None
+    #: who may use which endpoint: tokens per role, trusted networks (open by default)
+    access: Access = attrs.field(factory=Access)
+    #: sent as a bearer token on every request to workers and child controllers
+    upstream_token: str | None = attrs.field(default=None, repr=False)
+    #: sent as a bearer token on every request to the parent controller
+    parent_token: str | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.ejection_max < self.ejection_base:
@@ -188,6 +200,10 @@ class ControllerConfig:
             )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("ssl_certfile and ssl_keyfile must be given together")
+        if self.ssl_client_ca_certs is not None and self.ssl_certfile is None:
+            raise ConfigError(
+                "ssl_client_ca_certs (mutual TLS) needs TLS: give ssl_certfile and ssl_keyfile"
+            )
 
     @property
     def sweep_interval(self) -> float:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["BadRequestError", "ConfigError", "ControllerError", "NotRunningError"]
+__all__ = [
+    "BadRequestError",
+    "ConfigError",
+    "ControllerError",
+    "ForbiddenError",
+    "NotRunningError",
+]
 
 
 class ControllerError(Exception):
@@ -29,3 +35,18 @@ class BadRequestError(ControllerError):
         self.problem = problem
         where = f"{field}: " if field else ""
         super().__init__(f"{where}{problem}")
+
+
+class ForbiddenError(ControllerError):
+    """The caller may not change this registration: someone else owns it.
+
+    Handlers answer it with HTTP 403; nothing in the registry has changed when it is
+    raised.
+    """
+
+    def __init__(self, worker_name: str) -> None:
+        self.worker_name = worker_name
+        super().__init__(
+            f"worker {worker_name!r} is registered by someone else: only the token it was "
+            "registered with, or an admin token, may change it"
+        )

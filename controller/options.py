@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import __version__
+from .access_flags import ENV_SSL_CERTFILE, ENV_SSL_KEYFILE, SPECIAL_DESTS, add_access_flags
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEART_BEAT_EXPIRATION,
@@ -25,13 +26,20 @@ from .config import (
 )
 from .decisions.models import DispatchMethod
 
-__all__ = ["ENV_PREFIX", "build_parser", "env_name", "from_env", "own_environment", "seconds"]
+__all__ = [
+    "ENV_PREFIX",
+    "ENV_SSL_CERTFILE",
+    "ENV_SSL_KEYFILE",
+    "build_parser",
+    "env_name",
+    "from_env",
+    "own_environment",
+    "seconds",
+]
 
 ENV_EXPIRATION = "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION"
 ENV_API_TIMEOUT = "FASTCHAT_WORKER_API_TIMEOUT"
 ENV_WORKER_INTERVAL = "FASTCHAT_WORKER_HEART_BEAT_INTERVAL"
-ENV_SSL_KEYFILE = "SSL_KEYFILE"
-ENV_SSL_CERTFILE = "SSL_CERTFILE"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROFILES = ("fastchat", "tinychat")
@@ -40,9 +48,19 @@ TINYCHAT_HEART_BEAT_EXPIRATION = 30.0
 
 #: our own flags (those FastChat has no variable for) read ``FC_CONTROLLER_<FLAG>``
 ENV_PREFIX = "FC_CONTROLLER_"
-#: flags read from FastChat's variables instead, or not from the environment at all
-_NOT_OURS = frozenset(
-    {"heart_beat_expiration", "worker_api_timeout", "parent_heart_beat_interval", "help", "version"}
+#: flags read from FastChat's variables instead, from variables issue 15 names (see
+#: ``controller.access_flags``), or not from the environment at all
+_NOT_OURS = (
+    frozenset(
+        {
+            "heart_beat_expiration",
+            "worker_api_timeout",
+            "parent_heart_beat_interval",
+            "help",
+            "version",
+        }
+    )
+    | SPECIAL_DESTS
 )
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -261,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the registry to PATH as it changes and load it at start-up, so a "
         "restarted controller routes at once (default: off)",
     )
+    add_access_flags(parser)
     parser.add_argument(
         "--log-level",
         choices=LOG_LEVELS,

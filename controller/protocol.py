@@ -42,9 +42,10 @@ SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR RE
 NULL = b"null"
 SUCCESS = b'"success"'
 
-# Sanity bounds: a number past these is a bug or an attack, never a real worker.
-MAX_QUEUE_LENGTH = 10**9
-MAX_SPEED = 1e12
+# What a worker may report (issue 15): past these it would draw traffic it cannot serve,
+# so a registration or heartbeat claiming more is refused.
+MAX_QUEUE_LENGTH = 1_000_000
+MAX_SPEED = 10_000
 MAX_AFFINITY_KEY = 256
 
 
@@ -177,13 +178,15 @@ def _count(value: Any, field: str) -> int:
     return count
 
 
-def _speed(value: Any, field: str) -> float:
+def _speed(value: Any, field: str, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequestError(field, f"must be a number, got {_describe(value)}")
     # Compared as a range, not with math.isfinite: an int too large for a float (10**30)
     # would raise OverflowError there. NaN and the infinities fall outside the range.
-    if not 0 <= value <= MAX_SPEED:
-        raise BadRequestError(field, f"must be from 0 to {MAX_SPEED:g}, got {value!r}")
+    above_floor = value >= 0 if allow_zero else value > 0
+    if not (above_floor and value <= MAX_SPEED):
+        low = "from 0" if allow_zero else "more than 0 and at most"
+        raise BadRequestError(field, f"must be {low} {MAX_SPEED:g}, got {value!r}")
     return value
 
 
@@ -205,8 +208,16 @@ def _worker_url(value: Any, field: str) -> str:
     return name
 
 
-def parse_worker_status(data: Any, field: str = "worker_status") -> WorkerStatus:
-    """Parse ``{model_names, speed, queue_length}`` (also used for probe answers)."""
+def parse_worker_status(
+    data: Any, field: str = "worker_status", *, allow_zero_speed: bool = False
+) -> WorkerStatus:
+    """Parse ``{model_names, speed, queue_length}`` (also used for probe answers).
+
+    A registration must claim a speed above 0. A worker's answer to a status probe may say
+    0 (a child controller with no worker left sums to 0): ``allow_zero_speed``, and
+    dispatch treats such a worker as the last choice (shortest_queue) or never picks it
+    (lottery).
+    """
     obj = _object(data, field)
     names = _require(obj, "model_names", f"{field}.model_names")
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -214,7 +225,7 @@ def parse_worker_status(data: Any, field: str = "worker_status") -> WorkerStatus
             f"{field}.model_names",
             f"must be a list of non-empty strings, got {_describe(names)}",
         )
-    speed = _speed(_require(obj, "speed", f"{field}.speed"), f"{field}.speed")
+    speed = _speed(_require(obj, "speed", f"{field}.speed"), f"{field}.speed", allow_zero_speed)
     queue = _count(_require(obj, "queue_length", f"{field}.queue_length"), f"{field}.queue_length")
     return WorkerStatus(tuple(dict.fromkeys(names)), speed, queue)
 

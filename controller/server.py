@@ -20,6 +20,7 @@ from aiohttp import web
 from .config import ControllerConfig
 from .decisions.registry import Clock, Registry, Worker
 from .decisions.routing import Router
+from .edge.access import exposure_warnings
 from .edge.handlers import add_routes
 from .errors import ConfigError, NotRunningError
 from .relay.connections import WorkerConnections
@@ -107,7 +108,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.status_probe_timeout, sock_read=cfg.worker_api_timeout
         )
-        self.connections = WorkerConnections(stream_timeout, clock)
+        self.connections = WorkerConnections(
+            stream_timeout, clock, token=cfg.upstream_token, ca_certs=cfg.worker_ca_certs
+        )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
         self._tasks: list[asyncio.Task[None]] = []
@@ -211,7 +214,12 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         self._embedded = embedded
         app[CONTROLLER_KEY] = self
         add_routes(
-            app, registry=self.registry, router=self.router, relay=self.relay, prober=self.prober
+            app,
+            registry=self.registry,
+            router=self.router,
+            relay=self.relay,
+            prober=self.prober,
+            access=self.config.access,
         )
         app.cleanup_ctx.append(self._app_context)
         app.on_shutdown.append(self._drain)
@@ -231,6 +239,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             await runner.cleanup()
             raise
         self._runner = runner
+        for warning in exposure_warnings(cfg):
+            log.warning("%s", warning)
         # Standalone: the parent link starts once the (possibly OS-chosen) port is known.
         if cfg.parent_controller is not None:
             self._start_parent_link(cfg.advertise_address or self.url)
@@ -242,6 +252,10 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+        if cfg.ssl_client_ca_certs is not None:
+            # Mutual TLS: no certificate signed by this CA, no handshake.
+            context.load_verify_locations(cafile=cfg.ssl_client_ca_certs)
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
 
     async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
@@ -280,10 +294,11 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             return
         self._parent = ParentLink(
             self.registry,
-            self.connections,
             cfg.parent_controller,
             advertise_address,
             interval=cfg.parent_heart_beat_interval,
+            token=cfg.parent_token,
+            ssl_context=self.connections.ssl_context,
         )
         self._parent.start()
 

@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "controller.cli": 8,
     "controller.__main__": 8,
     "controller.options": 8,
+    "controller.access_flags": 8,
     "controller.server": 7,
     "controller.edge": 6,
     "controller.upkeep": 5,
@@ -26,6 +27,7 @@ LAYERS: dict[str, int] = {
     "controller.relay": 4,
     "controller.protocol": 3,
     "controller.config": 3,
+    "controller.credentials": 3,
     "controller.decisions": 2,
     "controller.errors": 1,
 }

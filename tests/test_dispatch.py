@@ -102,15 +102,25 @@ async def test_shortest_queue_ties_go_to_the_earliest_registered(
     assert await pick(http, controller) == W3
 
 
+async def register_probed(
+    http: aiohttp.ClientSession, controller: Controller, worker: FakeWorker
+) -> None:
+    """Register ``worker`` without a status, so the controller asks it: the one way a
+    speed of 0 gets in since a registration claiming 0 is refused (a child controller
+    with no worker left answers 0)."""
+    await post(http, controller, "/register_worker", register_body(worker, status=False))
+
+
 async def test_speed_zero_worker_is_picked_last_without_error(
-    controller: Controller, http: aiohttp.ClientSession
+    controller: Controller, http: aiohttp.ClientSession, make_worker: MakeWorker
 ) -> None:
     """A speed-0 worker never causes an error and gets work only when nobody else serves."""
-    await register(http, controller, W1, speed=0, queue=0)
+    slow = await make_worker(speed=0)
+    await register_probed(http, controller, slow)
     await register(http, controller, W2, speed=1, queue=50)
     assert await pick(http, controller) == W2
     await post(http, controller, "/unregister_worker", {"worker_name": W2})
-    assert await pick(http, controller) == W1
+    assert await pick(http, controller) == slow.url
 
 
 async def test_stream_to_a_speed_zero_worker_succeeds(
@@ -118,7 +128,7 @@ async def test_stream_to_a_speed_zero_worker_succeeds(
 ) -> None:
     """The only worker reporting speed 0 still serves streams (FastChat divides by zero)."""
     worker = await make_worker(speed=0, tokens=2)
-    await post(http, controller, "/register_worker", register_body(worker))
+    await register_probed(http, controller, worker)
     async with http.post(f"{controller.url}/worker_generate_stream", json={"model": "m"}) as r:
         assert r.status == 200
         assert [m["error_code"] for m in split_stream(await r.read())] == [0, 0]
@@ -132,19 +142,20 @@ async def lottery_controller(run_controller: RunController, seed: int = 0) -> Co
 
 
 async def test_lottery_picks_in_proportion_to_speed(
-    run_controller: RunController, http: aiohttp.ClientSession
+    run_controller: RunController, http: aiohttp.ClientSession, make_worker: MakeWorker
 ) -> None:
     """lottery picks each worker with probability speed / sum(speeds), never a speed-0 one."""
     controller = await lottery_controller(run_controller)
+    idle = await make_worker(speed=0)
     await register(http, controller, W1, speed=1, queue=0)
-    await register(http, controller, W2, speed=0, queue=0)
+    await register_probed(http, controller, idle)
     await register(http, controller, W3, speed=3, queue=0)
     draws = 2000
     picks: list[str] = []
     for _ in range(draws // 100):
         picks += await asyncio.gather(*(pick(http, controller) for _ in range(100)))
     counts = collections.Counter(picks)
-    assert counts[W2] == 0
+    assert counts[idle.url] == 0
     assert counts[W1] + counts[W3] == draws
     # Expected 0.25 with a standard deviation of about 0.01: these bounds are 5 of them.
     assert 0.20 < counts[W1] / draws < 0.30
@@ -165,12 +176,12 @@ async def test_lottery_uses_the_injected_random_generator(
 
 
 async def test_lottery_answers_empty_when_speeds_sum_to_zero(
-    run_controller: RunController, http: aiohttp.ClientSession
+    run_controller: RunController, http: aiohttp.ClientSession, make_worker: MakeWorker
 ) -> None:
     """lottery answers "" when every worker serving the model reports speed 0."""
     controller = await lottery_controller(run_controller)
-    await register(http, controller, W1, speed=0, queue=0)
-    await register(http, controller, W2, speed=0, queue=0)
+    for _ in range(2):
+        await register_probed(http, controller, await make_worker(speed=0))
     assert await pick(http, controller) == ""
     assert await pick(http, controller, "unknown") == ""
 

@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .models import WorkerInfo
+from .models import Owner, WorkerInfo
 
 __all__ = ["Change", "ChangeFeed", "ChangeKind", "Subscription"]
 
@@ -60,6 +60,9 @@ class Change(NamedTuple):
     #: why: ``registered``/``restored`` for ``REGISTERED``; ``unregistered``, ``expired`` or
     #: ``unreachable`` for ``REMOVED``; empty otherwise
     reason: str = ""
+    #: whom the registration belongs to after the change (a principal or a host, never a
+    #: token), so a shared registry can keep ownership too; ``None`` for nobody
+    owner: Owner | None = None
 
 
 class ChangeFeed:
@@ -76,10 +79,16 @@ class ChangeFeed:
         return self._version
 
     def append(
-        self, kind: ChangeKind, info: WorkerInfo, queue_length: int, at: float, reason: str = ""
+        self,
+        kind: ChangeKind,
+        info: WorkerInfo,
+        queue_length: int,
+        at: float,
+        reason: str = "",
+        owner: Owner | None = None,
     ) -> Change:
         self._version += 1
-        change = Change(self._version, kind, info, queue_length, at, reason)
+        change = Change(self._version, kind, info, queue_length, at, reason, owner)
         self._log.append(change)
         for subscriber in self._subscribers:
             subscriber._notify(kind)

@@ -7,7 +7,7 @@ import enum
 
 import attrs
 
-__all__ = ["DispatchMethod", "ErrorProfile", "WorkerInfo", "WorkerStatus"]
+__all__ = ["DispatchMethod", "ErrorProfile", "Owner", "WorkerInfo", "WorkerStatus"]
 
 
 class DispatchMethod(enum.Enum):
@@ -76,3 +76,24 @@ class WorkerInfo:
         cls, name: str, status: WorkerStatus, *, check_heart_beat: bool, multimodal: bool
     ) -> WorkerInfo:
         return cls(name, status.model_names, status.speed, check_heart_beat, multimodal)
+
+
+@attrs.frozen
+class Owner:
+    """Who a registration belongs to: the principal of the token that made it, or, for one
+    made without a token, the host it came from (as ``credentials.host_identity`` names it).
+
+    Exactly one of the two is set. A principal's claim is strong (only it or an admin may
+    change the registration); a host's is weak (another host may take the worker over by
+    registering it again, as a stock worker restarted elsewhere must).
+    """
+
+    principal: str | None = None
+    host: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.principal is None) == (self.host is None):
+            raise ValueError(f"an Owner is a principal or a host, got {self!r}")
+
+    def __str__(self) -> str:
+        return f"principal {self.principal}" if self.principal is not None else f"host {self.host}"

@@ -11,61 +11,20 @@ overwritten (see :mod:`controller.upkeep.probing` for the lock that orders them)
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Container, Iterator
 
 import attrs
 
+from ..errors import ForbiddenError
 from .changes import ChangeFeed, ChangeKind
-from .estimator import LoadEstimate
-from .models import WorkerInfo, WorkerStatus
+from .models import Owner, WorkerInfo, WorkerStatus
+from .ownership import Standing, standing
+from .worker import Worker
 
 __all__ = ["Clock", "Registry", "Worker"]
 
 Clock = Callable[[], float]
-
-
-@attrs.define(eq=False, slots=True)
-class Worker:
-    """One registry entry: a worker's registration, liveness, load estimate and health.
-
-    Only the registry changes ``info``, ``last_heart_beat``, ``generation`` and
-    ``version``. ``load`` is bookkeeping the router and the relay update as they dispatch;
-    the health fields are the relay's passive health checks (through the registry's
-    ``record_failure``/``record_success``); the poll fields belong to the load poller.
-    """
-
-    info: WorkerInfo
-    last_heart_beat: float
-    #: incremented by every registration of this name; lets an operation that awaited
-    #: (a refresh probe) tell whether the entry it looked at is still the current one
-    generation: int = 0
-    #: the version of the last change to this entry (see ``Change.version``)
-    version: int = 0
-    load: LoadEstimate = attrs.field(factory=LoadEstimate)
-    #: relayed requests that failed in a row (reset by one that succeeds)
-    consecutive_failures: int = 0
-    #: the worker is out of rotation until this time (the registry's clock)
-    ejected_until: float = 0.0
-    #: load polls of this worker wait until then (backs off after failed polls)
-    next_poll_at: float = 0.0
-    poll_failures: int = 0
-    #: the ``/get_worker_address`` answer naming this worker, encoded once
-    address_body: bytes = attrs.field(init=False)
-
-    @address_body.default
-    def _encode_address(self) -> bytes:
-        return json.dumps({"address": self.info.name}).encode()
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def queue_length(self) -> int:
-        """How many requests dispatch believes the worker holds (see ``LoadEstimate``)."""
-        return self.load.queue_length
 
 
 class Registry:
@@ -156,6 +115,12 @@ class Registry:
         # have recovered (Envoy calls this panic routing).
         return in_rotation or ejected
 
+    def standing(self, name: str, caller: Owner | None, admin: bool = False) -> Standing:
+        """Where ``caller`` stands towards the live registration of ``name`` (the owner
+        of a name nobody holds)."""
+        worker = self.get(name)
+        return standing(worker.owner if worker is not None else None, caller, admin)
+
     def model_names(self, multimodal: bool | None = None) -> list[str]:
         """Sorted union of the models of live workers; ``multimodal`` filters by kind."""
         names: set[str] = set()
@@ -172,15 +137,21 @@ class Registry:
         queue_length: int,
         *,
         last_heart_beat: float | None = None,
+        owner: Owner | None = None,
+        admin: bool = False,
     ) -> tuple[Worker, bool]:
         """Add a worker or replace what is known of it; returns the entry and whether it is new.
 
         A replaced entry keeps its identity and place in line, so streams already relayed to
         it still settle their count on it when they end. ``last_heart_beat`` (on the
         registry's clock) is for entries restored from a saved state; it defaults to now.
+        The registration then belongs to ``owner``; :class:`ForbiddenError` if a principal
+        other than ``owner`` holds it (unless ``admin``).
         """
-        now = self.clock()
         name = info.name
+        if self.standing(name, owner, admin) is Standing.FORBIDDEN:
+            raise ForbiddenError(name)
+        now = self.clock()
         worker = self._workers.get(name)
         is_new = worker is None or self._expired(worker, now)
         if worker is None:
@@ -189,6 +160,7 @@ class Registry:
             self._index(worker, info.model_names)
         else:
             self._set_info(worker, info)
+        worker.owner = owner
         # A registration is a fresh start, failures included.
         worker.consecutive_failures = 0
         worker.ejected_until = 0.0
@@ -203,11 +175,15 @@ class Registry:
         self._record(worker, ChangeKind.REGISTERED, queue_length, now, reason)
         return worker, is_new
 
-    def heartbeat(self, name: str, queue_length: int) -> bool:
-        """Record a heartbeat; ``False`` when the worker is unknown or has already expired.
+    def heartbeat(
+        self, name: str, queue_length: int, *, owner: Owner | None = None, admin: bool = False
+    ) -> bool:
+        """Record a heartbeat; ``False`` when the worker is unknown or has already expired,
+        or when it came from another source than the registration's (not applied).
 
         An expired worker is forgotten here rather than revived: it must register again and
-        tell the controller what it serves now.
+        tell the controller what it serves now. :class:`ForbiddenError` when a principal
+        other than ``owner`` holds the registration.
         """
         worker = self._workers.get(name)
         if worker is None:
@@ -215,6 +191,11 @@ class Registry:
         now = self.clock()
         if self._expired(worker, now):
             self._drop(worker, "expired")
+            return False
+        where = standing(worker.owner, owner, admin)
+        if where is Standing.FORBIDDEN:
+            raise ForbiddenError(name)
+        if where is Standing.OTHER_SOURCE:
             return False
         worker.load.report(queue_length, now, self.worker_slots)
         worker.last_heart_beat = now
@@ -260,10 +241,18 @@ class Registry:
         self._report(worker, ChangeKind.LOAD, queue_length, self.clock())
         return True
 
-    def remove(self, name: str) -> Worker | None:
-        """Forget a worker that said it is leaving; returns the entry removed, if any."""
+    def remove(
+        self, name: str, *, owner: Owner | None = None, admin: bool = False
+    ) -> Worker | None:
+        """Forget a worker that said it is leaving; returns the entry removed, if any.
+
+        :class:`ForbiddenError` when ``owner`` is not who registered it (unless ``admin``).
+        """
         worker = self._workers.get(name)
         if worker is not None:
+            # An expired entry is nobody's any more: its ownership ended with it.
+            if self.standing(name, owner, admin) is not Standing.OWNER:
+                raise ForbiddenError(name)
             self._drop(worker, "unregistered")
         return worker
 
@@ -312,7 +301,8 @@ class Registry:
     def _record(
         self, worker: Worker, kind: ChangeKind, queue_length: int, now: float, reason: str = ""
     ) -> None:
-        worker.version = self.feed.append(kind, worker.info, queue_length, now, reason).version
+        change = self.feed.append(kind, worker.info, queue_length, now, reason, worker.owner)
+        worker.version = change.version
 
     def _report(self, worker: Worker, kind: ChangeKind, queue_length: int, now: float) -> None:
         """A status probe's answer: the queue feeds the estimate, and a worker ejected after

@@ -8,17 +8,18 @@ answered here with HTTP 400 and a JSON body naming the field and the problem.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from .. import protocol
+from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
-from ..errors import BadRequestError
+from ..errors import BadRequestError, ForbiddenError
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
+from .access import CALLER, Gate, Handler
 
 __all__ = ["add_routes"]
 
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _NO_ADDRESS = protocol.encode({"address": ""})
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
@@ -42,6 +41,27 @@ def _bad_request(error: BadRequestError) -> web.Response:
 def _refusal(exception: type[web.HTTPClientError], message: str) -> web.HTTPClientError:
     body = protocol.encode({"error": "bad_request", "field": None, "message": message})
     return exception(text=body.decode(), content_type=_JSON)
+
+
+def _forbidden(error: ForbiddenError) -> web.Response:
+    log.debug("refused: %s", error)
+    body = {"error": "forbidden", "field": "worker_name", "message": str(error)}
+    return _json(protocol.encode(body), status=403)
+
+
+def _owned(handler: Handler) -> Handler:
+    """``handler``, answering 400 for a body that breaks the contract and 403 when it would
+    change a registration someone else owns."""
+
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequestError as e:
+            return _bad_request(e)
+        except ForbiddenError as e:
+            return _forbidden(e)
+
+    return refusing
 
 
 async def _read(request: web.Request) -> bytes:
@@ -84,19 +104,16 @@ class _Handlers:
         self.prober = prober
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
-        try:
-            parsed = protocol.parse_register(await _read_json(request))
-        except BadRequestError as e:
-            return _bad_request(e)
-        await self.prober.register(parsed)
+        parsed = protocol.parse_register(await _read_json(request))
+        caller = request[CALLER]
+        await self.prober.register(parsed, caller.owner, caller.admin)
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
-        try:
-            name = protocol.parse_worker_name(await _read_json(request))
-        except BadRequestError as e:
-            return _bad_request(e)
-        return _json(protocol.encode({"removed": await self.prober.unregister(name)}))
+        name = protocol.parse_worker_name(await _read_json(request))
+        caller = request[CALLER]
+        removed = await self.prober.unregister(name, caller.owner, caller.admin)
+        return _json(protocol.encode({"removed": removed}))
 
     async def refresh_all_workers(self, request: web.Request) -> web.StreamResponse:
         await _read(request)
@@ -136,9 +153,10 @@ class _Handlers:
             name, queue_length = protocol.parse_heartbeat(await _read_json(request))
         except BadRequestError as e:
             return _bad_request(e)
-        exist = self.registry.heartbeat(name, queue_length)
+        caller = request[CALLER]
+        exist = self.registry.heartbeat(name, queue_length, owner=caller.owner, admin=caller.admin)
         if not exist:
-            log.debug("Heartbeat from unknown worker %s", name)
+            log.debug("Heartbeat for %s not applied: unknown, expired or another source", name)
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -159,7 +177,7 @@ class _Handlers:
             except BadRequestError as e:
                 return _bad_request(e)
             return await self.relay.forward(
-                path, body, model, count=count, affinity=affinity, request=request
+                request, path, body, model, count=count, affinity=affinity
             )
 
         return forward
@@ -182,19 +200,27 @@ class _Handlers:
 
 
 def add_routes(
-    app: web.Application, *, registry: Registry, router: Router, relay: Relay, prober: Prober
+    app: web.Application,
+    *,
+    registry: Registry,
+    router: Router,
+    relay: Relay,
+    prober: Prober,
+    access: Access | None = None,
 ) -> None:
-    """Add every route of the wire protocol to ``app``."""
+    """Add every route of the wire protocol to ``app``, each behind the access check for
+    its role (open to all unless ``access`` says otherwise)."""
     h = _Handlers(registry, router, relay, prober)
+    gate = Gate(access if access is not None else Access())
     posts: dict[str, Handler] = {
-        "/register_worker": h.register_worker,
-        "/unregister_worker": h.unregister_worker,
+        "/register_worker": _owned(h.register_worker),
+        "/unregister_worker": _owned(h.unregister_worker),
         "/refresh_all_workers": h.refresh_all_workers,
         "/list_models": h.list_models,
         "/list_multimodal_models": h.list_multimodal_models,
         "/list_language_models": h.list_language_models,
         "/get_worker_address": h.get_worker_address,
-        "/receive_heart_beat": h.receive_heart_beat,
+        "/receive_heart_beat": _owned(h.receive_heart_beat),
         "/worker_generate_stream": h.worker_generate_stream,
         "/worker_get_status": h.worker_get_status,
         # The rest of a worker's API, so clients given this controller's address as a
@@ -206,7 +232,12 @@ def add_routes(
         "/model_details": h.forwarder("/model_details", count=False),
         "/count_token": h.forwarder("/count_token", count=False),
     }
-    routes = [web.post(path, handler) for path, handler in posts.items()]
-    routes.append(web.get("/test_connection", h.test_connection, allow_head=False))
-    routes.append(web.get("/dispatch_decisions", h.dispatch_decisions, allow_head=False))
+    gets: dict[str, Handler] = {
+        "/test_connection": h.test_connection,
+        "/dispatch_decisions": h.dispatch_decisions,
+    }
+    routes = [web.post(path, gate.guard(path, handler)) for path, handler in posts.items()]
+    routes += [
+        web.get(path, gate.guard(path, handler), allow_head=False) for path, handler in gets.items()
+    ]
     app.add_routes(routes)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 
 import aiohttp
 
 from ..errors import NotRunningError
+from ..worker.tokens import authorization
 from .pool import Pool
 from .upstream import Upstream
 
@@ -18,28 +20,51 @@ __all__ = ["WorkerConnections"]
 class WorkerConnections:
     """Opened when the controller starts and closed when it stops.
 
-    The aiohttp ``session`` carries status probes, load polls and the parent link; its
-    default ``timeout`` should bound a worker's silence, not the length of its answer. The
-    ``pool`` keeps the relay's kept-alive connections (streams and single-document calls);
-    ``clock`` ages them (injected so tests need not wait).
+    The aiohttp ``session`` carries status probes and load polls (the parent link has a
+    session of its own); its default ``timeout`` should bound a worker's silence, not the
+    length of its answer. The ``pool`` keeps the relay's kept-alive connections (streams
+    and single-document calls); ``clock`` ages them (injected so tests need not wait).
+    Both send ``token`` as a bearer token with every request, and verify https workers
+    against the CA certificates in ``ca_certs`` when given.
     """
 
     def __init__(
-        self, timeout: aiohttp.ClientTimeout, clock: Callable[[], float] = time.monotonic
+        self,
+        timeout: aiohttp.ClientTimeout,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        token: str | None = None,
+        ca_certs: str | None = None,
     ) -> None:
         self._timeout = timeout
         self._clock = clock
+        self._headers = authorization(token)
+        self._ca_certs = ca_certs
+        #: verifies https workers (``None``: the system's trust store); made by open()
+        self.ssl_context: ssl.SSLContext | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool[Upstream] | None = None
 
     def open(self) -> None:
         """Create the session and the pool (on the running loop)."""
         asyncio.get_running_loop()  # fail early outside a loop, as aiohttp would later
-        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, auto_decompress=False
+        if self._ca_certs is not None:
+            self.ssl_context = ssl.create_default_context(cafile=self._ca_certs)
+        connector = aiohttp.TCPConnector(
+            limit=0, enable_cleanup_closed=False, ssl=self.ssl_context or True
         )
-        self._pool = Pool(self._clock)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            headers=self._headers,
+        )
+        pool: Pool[Upstream] = Pool(self._clock)
+        self._pool = pool
+        pool.ssl_context = self.ssl_context
+        pool.extra_head = b"".join(
+            f"{k}: {v}\r\n".encode("latin-1") for k, v in self._headers.items()
+        )
 
     async def close(self) -> None:
         """Close every connection. Idempotent."""

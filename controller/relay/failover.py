@@ -26,6 +26,7 @@ from ..decisions.routing import Router
 from .budget import Budget
 from .connections import WorkerConnections
 from .forward import relay_document
+from .reach import Reach
 from .stream import Outcome, relay_stream
 from .watch import DisconnectWatch
 
@@ -52,6 +53,7 @@ class Relay:
     #: relayed requests (streams and single calls) in progress, for draining
     in_flight: int = attrs.field(default=0, init=False)
     _none_in_flight: asyncio.Event = attrs.field(init=False)
+    _reach: Reach | None = attrs.field(default=None, init=False)
 
     @budget.default
     def _budget(self) -> Budget:
@@ -67,6 +69,18 @@ class Relay:
     def registry(self) -> Registry:
         return self.router.registry
 
+    @property
+    def reach(self) -> Reach:
+        """How relays reach workers: made once per opening of the connections."""
+        pool = self.connections.pool
+        reach = self._reach
+        if reach is None or reach.pool is not pool:
+            cfg = self.config
+            reach = self._reach = Reach(
+                pool, self.budget, self.watch, cfg.status_probe_timeout, cfg.worker_api_timeout
+            )
+        return reach
+
     async def generate_stream(
         self, request: web.Request, body: bytes, model: str, affinity: str | None = None
     ) -> web.StreamResponse:
@@ -75,17 +89,7 @@ class Relay:
         error_code = cfg.error_profile.worker_error
 
         async def attempt(worker: Worker) -> tuple[web.StreamResponse, Outcome]:
-            return await relay_stream(
-                request,
-                worker.info.name,
-                body,
-                connect_timeout=cfg.status_probe_timeout,
-                read_timeout=cfg.worker_api_timeout,
-                error_code=error_code,
-                watch=self.watch,
-                pool=self.connections.pool,
-                budget=self.budget,
-            )
+            return await relay_stream(request, worker.info.name, body, self.reach, error_code)
 
         no_worker = cfg.error_profile.no_worker
         return await self.attempts(
@@ -99,13 +103,13 @@ class Relay:
 
     async def forward(
         self,
+        request: web.Request | None,
         path: str,
         body: bytes,
         model: str,
         *,
         count: bool,
         affinity: str | None = None,
-        request: web.Request | None = None,
     ) -> web.Response:
         """Relay a worker call answered by one JSON document to a worker serving ``model``.
 
@@ -119,17 +123,9 @@ class Relay:
         profile = cfg.error_profile
 
         async def attempt(worker: Worker) -> tuple[web.Response, Outcome]:
+            limit = cfg.max_worker_answer_size
             answer, outcome = await relay_document(
-                request,
-                worker.info.name,
-                path,
-                body,
-                connect_timeout=cfg.status_probe_timeout,
-                read_timeout=cfg.worker_api_timeout,
-                answer_limit=cfg.max_worker_answer_size,
-                watch=self.watch,
-                pool=self.connections.pool,
-                budget=self.budget,
+                request, worker.info.name, path, body, self.reach, limit
             )
             if answer is None:
                 error = protocol.error_message(profile.worker_error)

@@ -13,11 +13,10 @@ import logging
 
 from aiohttp import web
 
-from .budget import Budget
-from .pool import Pool
+from .reach import Reach
 from .stream import Outcome
 from .upstream import Upstream
-from .watch import DisconnectWatch, client_gone
+from .watch import client_gone
 
 __all__ = ["relay_document"]
 
@@ -29,30 +28,22 @@ async def relay_document(
     worker_name: str,
     path: str,
     body: bytes,
-    *,
-    connect_timeout: float,
-    read_timeout: float,
+    reach: Reach,
     answer_limit: int,
-    watch: DisconnectWatch,
-    pool: Pool[Upstream],
-    budget: Budget,
 ) -> tuple[bytes | None, Outcome]:
     """POST ``body`` to ``path`` on a worker; its answer and how the call ended.
 
-    Never raises for I/O. The answer is ``None`` unless the outcome is ``COMPLETED``.
-    ``read_timeout`` bounds the worker's silence, not the answer's length. A ``request``
-    is watched for its client leaving (and for the shutdown drain).
+    Never raises for I/O. The answer is ``None`` unless the outcome is ``COMPLETED``; an
+    answer over ``answer_limit`` bytes is refused. A ``request`` is watched for its client
+    leaving (and for the shutdown drain).
     """
-    target = pool.target(worker_name, path)
+    target = reach.pool.target(worker_name, path)
     if target is None:
         log.debug("worker %s has no usable http(s) address", worker_name)
         return None, Outcome.FAILED_BEFORE_START
     fresh = False
     while True:
-        upstream = Upstream.for_request(pool, target, read_timeout, budget, fresh)
-        upstream.start(target, body, connect_timeout, document_limit=answer_limit)
-        if request is not None:
-            watch.add(request, upstream.stop)
+        upstream = reach.send(target, body, request, fresh=fresh, document_limit=answer_limit)
         try:
             while not upstream.ended:
                 await upstream.wait()
@@ -62,9 +53,7 @@ async def relay_document(
                 continue
             return _outcome(request, upstream, worker_name, path)
         finally:
-            if request is not None:
-                watch.discard(request)
-            upstream.close()
+            reach.release(upstream, request)
 
 
 def _outcome(

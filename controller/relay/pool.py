@@ -48,6 +48,9 @@ class Pool(Generic[C]):
         self._targets: dict[tuple[str, str], Target | None] = {}
         #: verifies https workers; the default trust store unless replaced
         self.ssl_context: ssl.SSLContext | None = None
+        #: header lines (each ending in CRLF) sent with every request, such as the
+        #: upstream token's ``Authorization``
+        self.extra_head = b""
         self.closed = False
 
     def target(self, worker_name: str, path: str) -> Target | None:

@@ -17,8 +17,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from .. import protocol
-from .budget import Budget
-from .pool import Pool
+from .reach import Reach
 from .sink import ClientSink
 from .upstream import Upstream
 from .watch import DisconnectWatch, client_gone
@@ -45,36 +44,23 @@ class Outcome(enum.Enum):
 
 
 async def relay_stream(
-    request: web.Request,
-    worker_name: str,
-    body: bytes,
-    *,
-    connect_timeout: float,
-    read_timeout: float,
-    error_code: int,
-    watch: DisconnectWatch,
-    pool: Pool[Upstream],
-    budget: Budget,
+    request: web.Request, worker_name: str, body: bytes, reach: Reach, error_code: int
 ) -> tuple[web.StreamResponse, Outcome]:
     """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
 
-    Returns the response (already written) and how the stream ended. ``read_timeout`` bounds
-    the worker's silence (waiting for its answer included), not the stream's length.
+    Returns the response (already written) and how the stream ended.
     """
-    target = pool.target(worker_name, "/worker_generate_stream")
+    target = reach.pool.target(worker_name, "/worker_generate_stream")
     if target is None:
         log.debug("worker %s has no usable http(s) address", worker_name)
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
     fresh = False
     while True:
-        upstream = Upstream.for_request(pool, target, read_timeout, budget, fresh)
-        upstream.start(target, body, connect_timeout)
-        watch.add(request, upstream.stop)
+        upstream = reach.send(target, body, request, fresh=fresh)
         try:
-            relayed = await _pump(request, upstream, worker_name, error_code, watch)
+            relayed = await _pump(request, upstream, worker_name, error_code, reach.watch)
         finally:
-            watch.discard(request)
-            upstream.close()
+            reach.release(upstream, request)
         if relayed is not None:
             return relayed
         # A kept-alive connection the worker had closed: once more on a new one.

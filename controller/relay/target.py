@@ -29,11 +29,17 @@ class Target:
         self._addresses: list[str] = []
         self._resolved_at = -DNS_TTL
 
-    def request_head(self, body_length: int) -> bytes:
+    def request_head(self, body_length: int, extra: bytes = b"") -> bytes:
+        """The request's head; ``extra`` is whole header lines (each ending in CRLF) to
+        add, such as the upstream token's ``Authorization``."""
         return (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {body_length}\r\n\r\n"
-        ).encode("latin-1")
+            (
+                f"POST {self.path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {body_length}\r\n"
+            ).encode("latin-1")
+            + extra
+            + b"\r\n"
+        )
 
     async def addresses(self, loop: asyncio.AbstractEventLoop) -> list[str]:
         """The host's addresses, resolved off the loop and cached for ``DNS_TTL`` seconds."""

@@ -165,7 +165,7 @@ class Upstream(Holding, asyncio.Protocol):
         if document_limit:
             self.document, self._document_limit = bytearray(), document_limit
         self._key = target.key
-        request = target.request_head(len(body)) + body
+        request = target.request_head(len(body), self._pool.extra_head) + body
         if self.reused and self.transport is not None:
             self._send(self.transport, request)
             return

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 import aiohttp
 
 from ..decisions.changes import MEMBERSHIP
 from ..decisions.registry import Registry
-from ..protocol import worker_url
-from ..relay.connections import WorkerConnections
+from ..protocol import MAX_SPEED, worker_url
 from ..upkeep.supervision import supervise
 from ..worker import HeartbeatClient, HeartbeatConfig
+from ..worker.tokens import authorization
 
 __all__ = ["ParentLink"]
 
 log = logging.getLogger(__name__)
+
+#: what a child offers when its workers' speeds sum to 0
+MIN_OFFERED_SPEED = 0.001
 
 
 class ParentLink:
@@ -31,20 +35,27 @@ class ParentLink:
     What the child offers changes as its workers come and go; each change of the model set
     or the total speed makes a fresh registration, replacing the old one at the parent.
     A child with no live worker withdraws until it has one again.
+
+    The link has a session of its own: the one to workers carries the upstream token,
+    which is not the parent's business. It sends ``token`` (if any) to the parent and
+    verifies an https parent with ``ssl_context`` (the system's trust store if ``None``).
     """
 
     def __init__(
         self,
         registry: Registry,
-        connections: WorkerConnections,
         parent_address: str,
         advertise_address: str,
         *,
         interval: float,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         goodbye_timeout: float = 2.0,
     ) -> None:
         self.registry = registry
-        self.connections = connections
+        self.token = token
+        self.ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
         self.parent_address = parent_address.rstrip("/")
         self.advertise_address = advertise_address.rstrip("/")
         self.interval = interval
@@ -54,6 +65,8 @@ class ParentLink:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context or True)
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         self._task = asyncio.create_task(
             supervise(self._run, "parent-link"), name="fc-controller-parent-link"
         )
@@ -65,7 +78,11 @@ class ParentLink:
         """The models this controller serves now and their workers' summed speed."""
         workers = list(self.registry)
         names = tuple(sorted({m for w in workers for m in w.info.model_names}))
-        return names, sum(w.info.speed for w in workers)
+        # A parent (ours) takes a speed in (0, MAX_SPEED]: workers whose probes answered
+        # 0 would sum to 0, and a large fleet may pass the bound. Clamped, the parent
+        # still sees the child, the least or the most capable it can be.
+        speed = sum(w.info.speed for w in workers)
+        return names, min(max(speed, MIN_OFFERED_SPEED), MAX_SPEED)
 
     async def _run(self) -> None:
         changes = self.registry.feed.subscribe(MEMBERSHIP)
@@ -110,8 +127,9 @@ class ParentLink:
             # The link says goodbye itself, once, when the controller stops: swapping
             # clients on a change must not withdraw from the parent in between.
             unregister_on_close=False,
+            token=self.token,
         )
-        self.client = HeartbeatClient(config, self.queue_length, session=self.connections.session)
+        self.client = HeartbeatClient(config, self.queue_length, session=self._session)
         await self.client.start()
 
     async def _stop_client(self) -> None:
@@ -124,7 +142,10 @@ class ParentLink:
         body = {"worker_name": self.advertise_address}
         timeout = aiohttp.ClientTimeout(total=self.goodbye_timeout)
         try:
-            async with self.connections.session.post(url, json=body, timeout=timeout) as r:
+            assert self._session is not None, "start() opens the session"
+            async with self._session.post(
+                url, json=body, timeout=timeout, headers=authorization(self.token)
+            ) as r:
                 if r.status == 200:
                     log.info("Withdrew from parent controller %s", self.parent_address)
                 else:
@@ -145,6 +166,11 @@ class ParentLink:
         task.cancel()
         await asyncio.wait({task})
         had_offer = self.client is not None
-        await self._stop_client()
-        if had_offer:
-            await self._goodbye()
+        try:
+            await self._stop_client()
+            if had_offer:
+                await self._goodbye()
+        finally:
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()

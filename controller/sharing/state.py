@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from ..decisions.changes import MEMBERSHIP
-from ..decisions.models import WorkerInfo, WorkerStatus
+from ..decisions.models import Owner, WorkerInfo, WorkerStatus
 from ..decisions.registry import Clock, Registry
 from ..errors import BadRequestError
 from ..protocol import parse_worker_status
@@ -48,6 +48,8 @@ class SavedWorker:
     multimodal: bool
     #: seconds between the worker's last heartbeat and the moment the file was loaded
     silent_for: float
+    #: whom the registration belongs to (a principal or a host; never a token)
+    owner: Owner | None = None
 
 
 def dump(registry: Registry, wall_now: float) -> bytes:
@@ -62,6 +64,7 @@ def dump(registry: Registry, wall_now: float) -> bytes:
             "check_heart_beat": w.info.check_heart_beat,
             "multimodal": w.info.multimodal,
             "last_heart_beat": wall_now - (mono_now - w.last_heart_beat),
+            "owner": None if w.owner is None else attrs.asdict(w.owner),
         }
         for w in registry
     ]
@@ -89,7 +92,8 @@ def _entry(index: int, entry: Any, wall_now: float) -> SavedWorker:
     if not isinstance(entry, dict):
         raise StateFileError(f"{where} is not an object")
     try:
-        status = parse_worker_status(entry, where)
+        # A probe's answer may have set a speed of 0; it is restored as it was.
+        status = parse_worker_status(entry, where, allow_zero_speed=True)
     except BadRequestError as e:
         raise StateFileError(str(e)) from None
     name = entry.get("worker_name")
@@ -102,7 +106,23 @@ def _entry(index: int, entry: Any, wall_now: float) -> SavedWorker:
         raise StateFileError(f"{where}: check_heart_beat and multimodal must be true or false")
     if isinstance(beat, bool) or not isinstance(beat, int | float) or not math.isfinite(beat):
         raise StateFileError(f"{where}.last_heart_beat is not a time")
-    return SavedWorker(name, status, check, multimodal, max(0.0, wall_now - beat))
+    return SavedWorker(
+        name, status, check, multimodal, max(0.0, wall_now - beat), _owner(where, entry)
+    )
+
+
+def _owner(where: str, entry: dict[str, Any]) -> Owner | None:
+    raw = entry.get("owner")
+    if raw is None:
+        return None
+    principal = raw.get("principal") if isinstance(raw, dict) else None
+    host = raw.get("host") if isinstance(raw, dict) else None
+    if not isinstance(principal, str | None) or not isinstance(host, str | None):
+        raise StateFileError(f"{where}.owner must hold a principal or a host")
+    try:
+        return Owner(principal, host)
+    except ValueError as e:
+        raise StateFileError(f"{where}.owner: {e}") from None
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -178,7 +198,10 @@ class StateFile:
                 multimodal=worker.multimodal,
             )
             registry.register(
-                info, worker.status.queue_length, last_heart_beat=now - worker.silent_for
+                info,
+                worker.status.queue_length,
+                last_heart_beat=now - worker.silent_for,
+                owner=worker.owner,
             )
         log.info(
             "Restored %d worker(s) from %s (%d had expired meanwhile)",

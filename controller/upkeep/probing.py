@@ -20,9 +20,10 @@ import aiohttp
 
 from .. import protocol
 from ..config import ControllerConfig
-from ..decisions.models import WorkerInfo, WorkerStatus
+from ..decisions.models import Owner, WorkerInfo, WorkerStatus
+from ..decisions.ownership import Standing
 from ..decisions.registry import Registry
-from ..errors import BadRequestError
+from ..errors import BadRequestError, ForbiddenError
 from ..protocol import RegisterRequest, worker_url
 from ..relay.connections import WorkerConnections
 
@@ -97,15 +98,25 @@ class Prober:
                     log.debug("status probe of %s: HTTP %d", worker_name, response.status)
                     return None
                 body = await response.read()
-            return protocol.parse_worker_status(protocol.decode_body(body), "status")
+            answer = protocol.decode_body(body)
+            return protocol.parse_worker_status(answer, "status", allow_zero_speed=True)
         except (aiohttp.ClientError, TimeoutError, BadRequestError) as e:
             log.debug("status probe of %s failed: %r", worker_name, e)
             return None
 
-    async def register(self, request: RegisterRequest) -> bool:
-        """Register a worker, asking it for its status when the request carried none."""
+    async def register(
+        self, request: RegisterRequest, owner: Owner | None = None, admin: bool = False
+    ) -> bool:
+        """Register a worker for ``owner``, asking it for its status when the request
+        carried none.
+
+        :class:`ForbiddenError` (before any probe) when someone else's principal holds the
+        name; a registration that takes a worker over from another host is logged.
+        """
         name = request.worker_name
         async with self.locks.hold(name):
+            if self.registry.standing(name, owner, admin) is Standing.FORBIDDEN:
+                raise ForbiddenError(name)
             status = request.worker_status
             if status is None:
                 status = await self.probe(name)
@@ -118,21 +129,36 @@ class Prober:
                 check_heart_beat=request.check_heart_beat,
                 multimodal=request.multimodal,
             )
-            worker, is_new = self.registry.register(info, status.queue_length)
+            previous = self.registry.get(name)
+            if self.registry.standing(name, owner, admin) is Standing.OTHER_SOURCE:
+                assert previous is not None
+                log.warning(
+                    "Worker %s registered again from %s: it now belongs to it, not to %s",
+                    name,
+                    owner,
+                    previous.owner,
+                )
+            worker, is_new = self.registry.register(
+                info, status.queue_length, owner=owner, admin=admin
+            )
         log.info(
-            "%s worker %s: models=%s speed=%s queue_length=%d",
+            "%s worker %s: models=%s speed=%s queue_length=%d owner=%s",
             "Registered new" if is_new else "Re-registered",
             name,
             list(info.model_names),
             info.speed,
             worker.load.queue_length,
+            owner,
         )
         return True
 
-    async def unregister(self, worker_name: str) -> bool:
-        """Forget a worker that says it is leaving; ``False`` if it was not registered."""
+    async def unregister(
+        self, worker_name: str, owner: Owner | None = None, admin: bool = False
+    ) -> bool:
+        """Forget a worker that says it is leaving; ``False`` if it was not registered,
+        :class:`ForbiddenError` if someone else registered it."""
         async with self.locks.hold(worker_name):
-            removed = self.registry.remove(worker_name) is not None
+            removed = self.registry.remove(worker_name, owner=owner, admin=admin) is not None
         if removed:
             log.info("Removed worker %s: it said it is leaving", worker_name)
         return removed

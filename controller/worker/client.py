@@ -22,7 +22,7 @@ import aiohttp
 from .config import HeartbeatConfig
 from .core import ClientBase, HeartbeatStats, SupportsQueueLength, queue_length_function
 from .runtime import AsyncLifecycle
-from .wire import JSON_HEADERS, BadAnswer
+from .wire import BadAnswer, headers
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -220,7 +220,7 @@ class HeartbeatClient(AsyncLifecycle, ClientBase[int | Awaitable[int]]):
         session = self._session
         assert session is not None, "start() opens the session"
         async with session.post(
-            url, data=body, headers=JSON_HEADERS, timeout=client_timeout or self._timeout
+            url, data=body, headers=headers(self.config), timeout=client_timeout or self._timeout
         ) as response:
             return response.status, await response.read()
 

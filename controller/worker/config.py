@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .tokens import check_token
+
 # No __all__ here: ``controller.worker`` lists the public names once, in its own.
 
 ENV_HEART_BEAT_INTERVAL = "FASTCHAT_WORKER_HEART_BEAT_INTERVAL"
@@ -20,6 +22,8 @@ DEFAULT_REQUEST_TIMEOUT = 5.0
 DEFAULT_UNREGISTER_TIMEOUT = 2.0
 DEFAULT_BACKOFF_BASE = 1.0
 DEFAULT_BACKOFF_CAP = 30.0
+#: the largest speed a controller accepts in a registration
+MAX_SPEED = 10_000
 
 
 def _positive_seconds(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
@@ -32,8 +36,14 @@ def _positive_seconds(inst: Any, attribute: attrs.Attribute[float], value: float
 def _speed(inst: Any, attribute: attrs.Attribute[float], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"speed must be a number, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"speed must be a finite number of at least 0, got {value!r}")
+    # The controller refuses a registration outside (0, 10,000].
+    if not (math.isfinite(value) and 0 < value <= MAX_SPEED):
+        raise ValueError(f"speed must be above 0 and at most {MAX_SPEED}, got {value!r}")
+
+
+def _token(inst: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None:
+        check_token(value, "token")
 
 
 def _base_url(name: str, value: str) -> str:
@@ -114,6 +124,9 @@ class HeartbeatConfig:
     unregister_on_close: bool = attrs.field(
         default=True, validator=attrs.validators.instance_of(bool)
     )
+    #: sent as ``Authorization: Bearer TOKEN`` to a controller that closes its worker role
+    #: (never shown in a repr or a log line)
+    token: str | None = attrs.field(default=None, repr=False, validator=_token)
 
     @classmethod
     def from_environ(

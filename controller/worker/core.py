@@ -130,6 +130,7 @@ class Core:
         self._queue_length = 0
         self._last_error: str | None = None
         self._queue_error_logged = False
+        self._refusal_logged = False
 
     # requests
 
@@ -196,6 +197,8 @@ class Core:
         if error is None:
             # The interval runs from the start of this beat, however long the call took.
             return max(0.0, started + self.config.interval - now)
+        if isinstance(error, wire.Refused):
+            return self._on_refusal(error, now)
         if expected:
             return self._on_failure(wire.describe(error, self.config.request_timeout), now)
         return self._on_failure(wire.describe(error, 0), now, error)
@@ -227,7 +230,38 @@ class Core:
             )
         return delay
 
+    def _on_refusal(self, error: wire.Refused, now: float) -> float:
+        # Nothing fixes this but the operator: say what to change, once, at ERROR, and
+        # keep trying (a new token file may be deployed while the worker runs).
+        first = not self._refusal_logged
+        self._refusal_logged = True
+        self._connected = True
+        self._failures += 1
+        self._consecutive_failures += 1
+        self._last_error = str(error)
+        delay = self.backoff.next_delay()
+        if first:
+            cfg = self.config
+            fix = (
+                "its token is not one of the controller's worker tokens, or another "
+                "principal registered this worker_name (an admin token can remove it)"
+                if cfg.token is not None
+                else "the controller requires a worker token: give one (HeartbeatConfig "
+                "token, fc-demo-worker --controller-token-file or FC_CONTROLLER_TOKEN), or "
+                "have the controller trust this worker's network (--trust-workers-from)"
+            )
+            log.error(
+                "Controller %s refused worker %s (%s): %s; retrying every %g s at most",
+                cfg.controller_address,
+                cfg.worker_address,
+                error,
+                fix,
+                cfg.max_backoff,
+            )
+        return delay
+
     def _answered(self, now: float) -> None:
+        self._refusal_logged = False
         if self._connected is False:
             log.info(
                 "Controller %s answers again after %d failed attempts over %.1f s",

@@ -20,7 +20,7 @@ from typing import Literal, Self, TypeAlias
 
 from .config import HeartbeatConfig
 from .core import ClientBase, HeartbeatStats, SupportsQueueLength, queue_length_function
-from .wire import JSON_HEADERS, BadAnswer
+from .wire import BadAnswer, headers
 
 __all__ = ["SyncHeartbeatClient", "SyncQueueLengthSource", "Waiter"]
 
@@ -232,7 +232,9 @@ class SyncHeartbeatClient(ClientBase[int]):
                 return self._core.queue_length_failed(e)
 
     def _post(self, url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-        request = urllib.request.Request(url, data=body, headers=JSON_HEADERS, method="POST")
+        request = urllib.request.Request(
+            url, data=body, headers=headers(self.config), method="POST"
+        )
         try:
             with self._opener.open(request, timeout=timeout) as response:
                 return int(response.status), response.read()

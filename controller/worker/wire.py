@@ -10,12 +10,15 @@ import json
 from typing import Any
 
 from .config import HeartbeatConfig
+from .tokens import authorization
 
 __all__ = [
     "JSON_HEADERS",
     "BadAnswer",
+    "Refused",
     "check_register_answer",
     "describe",
+    "headers",
     "heartbeat_request",
     "parse_heartbeat_answer",
     "parse_unregister_answer",
@@ -28,6 +31,15 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 class BadAnswer(Exception):
     """The controller answered, but not with something a controller would say."""
+
+
+class Refused(BadAnswer):
+    """The controller refused the worker's credentials (HTTP 401 or 403)."""
+
+
+def headers(config: HeartbeatConfig) -> dict[str, str]:
+    """The headers of every call to the controller: JSON, and the token if there is one."""
+    return {**JSON_HEADERS, **authorization(config.token)}
 
 
 def _encode(value: Any) -> bytes:
@@ -68,6 +80,8 @@ def _preview(body: bytes) -> str:
 
 
 def _decode(status: int, body: bytes) -> Any:
+    if status in (401, 403):
+        raise Refused(f"HTTP {status}: {_preview(body)}")
     if status != 200:
         raise BadAnswer(f"HTTP {status}: {_preview(body)}")
     try:

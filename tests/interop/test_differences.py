@@ -128,15 +128,20 @@ async def test_body_without_content_type(
 async def test_worker_with_speed_zero(
     kind: str, launcher: Launcher, http: aiohttp.ClientSession
 ) -> None:
-    """shortest_queue with a speed-0 worker: FastChat divides by zero (500); we route to it."""
+    """A registration claiming speed 0: FastChat takes it and then divides by zero (500);
+    we refuse it with a 400 naming the field (issue 15: speed must be above 0)."""
     controller = launcher.controller(kind)
     name = nobody()
-    await register(http, controller.url, registration(name, ["m"], speed=0))
-    status, answer = await post_json(http, f"{controller.url}/get_worker_address", {"model": "m"})
+    body = registration(name, ["m"], speed=0)
     if kind == "fastchat":
+        await register(http, controller.url, body)
+        status, answer = await post_json(
+            http, f"{controller.url}/get_worker_address", {"model": "m"}
+        )
         assert (status, answer) == (500, "Internal Server Error")
     else:
-        assert (status, answer) == (200, {"address": name})
+        status, answer = await post_json(http, f"{controller.url}/register_worker", body)
+        assert status == 400 and answer["field"] == "worker_status.speed"
 
 
 async def test_heartbeat_from_unknown_worker(

@@ -108,6 +108,7 @@ class DemoWorker(AsyncLifecycle):
                         model_names=cfg.model_names,
                         multimodal=cfg.multimodal,
                         interval=cfg.heart_beat_interval,
+                        token=cfg.controller_token,
                     ),
                     self.limiter,
                 )

@@ -16,10 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig
 from ..config import heart_beat_interval_from_environ as _interval_from_environ
 from ..runtime import run_main, serve_until_signalled
+from ..tokens import check_token, read_token_file
 from .app import DemoWorker
 from .settings import DemoSettings
 
-__all__ = ["build_parser", "load_settings", "main"]
+__all__ = ["ENV_CONTROLLER_TOKEN", "build_parser", "load_settings", "main"]
+
+#: the token itself (not a path), when --controller-token-file is not given
+ENV_CONTROLLER_TOKEN = "FC_CONTROLLER_TOKEN"
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the URL the controller uses to reach this worker (default: http://HOST:PORT)",
     )
     add("--controller-address", default="http://localhost:21001", help="(default: %(default)s)")
+    add(
+        "--controller-token-file",
+        default=None,
+        metavar="PATH",
+        help="send the token in PATH to the controller as a bearer token (env "
+        f"{ENV_CONTROLLER_TOKEN} holding the token; default: none)",
+    )
     add(
         "--model-names",
         type=_names_arg,
@@ -150,13 +161,16 @@ def load_settings(
     """Settings and log level from flags and ``FASTCHAT_WORKER_HEART_BEAT_INTERVAL``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
     try:
-        interval = _interval_from_environ(os.environ if environ is None else environ)
+        interval = _interval_from_environ(env)
+        token = _controller_token(args.controller_token_file, env)
         settings = DemoSettings(
             host=args.host,
             port=args.port,
             worker_address=args.worker_address,
             controller_address=args.controller_address,
+            controller_token=token,
             register=not args.no_register,
             model_names=args.model_names,
             multimodal=args.multimodal,
@@ -183,6 +197,13 @@ def load_settings(
     except ValueError as e:
         parser.error(str(e))
     return settings, args.log_level
+
+
+def _controller_token(path: str | None, environ: Mapping[str, str]) -> str | None:
+    if path is not None:
+        return read_token_file(path)
+    raw = environ.get(ENV_CONTROLLER_TOKEN, "").strip()
+    return check_token(raw, f"environment variable {ENV_CONTROLLER_TOKEN}") if raw else None
 
 
 async def _run(settings: DemoSettings) -> int:

@@ -46,6 +46,8 @@ class DemoSettings:
     #: ``http://{host}:{port}`` (``localhost`` for a wildcard host)
     worker_address: str | None = None
     controller_address: str = "http://localhost:21001"
+    #: the bearer token sent to a controller that closes its worker role (never shown)
+    controller_token: str | None = attrs.field(default=None, repr=False)
     register: bool = True
     model_names: tuple[str, ...] = attrs.field(default=("demo-model",), converter=_names)
     multimodal: bool = False

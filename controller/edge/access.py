@@ -1,0 +1,185 @@
+"""Who is calling, and may they: the access check every route passes before any work.
+
+Each route is wrapped by :meth:`Gate.guard` with the role it needs. The check runs before
+the body is read: a refused request costs a header lookup and one hash. It decides on the
+``Authorization: Bearer`` header and on the TCP peer address only (never on
+``X-Forwarded-For`` or anything else a client writes), and leaves the caller's identity
+on the request (:data:`CALLER`) for the handlers that record ownership.
+
+Missing credentials get 401 with ``WWW-Authenticate: Bearer``; a wrong token, or one of
+another role, gets 403. The body names the role needed and never echoes the token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+
+import attrs
+from aiohttp import web
+
+from .. import protocol
+from ..config import ControllerConfig
+from ..credentials import Access, Role, host_identity, peer_address
+from ..decisions.models import Owner
+
+__all__ = ["CALLER", "Caller", "Gate", "Handler", "exposure_warnings", "route_role"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+WORKER_PATHS = frozenset({"/register_worker", "/receive_heart_beat", "/unregister_worker"})
+#: a liveness check: load balancers and scripts probe it without credentials
+OPEN_PATHS = frozenset({"/test_connection"})
+ADMIN_PATHS = frozenset({"/dispatch_decisions"})
+
+_CHALLENGE = 'Bearer realm="fc-controller"'
+_FLAGS = {
+    Role.WORKER: "--worker-token-file (FC_CONTROLLER_WORKER_TOKENS) or --trust-workers-from",
+    Role.CLIENT: "--api-token-file (FC_CONTROLLER_API_TOKENS) or --trust-clients-from",
+    Role.ADMIN: "--admin-token-file (FC_CONTROLLER_ADMIN_TOKENS)",
+}
+
+
+@attrs.frozen
+class Caller:
+    """Who made a request: whom a registration it makes belongs to, and whether it holds
+    an admin token (which may change registrations others own)."""
+
+    owner: Owner
+    admin: bool = False
+
+
+CALLER = web.RequestKey("fc_controller_caller", Caller)
+
+
+def route_role(path: str) -> Role | None:
+    """The role a route needs (``None``: open to anyone)."""
+    if path in OPEN_PATHS:
+        return None
+    if path in WORKER_PATHS:
+        return Role.WORKER
+    if path in ADMIN_PATHS:
+        return Role.ADMIN
+    return Role.CLIENT
+
+
+class Gate:
+    """Checks each request against the configured :class:`~controller.credentials.Access`."""
+
+    def __init__(self, access: Access) -> None:
+        self.access = access
+
+    def guard(self, path: str, handler: Handler) -> Handler:
+        """``handler`` behind the check for the role ``path`` needs."""
+        role = route_role(path)
+        if role is None:
+            return handler
+        if role is Role.ADMIN and not self.access.admin_tokens:
+            # Without admin tokens nobody could pass: the route is as closed as the
+            # client endpoints instead.
+            role = Role.CLIENT
+        if role is Role.CLIENT and self.access.everything_open:
+            # Nothing to check and nobody's identity needed: FastChat's speed.
+            return handler
+        needed = role
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            caller = self.identify(request, needed)
+            if isinstance(caller, web.Response):
+                return caller
+            request[CALLER] = caller
+            return await handler(request)
+
+        return guarded
+
+    def identify(self, request: web.Request, role: Role) -> Caller | web.Response:
+        """The caller, if it may act in ``role``; else the 401 or 403 to answer."""
+        access = self.access
+        token = _bearer(request)
+        address = _peer(request)
+        if token is not None:
+            admin = access.admin_tokens.principal_of(token)
+            if admin is not None:
+                return Caller(Owner(principal=admin), admin=True)
+            principal = access.tokens(role).principal_of(token) if role is not Role.ADMIN else None
+            if principal is not None:
+                return Caller(Owner(principal=principal))
+        if access.is_open(role) and role is not Role.ADMIN:
+            # An open role ignores tokens it does not know: a worker configured with a
+            # token keeps working against a controller that asks for none.
+            return Caller(Owner(host=host_identity(address)))
+        if token is not None and access.tokens(role):
+            return _refuse(403, role, "this token is not valid for it")
+        if access.trusts(role, address):
+            return Caller(Owner(host=host_identity(address)))
+        if token is None:
+            return _refuse(401, role, "send Authorization: Bearer TOKEN")
+        return _refuse(403, role, "this token is not valid for it")
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def _peer(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # The socket's own peer, not request.remote: a host application's middleware may have
+    # rewritten that from X-Forwarded-For.
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    host = peername[0] if isinstance(peername, tuple) and peername else None
+    return peer_address(host)
+
+
+def _refuse(status: int, role: Role, problem: str) -> web.Response:
+    log.debug("refused a request for the %s role: HTTP %d", role.value, status)
+    body = protocol.encode(
+        {
+            "error": "unauthorized" if status == 401 else "forbidden",
+            "field": None,
+            "role": role.value,
+            "message": f"this endpoint needs the {role.value} role: {problem}",
+        }
+    )
+    headers = {"WWW-Authenticate": _CHALLENGE} if status == 401 else None
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(config: ControllerConfig) -> list[str]:
+    """What a controller listening on ``config.host`` leaves open to strangers: one line
+    per open role, and one if tokens would travel in clear. Nothing on loopback."""
+    if _is_loopback(config.host):
+        return []
+    where = f"{config.host or 'every interface'}:{config.port}"
+    access = config.access
+    warnings = [
+        f"The {role.value} role is open: anyone who can reach {where} may "
+        f"{'register, heartbeat and unregister workers' if role is Role.WORKER else 'use it'}; "
+        f"close it with {_FLAGS[role]}"
+        for role in (Role.WORKER, Role.CLIENT)
+        if access.is_open(role)
+    ]
+    if access.has_tokens and config.ssl_certfile is None:
+        warnings.append(
+            f"Tokens travel in clear: listening on {where} without TLS; "
+            "give --ssl-certfile and --ssl-keyfile (or --ssl)"
+        )
+    return warnings
