@@ -12,7 +12,7 @@ import asyncio
 
 from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
-from .sink import ClientSink
+from .sink import GONE, ClientSink
 
 __all__ = ["MAX_MESSAGE_SIZE", "Holding"]
 
@@ -125,10 +125,12 @@ class Holding:
     def _to_client(self, framed: bytes) -> None:
         sink = self._sink
         assert sink is not None
-        if sink.closing:
-            self._client_gone()
-        elif sink.write(framed):
-            self._pause()
+        said = sink.write(framed)
+        if said:
+            if said == GONE:
+                self._client_gone()
+            else:
+                self._pause()
 
     def _pause(self) -> None:
         if not self.draining and self.transport is not None:

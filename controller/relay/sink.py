@@ -26,7 +26,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-__all__ = ["ClientSink"]
+__all__ = ["GONE", "OK", "SLOW", "ClientSink"]
+
+
+#: what :meth:`ClientSink.write` says
+OK, SLOW, GONE = 0, 1, 2
 
 
 class ClientSink:
@@ -50,15 +54,19 @@ class ClientSink:
             return None
         return cls(transport, request.protocol, response.chunked)
 
-    @property
-    def closing(self) -> bool:
-        return bool(self._transport.is_closing())
+    def write(self, framed: bytes) -> int:
+        """Write bytes already framed as the response is.
 
-    def write(self, framed: bytes) -> bool:
-        """Write bytes already framed as the response is; whether the client is slow now."""
-        self._transport.write(framed)
+        Returns ``GONE`` (nothing written: the client left), ``SLOW`` (written, and the
+        client is not reading fast enough) or ``OK``. One call per relayed message: this is
+        the hottest path of a stream.
+        """
+        transport = self._transport
+        if transport.is_closing():
+            return GONE
+        transport.write(framed)
         self.written += len(framed)
-        return bool(self._protocol.writing_paused)
+        return SLOW if self._protocol.writing_paused else OK
 
     def account(self, writer: AbstractStreamWriter) -> None:
         """Add the bytes written here to the response's count (before ``write_eof``)."""
