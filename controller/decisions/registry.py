@@ -85,15 +85,19 @@ class Registry:
             return None
         return worker
 
-    def candidates(self, model: str, exclude: Container[str] = ()) -> list[Worker]:
+    def candidates(
+        self, model: str, exclude: Container[str] = (), now: float | None = None
+    ) -> list[Worker]:
         """The live workers in rotation serving ``model``, in registration order.
 
-        Workers ejected after failures are left out, unless all of them are.
+        Workers ejected after failures are left out, unless all of them are. ``now`` saves
+        a read of the clock when the caller has just read it.
         """
         serving = self._by_model.get(model)
         if not serving:
             return []
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         cutoff = now - self.expiration
         # One pass: this runs on every dispatch.
         in_rotation: list[Worker] = []
@@ -105,7 +109,8 @@ class Registry:
             ):
                 continue
             load = w.load
-            if load.retiring:
+            # LoadEstimate.retiring, inline: this runs per candidate per dispatch.
+            if load.retire_at or load.reported_retired < load.reported_to_retire:
                 load.retire(now)
             if w.ejected_until > now:
                 ejected.append(w)

@@ -146,7 +146,8 @@ class _Handlers:
         except BadRequestError as e:
             return _bad_request(e)
         worker = self.router.dispatch(model, by_address=True, affinity=affinity)
-        return _json(worker.address_body if worker else _NO_ADDRESS)
+        body = worker.address_body if worker else _NO_ADDRESS
+        return web.Response(body=body, content_type=_JSON)
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
         try:
