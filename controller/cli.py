@@ -37,6 +37,25 @@ __all__ = ["build_parser", "load_config", "main"]
 
 log = logging.getLogger("controller")
 
+#: the settings whose flag's destination is the config field's own name
+_SAME_NAMED = (
+    "host",
+    "port",
+    "backlog",
+    "dispatch_method",
+    "status_probe_timeout",
+    "max_body_size",
+    "max_worker_answer_size",
+    "max_buffered_bytes",
+    "stream_attempts",
+    "drain_timeout",
+    "state_file",
+    "load_poll_interval",
+    "worker_slots",
+    "parent_controller",
+    "advertise_address",
+)
+
 
 def load_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
@@ -69,23 +88,11 @@ def load_config(
         if value is not None and not value.startswith(("http://", "https://")):
             parser.error(f"{flag} must be a URL such as http://10.0.0.1:21001, got {value!r}")
     try:
+        same = {name: getattr(args, name) for name in _SAME_NAMED}
         config = ControllerConfig(
-            host=args.host,
-            port=args.port,
-            dispatch_method=args.dispatch_method,
+            **same,
             heart_beat_expiration=expiration,
             worker_api_timeout=api_timeout,
-            status_probe_timeout=args.status_probe_timeout,
-            max_body_size=args.max_body_size,
-            max_worker_answer_size=args.max_worker_answer_size,
-            max_buffered_bytes=args.max_buffered_bytes,
-            stream_attempts=args.stream_attempts,
-            drain_timeout=args.drain_timeout,
-            state_file=args.state_file,
-            load_poll_interval=args.load_poll_interval,
-            worker_slots=args.worker_slots,
-            parent_controller=args.parent_controller,
-            advertise_address=args.advertise_address,
             parent_heart_beat_interval=parent_interval,
             error_profile=(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()

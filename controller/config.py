@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -21,6 +21,9 @@ DEFAULT_WORKER_API_TIMEOUT = 100.0
 DEFAULT_STATUS_PROBE_TIMEOUT = 5.0
 # Large enough for multimodal prompts carrying several base64 images.
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+# uvicorn's default: enough for a burst of new streams without the kernel dropping SYNs
+# (aiohttp's own default of 128 made clients wait out a 1 s retransmit at 256).
+DEFAULT_BACKLOG = 2048
 # A worker's answer to a single-document call (/worker_generate, embeddings) and the bytes
 # all relays may hold at once.
 DEFAULT_MAX_WORKER_ANSWER_SIZE = 64 * 1024 * 1024
@@ -39,7 +42,12 @@ DEFAULT_EJECTION_BASE = 5.0
 DEFAULT_EJECTION_MAX = 300.0
 
 
-def _seconds(*, zero: bool) -> Callable[[Any, attrs.Attribute[float], float], None]:
+_T = TypeVar("_T")
+#: an attrs validator of a field of type ``_T``
+_Validator = Callable[[Any, "attrs.Attribute[_T]", _T], None]
+
+
+def _seconds(*, zero: bool) -> _Validator[float]:
     """A validator for a finite number of seconds, positive (or also 0 if ``zero``)."""
     expected = "0 or a positive number" if zero else "a positive number of seconds"
 
@@ -77,24 +85,27 @@ def _optional_slots(inst: Any, attribute: attrs.Attribute[int | None], value: in
         raise ConfigError(f"worker_slots must be an integer of at least 1, got {value!r}")
 
 
-def _port(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ConfigError(f"port must be an integer from 0 to 65535, got {value!r}")
+def _integer(low: int, high: int | None = None, unit: str = "") -> _Validator[int]:
+    """A validator for a whole number from ``low`` (to ``high``, if given)."""
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def check(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise ConfigError(f"{attribute.name} must be an integer {bounds}{unit}, got {value!r}")
+
+    return check
 
 
-def _body_size(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
-        raise ConfigError(f"max_body_size must be an integer of at least 1024 bytes, got {value!r}")
-
-
-def _byte_count(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer of bytes, got {value!r}")
-
-
-def _attempts(inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
-        raise ConfigError(f"stream_attempts must be an integer from 1 to 100, got {value!r}")
+_port = _integer(0, 65535)
+_body_size = _integer(1024, unit=" bytes")
+_backlog = _integer(1, 65535)
+_byte_count = _integer(1, unit=" bytes")
+_attempts = _integer(1, 100)
 
 
 def _dispatch(value: DispatchMethod | str) -> DispatchMethod:
@@ -132,6 +143,8 @@ class ControllerConfig:
     )
     #: request bodies larger than this get HTTP 413
     max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_body_size)
+    #: the listening socket's accept queue
+    backlog: int = attrs.field(default=DEFAULT_BACKLOG, validator=_backlog)
     #: a worker's answer to a single-document call larger than this is refused
     max_worker_answer_size: int = attrs.field(
         default=DEFAULT_MAX_WORKER_ANSWER_SIZE, validator=_byte_count

@@ -10,6 +10,7 @@ from typing import Any
 from . import __version__
 from .access_flags import ENV_SSL_CERTFILE, ENV_SSL_KEYFILE, SPECIAL_DESTS, add_access_flags
 from .config import (
+    DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEART_BEAT_EXPIRATION,
     DEFAULT_HOST,
@@ -188,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="bound on each /worker_get_status probe of a worker and on connecting to one "
         "(default: %(default)g)",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=_whole_number(1, 65535),
+        default=DEFAULT_BACKLOG,
+        metavar="N",
+        help="the listening socket's accept queue: connections the kernel holds before the "
+        "controller accepts them (default: %(default)s)",
     )
     parser.add_argument(
         "--max-body-size",

@@ -226,13 +226,21 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
 
     async def _serve(self) -> Controller:
         cfg = self.config
-        app = web.Application(client_max_size=cfg.max_body_size, handler_args={"access_log": None})
+        # auto_decompress off: a compressed body is refused (415) without being inflated,
+        # not even while aiohttp discards what the client still sends.
+        handler_args = {"access_log": None, "auto_decompress": False}
+        app = web.Application(client_max_size=cfg.max_body_size, handler_args=handler_args)
         self._attach(app, embedded=False)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
             site = web.TCPSite(
-                runner, cfg.host, cfg.port, ssl_context=self._ssl_context(), reuse_address=True
+                runner,
+                cfg.host,
+                cfg.port,
+                ssl_context=self._ssl_context(),
+                reuse_address=True,
+                backlog=cfg.backlog,
             )
             await site.start()
         except BaseException:

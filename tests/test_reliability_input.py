@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import os
@@ -637,24 +638,37 @@ async def test_huge_chunked_body_gets_413_and_the_controller_serves_on(
 # -- bodies that break off or do not decode ------------------------------------------------
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-async def test_undecodable_compressed_body_gets_400(
-    guarded: tuple[Controller, list[FakeWorker]], http: aiohttp.ClientSession, encoding: str
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP"])
+@pytest.mark.parametrize("really", [True, False], ids=["compressed", "lying"])
+async def test_compressed_body_gets_415_unread(
+    guarded: tuple[Controller, list[FakeWorker]],
+    http: aiohttp.ClientSession,
+    encoding: str,
+    really: bool,
 ) -> None:
-    """A body whose Content-Encoding lies is a 400 naming the problem, not a 500."""
+    """A body with a Content-Encoding other than identity is a 415 naming the header, read
+    or not, compressed or lying, and changes nothing."""
     controller, _ = guarded
     before = snapshot(controller)
+    plain = json.dumps({"model": "m"}).encode()
+    data = gzip.compress(plain) if really and encoding.lower() == "gzip" else plain
 
     async with http.post(
         f"{controller.url}/get_worker_address",
-        data=b"this is not compressed",
+        data=data,
         headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
     ) as r:
         status, answer = r.status, await r.json()
 
-    assert status == 400
-    assert "Content-Encoding" in answer["message"]
+    assert status == 415
+    assert answer["field"] == "Content-Encoding"
     assert snapshot(controller) == before
+    async with http.post(
+        f"{controller.url}/get_worker_address",
+        data=plain,
+        headers={"Content-Encoding": "identity"},
+    ) as r:
+        assert (await r.json())["address"] != ""
 
 
 async def test_client_leaving_mid_body_logs_no_error(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Container, Iterator
 import attrs
 
 from ..errors import ForbiddenError
-from .changes import ChangeFeed, ChangeKind
+from .changes import MEMBERSHIP, ChangeFeed, ChangeKind
 from .models import Owner, WorkerInfo, WorkerStatus
 from .ownership import Standing, standing
 from .worker import Worker
@@ -58,6 +58,9 @@ class Registry:
         self.ejection_max = ejection_max
         #: every change, in order, for listeners (see :mod:`controller.decisions.changes`)
         self.feed = feed if feed is not None else ChangeFeed()
+        #: counts the changes to which workers exist or what they serve (not heartbeats),
+        #: so a cached answer about the registry can tell it is stale
+        self.membership = 0
         #: called with a worker and the reason when it is back in rotation early
         self.on_back_in_rotation: Callable[[Worker, str], None] | None = None
         self._workers: dict[str, Worker] = {}
@@ -308,6 +311,8 @@ class Registry:
     ) -> None:
         change = self.feed.append(kind, worker.info, queue_length, now, reason, worker.owner)
         worker.version = change.version
+        if kind in MEMBERSHIP:
+            self.membership += 1
 
     def _report(self, worker: Worker, kind: ChangeKind, queue_length: int, now: float) -> None:
         """A status probe's answer: the queue feeds the estimate, and a worker ejected after

@@ -65,6 +65,18 @@ def _owned(handler: Handler) -> Handler:
 
 
 async def _read(request: web.Request) -> bytes:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        # Refused unread: a compressed body can inflate a thousandfold (a gzip bomb), and
+        # no FastChat client compresses what it sends.
+        body = protocol.encode(
+            {
+                "error": "unsupported_media_type",
+                "field": "Content-Encoding",
+                "message": f"request bodies must not be compressed, got {encoding[:40]!r}",
+            }
+        )
+        raise web.HTTPUnsupportedMediaType(text=body.decode(), content_type=_JSON)
     try:
         return await request.read()
     except web.RequestPayloadError:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Workers without a service time yet are polled this many times per load-poll interval.
 COLD_POLLS_PER_INTERVAL = 4
+# How long one round of /worker_get_status probes answers later callers (seconds).
+STATUS_REUSE = 1.0
 # The longest wait between two load polls of a worker that keeps failing them.
 MAX_POLL_BACKOFF = 60.0
 
@@ -80,6 +82,10 @@ class Prober:
         self.locks = NameLocks()
         #: the round of probes /refresh_all_workers callers are waiting for, if any
         self._refreshing: asyncio.Future[None] | None = None
+        #: the last aggregate status: when its probes started, the registry's membership
+        #: count then, and the answer; and the round under way, if any
+        self._status: tuple[float, int, WorkerStatus] | None = None
+        self._status_round: asyncio.Future[WorkerStatus] | None = None
 
     async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
         """Ask a worker for its status; ``None`` if it fails to answer well in time.
@@ -191,18 +197,46 @@ class Prober:
                 )
 
     async def aggregate_status(self) -> WorkerStatus:
-        """The sum of what every registered worker says now, as if this were one worker."""
-        workers = list(self.registry)
-        statuses = await asyncio.gather(*(self.probe(w.info.name) for w in workers))
-        names: set[str] = set()
-        speed: float = 0
-        queue = 0
-        for status in statuses:
-            if status is not None:
-                names.update(status.model_names)
-                speed += status.speed
-                queue += status.queue_length
-        return WorkerStatus(tuple(sorted(names)), speed, queue)
+        """The sum of what every registered worker says now, as if this were one worker.
+
+        One round of probes serves every caller that asks while it runs, and its answer is
+        reused for ``STATUS_REUSE`` seconds unless a worker joined, left or changed what it
+        serves meanwhile: a thousand parents or clients asking at once cost one probe per
+        worker, not a thousand.
+        """
+        registry = self.registry
+        cached = self._status
+        if (
+            cached is not None
+            and registry.clock() - cached[0] < STATUS_REUSE
+            and cached[1] == registry.membership
+        ):
+            return cached[2]
+        if self._status_round is None:
+            # A task, not a coroutine awaited by its first caller: a caller that gives up
+            # (its client left) must not cancel the round the others wait for.
+            self._status_round = asyncio.ensure_future(self._aggregate())
+        return await asyncio.shield(self._status_round)
+
+    async def _aggregate(self) -> WorkerStatus:
+        registry = self.registry
+        try:
+            started, membership = registry.clock(), registry.membership
+            workers = list(registry)
+            statuses = await asyncio.gather(*(self.probe(w.info.name) for w in workers))
+            names: set[str] = set()
+            speed: float = 0
+            queue = 0
+            for status in statuses:
+                if status is not None:
+                    names.update(status.model_names)
+                    speed += status.speed
+                    queue += status.queue_length
+            result = WorkerStatus(tuple(sorted(names)), speed, queue)
+            self._status = (started, membership, result)
+            return result
+        finally:
+            self._status_round = None
 
     async def poll_load(self) -> int:
         """Ask the workers that got work since their last report for their queue now.

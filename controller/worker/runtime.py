@@ -19,6 +19,7 @@ from typing import Any, Protocol, Self, TypeVar
 __all__ = [
     "AsyncLifecycle",
     "loop_factory",
+    "raise_descriptor_limit",
     "run_main",
     "run_until_signalled",
     "serve_until_signalled",
@@ -120,13 +121,44 @@ async def serve_until_signalled(
     return await run_until_signalled(serve, log, stopping)
 
 
+#: the soft descriptor limit aimed at when the hard limit is unlimited
+_DESCRIPTORS_WANTED = 1 << 20
+
+
+def raise_descriptor_limit(log: logging.Logger) -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit; return it.
+
+    Every client and worker connection is a descriptor: at a default soft limit of 1,024,
+    a thousand idle sockets would lock everyone else out. Logged, so an operator sees the
+    limit the server runs with.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform (Windows)
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _DESCRIPTORS_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:
+            log.warning("Cannot raise the descriptor limit from %d to %d: %s", soft, wanted, e)
+            return int(soft)
+        log.info("Descriptor limit raised from %d to %d", soft, wanted)
+        return int(wanted)
+    log.info("Descriptor limit %d", soft)
+    return int(soft)
+
+
 def run_main(main: Coroutine[Any, Any, int], level: str) -> int:
-    """Configure logging to stderr at ``level`` and run ``main`` on uvloop (when installed)
-    until it returns the process exit status. For entry points only."""
+    """Configure logging to stderr at ``level``, raise the descriptor limit, and run
+    ``main`` on uvloop (when installed) until it returns the process exit status. For
+    entry points only."""
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
         stream=sys.stderr,
     )
+    raise_descriptor_limit(logging.getLogger(__name__))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)

@@ -87,7 +87,7 @@ class DemoWorker(AsyncLifecycle):
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+            site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, backlog=cfg.backlog)
             await site.start()
             port = cfg.port
             for address in runner.addresses:

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="localhost", help="address to listen on (default: %(default)s)")
     add("--port", type=_count_arg, default=21002, help="port to listen on (default: %(default)s)")
     add(
+        "--backlog",
+        type=_positive_int_arg,
+        default=2048,
+        help="the listening socket's accept queue (default: %(default)s)",
+    )
+    add(
         "--worker-address",
         default=None,
         help="the URL the controller uses to reach this worker (default: http://HOST:PORT)",
@@ -168,6 +174,7 @@ def load_settings(
         settings = DemoSettings(
             host=args.host,
             port=args.port,
+            backlog=args.backlog,
             worker_address=args.worker_address,
             controller_address=args.controller_address,
             controller_token=token,

@@ -42,6 +42,8 @@ class DemoSettings:
     host: str = "localhost"
     #: 0 asks the OS for a free port
     port: int = 21002
+    #: the listening socket's accept queue (as fc-controller's --backlog)
+    backlog: int = 2048
     #: the URL the controller and clients use to reach this worker; by default
     #: ``http://{host}:{port}`` (``localhost`` for a wildcard host)
     worker_address: str | None = None

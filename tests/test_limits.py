@@ -1,0 +1,114 @@
+"""Limits that keep one busy controller serving everyone: the accept queue, the descriptor
+limit, and one round of status probes shared by every /worker_get_status caller."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import resource
+import shutil
+import subprocess
+
+import aiohttp
+import pytest
+
+from controller import ControllerConfig
+from controller.worker.demo import DemoSettings, DemoWorker
+
+from .conftest import (
+    FakeClock,
+    MakeWorker,
+    RunController,
+    SpawnController,
+    post_ok,
+    register_body,
+)
+
+
+def listen_queue(port: int) -> int:
+    """The accept queue of the socket listening on ``port``, as ``ss`` shows it (its
+    Send-Q column for a listening socket)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    queues = {int(line.split()[2]) for line in out.splitlines() if line.strip()}
+    assert len(queues) == 1, out
+    return queues.pop()
+
+
+needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+
+
+@needs_ss
+async def test_the_controller_listens_with_the_backlog_asked_for(
+    run_controller: RunController,
+) -> None:
+    """The listening socket's accept queue is --backlog (2048 unless told), not aiohttp's
+    128 that made a burst of new clients wait out a SYN retransmit."""
+    default = await run_controller(ControllerConfig(host="127.0.0.1", port=0))
+    small = await run_controller(ControllerConfig(host="127.0.0.1", port=0, backlog=300))
+    assert listen_queue(int(default.url.rsplit(":", 1)[1])) == 2048
+    assert listen_queue(int(small.url.rsplit(":", 1)[1])) == 300
+
+
+@needs_ss
+async def test_the_demo_worker_listens_with_its_backlog() -> None:
+    """fc-demo-worker takes the same --backlog."""
+    settings = DemoSettings(host="127.0.0.1", port=0, register=False, backlog=700)
+    async with DemoWorker(settings) as worker:
+        assert listen_queue(int(worker.url.rsplit(":", 1)[1])) == 700
+
+
+async def test_the_command_raises_its_descriptor_limit_and_says_so(
+    spawn_controller: SpawnController,
+) -> None:
+    """Started with a soft descriptor limit below the hard one, fc-controller raises it
+    to the hard limit (its /proc limits show it) and logs the limit it runs with."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"needs a finite hard descriptor limit above 256, have {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        controller = await spawn_controller()  # inherits the lowered soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with open(f"/proc/{controller.pid}/limits") as f:
+        row = next(line for line in f if line.startswith("Max open files"))
+    assert re.split(r"\s{2,}", row.strip())[1:3] == [str(hard), str(hard)]
+    assert any(f"Descriptor limit raised from 256 to {hard}" in line for line in controller.lines)
+
+
+async def test_concurrent_status_calls_share_one_round_of_probes(
+    run_controller: RunController,
+    make_worker: MakeWorker,
+    clock: FakeClock,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Forty clients asking /worker_get_status at once cost one probe per worker; the
+    answer serves later callers for a second, unless a worker joins meanwhile."""
+    config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0)
+    controller = await run_controller(config, clock=clock)
+    workers = [await make_worker(model_names=[f"m{i}"], queue_length=i) for i in range(5)]
+    for worker in workers:
+        await post_ok(http, controller, "/register_worker", register_body(worker))
+
+    answers = await asyncio.gather(
+        *(post_ok(http, controller, "/worker_get_status") for _ in range(40))
+    )
+    expected = {"model_names": [f"m{i}" for i in range(5)], "speed": 5, "queue_length": 10}
+    assert all(answer == expected for answer in answers)
+    assert [w.status_calls for w in workers] == [1] * 5
+
+    clock.advance(0.5)
+    assert await post_ok(http, controller, "/worker_get_status") == expected
+    assert [w.status_calls for w in workers] == [1] * 5
+
+    clock.advance(0.6)
+    await post_ok(http, controller, "/worker_get_status")
+    assert [w.status_calls for w in workers] == [2] * 5
+
+    late = await make_worker(model_names=["late"])
+    await post_ok(http, controller, "/register_worker", register_body(late))
+    answer = await post_ok(http, controller, "/worker_get_status")
+    assert "late" in answer["model_names"]
+    assert [w.status_calls for w in workers] == [3] * 5
