@@ -45,6 +45,7 @@ _SAME_NAMED = (
     "dispatch_method",
     "status_probe_timeout",
     "max_body_size",
+    "max_control_body_size",
     "max_worker_answer_size",
     "max_buffered_bytes",
     "stream_attempts",

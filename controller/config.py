@@ -24,6 +24,8 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 # uvicorn's default: enough for a burst of new streams without the kernel dropping SYNs
 # (aiohttp's own default of 128 made clients wait out a 1 s retransmit at 256).
 DEFAULT_BACKLOG = 2048
+# Registrations carry a child controller's whole model list, so not tiny.
+DEFAULT_MAX_CONTROL_BODY_SIZE = 1024 * 1024
 # A worker's answer to a single-document call (/worker_generate, embeddings) and the bytes
 # all relays may hold at once.
 DEFAULT_MAX_WORKER_ANSWER_SIZE = 64 * 1024 * 1024
@@ -143,6 +145,11 @@ class ControllerConfig:
     )
     #: request bodies larger than this get HTTP 413
     max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_body_size)
+    #: request bodies of the control endpoints (register, heartbeat, dispatch, listings,
+    #: refresh, status) larger than this get HTTP 413
+    max_control_body_size: int = attrs.field(
+        default=DEFAULT_MAX_CONTROL_BODY_SIZE, validator=_body_size
+    )
     #: the listening socket's accept queue
     backlog: int = attrs.field(default=DEFAULT_BACKLOG, validator=_backlog)
     #: a worker's answer to a single-document call larger than this is refused

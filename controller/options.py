@@ -17,6 +17,7 @@ from .config import (
     DEFAULT_LOAD_POLL_INTERVAL,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_CONTROL_BODY_SIZE,
     DEFAULT_MAX_WORKER_ANSWER_SIZE,
     DEFAULT_PARENT_HEART_BEAT_INTERVAL,
     DEFAULT_PORT,
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)g)",
     )
     parser.add_argument(
+        "--max-control-body-size",
+        type=_size,
+        default=DEFAULT_MAX_CONTROL_BODY_SIZE,
+        metavar="BYTES",
+        help="larger request bodies of the control endpoints (register, heartbeat, "
+        "get_worker_address, the listings, refresh, status) get HTTP 413 (default: 1MiB)",
+    )
+    parser.add_argument(
         "--backlog",
         type=_whole_number(1, 65535),
         default=DEFAULT_BACKLOG,
@@ -203,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=DEFAULT_MAX_BODY_SIZE,
         metavar="BYTES",
-        help="request bodies larger than this get HTTP 413; suffixes KiB, MiB and GiB are "
-        "accepted (default: 64MiB)",
+        help="bodies of generations and other worker calls larger than this get HTTP 413; "
+        "suffixes KiB, MiB and GiB are accepted (default: 64MiB)",
     )
     parser.add_argument(
         "--max-worker-answer-size",

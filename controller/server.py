@@ -21,7 +21,7 @@ from .config import ControllerConfig
 from .decisions.registry import Clock, Registry, Worker
 from .decisions.routing import Router
 from .edge.access import exposure_warnings
-from .edge.handlers import add_routes
+from .edge.handlers import Limits, add_routes
 from .errors import ConfigError, NotRunningError
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
@@ -220,6 +220,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             relay=self.relay,
             prober=self.prober,
             access=self.config.access,
+            limits=Limits(self.config.max_control_body_size, self.config.max_body_size),
         )
         app.cleanup_ctx.append(self._app_context)
         app.on_shutdown.append(self._drain)
@@ -229,7 +230,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         # auto_decompress off: a compressed body is refused (415) without being inflated,
         # not even while aiohttp discards what the client still sends.
         handler_args = {"access_log": None, "auto_decompress": False}
-        app = web.Application(client_max_size=cfg.max_body_size, handler_args=handler_args)
+        # The larger of the two body limits here; the edge applies each to its endpoints.
+        largest = max(cfg.max_body_size, cfg.max_control_body_size)
+        app = web.Application(client_max_size=largest, handler_args=handler_args)
         self._attach(app, embedded=False)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()

@@ -4,6 +4,7 @@ registry left exactly as it was; bodies past max_body_size get 413."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -200,8 +201,8 @@ async def controller(run_controller: RunController, http: aiohttp.ClientSession)
 
 @pytest.fixture
 async def small(run_controller: RunController, http: aiohttp.ClientSession) -> Controller:
-    """Like ``controller``, with max_body_size at MAX_BODY."""
-    return await start(run_controller, http, max_body_size=MAX_BODY)
+    """Like ``controller``, with both body limits at MAX_BODY."""
+    return await start(run_controller, http, max_body_size=MAX_BODY, max_control_body_size=MAX_BODY)
 
 
 async def snapshot(http: aiohttp.ClientSession, controller: Controller) -> Any:
@@ -254,6 +255,33 @@ async def test_body_past_max_body_size_gets_413(
     async with http.post(f"{small.url}{path}", data=big) as r:
         assert r.status == 413
     assert await snapshot(http, small) == before
+
+
+async def test_control_and_generation_bodies_have_limits_of_their_own(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """A registration past max_control_body_size gets 413, sent whole or in chunks without
+    a length, while a generation body of the same size is within max_body_size."""
+    controller = await start(
+        run_controller, http, max_body_size=64 * MAX_BODY, max_control_body_size=MAX_BODY
+    )
+    before = await snapshot(http, controller)
+    big = reg(pad="x" * MAX_BODY)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    async with http.post(f"{controller.url}/register_worker", data=big) as r:
+        assert r.status == 413
+        assert "max_control_body_size" in (await r.json())["message"]
+    async with http.post(f"{controller.url}/register_worker", data=pieces()) as r:
+        assert r.status == 413
+    assert await snapshot(http, controller) == before
+    generation = json.dumps({"model": "nobody-serves-this", "pad": "x" * MAX_BODY})
+    async with http.post(f"{controller.url}/worker_generate_stream", data=generation) as r:
+        assert r.status == 200
+        assert b"50005" in await r.read()
 
 
 async def test_body_just_under_max_body_size_is_accepted(

@@ -443,10 +443,11 @@ async def guarded(
     make_worker: MakeWorker,
     http: aiohttp.ClientSession,
 ) -> tuple[Controller, list[FakeWorker]]:
-    """A controller with two registered workers and a small body limit."""
-    controller = await run_controller(
-        ControllerConfig(host="127.0.0.1", port=0, max_body_size=MAX_BODY)
+    """A controller with two registered workers and small body limits."""
+    config = ControllerConfig(
+        host="127.0.0.1", port=0, max_body_size=MAX_BODY, max_control_body_size=MAX_BODY
     )
+    controller = await run_controller(config)
     workers = [
         await make_worker(model_names=["m"], queue_length=2),
         await make_worker(model_names=["m", "vision"], queue_length=0),

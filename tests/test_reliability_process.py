@@ -187,15 +187,23 @@ async def test_restart_without_state_file_routes_after_the_next_heartbeat(
     }
 
 
-async def test_max_body_size_flag_sets_the_413_limit(
+async def test_body_size_flags_set_the_413_limits(
     spawn_controller: SpawnController, http: aiohttp.ClientSession
 ) -> None:
-    """--max-body-size 2KiB: a 2 KiB body is read, one byte more gets a JSON 413."""
-    controller = await spawn_controller("--max-body-size", "2KiB")
-    at_limit = b'{"model": "zz"}'.ljust(2048)
-
-    async with http.post(f"{controller.url}/get_worker_address", data=at_limit) as r:
-        assert (r.status, await r.json()) == (200, {"address": ""})
-    async with http.post(f"{controller.url}/get_worker_address", data=at_limit + b" ") as r:
-        assert r.status == 413
-        assert (await r.json())["error"] == "payload_too_large"
+    """--max-control-body-size 2KiB and --max-body-size 3KiB: a body at each limit is read,
+    one byte more gets a JSON 413 naming the setting."""
+    controller = await spawn_controller(
+        "--max-control-body-size", "2KiB", "--max-body-size", "3KiB"
+    )
+    for path, size, setting in (
+        ("/get_worker_address", 2048, "max_control_body_size"),
+        ("/worker_generate_stream", 3072, "max_body_size"),
+    ):
+        at_limit = b'{"model": "zz"}'.ljust(size)
+        async with http.post(f"{controller.url}{path}", data=at_limit) as r:
+            assert r.status == 200
+        async with http.post(f"{controller.url}{path}", data=at_limit + b" ") as r:
+            assert r.status == 413
+            answer = await r.json()
+            assert answer["error"] == "payload_too_large"
+            assert setting in answer["message"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import attrs
 from aiohttp import web
 
 from .. import protocol
@@ -64,7 +65,14 @@ def _owned(handler: Handler) -> Handler:
     return refusing
 
 
-async def _read(request: web.Request) -> bytes:
+#: a body limit, and the setting that sets it (named in the 413's message)
+Limit = tuple[int, str]
+
+
+async def _read(request: web.Request, limit: Limit | None = None) -> bytes:
+    """The request's body, within ``limit`` when given: checked before anything is read
+    when the body says its length, else as it arrives (the application's own limit is the
+    larger of the two settings)."""
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         # Refused unread: a compressed body can inflate a thousandfold (a gzip bomb), and
@@ -77,8 +85,10 @@ async def _read(request: web.Request) -> bytes:
             }
         )
         raise web.HTTPUnsupportedMediaType(text=body.decode(), content_type=_JSON)
+    if limit is not None and (request.content_length or 0) > limit[0]:
+        raise _too_large(limit)
     try:
-        return await request.read()
+        return await _read_up_to(request, limit) if limit is not None else await request.read()
     except web.RequestPayloadError:
         # The body does not decode (corrupt gzip or deflate data): the client's fault, and
         # aiohttp would make it a 500.
@@ -104,31 +114,65 @@ async def _read(request: web.Request) -> bytes:
         ) from None
 
 
-async def _read_json(request: web.Request) -> Any:
-    return protocol.decode_body(await _read(request))
+async def _read_up_to(request: web.Request, limit: Limit) -> bytes:
+    stream = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await stream.readany():
+        size += len(chunk)
+        if size > limit[0]:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: Limit) -> web.HTTPRequestEntityTooLarge:
+    size, setting = limit
+    message = f"request body is larger than {size} bytes ({setting})"
+    body = protocol.encode({"error": "payload_too_large", "field": None, "message": message})
+    return web.HTTPRequestEntityTooLarge(
+        max_size=size, actual_size=size + 1, text=body.decode(), content_type=_JSON
+    )
+
+
+async def _read_json(request: web.Request, limit: Limit) -> Any:
+    return protocol.decode_body(await _read(request, limit))
+
+
+@attrs.frozen
+class Limits:
+    """The body limits of the two kinds of endpoint, in bytes (the config's defaults)."""
+
+    control: int = 1024 * 1024
+    body: int = 64 * 1024 * 1024
 
 
 class _Handlers:
-    def __init__(self, registry: Registry, router: Router, relay: Relay, prober: Prober) -> None:
+    def __init__(
+        self, registry: Registry, router: Router, relay: Relay, prober: Prober, limits: Limits
+    ) -> None:
+        #: the body limit of the control endpoints, and of generations and worker calls
+        self.limit: Limit = (limits.control, "max_control_body_size")
+        self.body_limit: Limit = (limits.body, "max_body_size")
         self.registry = registry
         self.router = router
         self.relay = relay
         self.prober = prober
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
-        parsed = protocol.parse_register(await _read_json(request))
+        parsed = protocol.parse_register(await _read_json(request, self.limit))
         caller = request[CALLER]
         await self.prober.register(parsed, caller.owner, caller.admin)
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
-        name = protocol.parse_worker_name(await _read_json(request))
+        name = protocol.parse_worker_name(await _read_json(request, self.limit))
         caller = request[CALLER]
         removed = await self.prober.unregister(name, caller.owner, caller.admin)
         return _json(protocol.encode({"removed": removed}))
 
     async def refresh_all_workers(self, request: web.Request) -> web.StreamResponse:
-        await _read(request)
+        await _read(request, self.limit)
         await self.prober.refresh_all_workers()
         return _json(protocol.NULL)
 
@@ -136,15 +180,15 @@ class _Handlers:
     # every endpoint alike.
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:
-        await _read(request)
+        await _read(request, self.limit)
         return self._models(None)
 
     async def list_multimodal_models(self, request: web.Request) -> web.StreamResponse:
-        await _read(request)
+        await _read(request, self.limit)
         return self._models(True)
 
     async def list_language_models(self, request: web.Request) -> web.StreamResponse:
-        await _read(request)
+        await _read(request, self.limit)
         return self._models(False)
 
     def _models(self, multimodal: bool | None) -> web.Response:
@@ -152,7 +196,7 @@ class _Handlers:
 
     async def get_worker_address(self, request: web.Request) -> web.StreamResponse:
         # The busiest route: one coroutine frame fewer than _read_json.
-        raw = await _read(request)
+        raw = await _read(request, self.limit)
         try:
             model, affinity = protocol.parse_dispatch(protocol.decode_body(raw))
         except BadRequestError as e:
@@ -163,7 +207,7 @@ class _Handlers:
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
         try:
-            name, queue_length = protocol.parse_heartbeat(await _read_json(request))
+            name, queue_length = protocol.parse_heartbeat(await _read_json(request, self.limit))
         except BadRequestError as e:
             return _bad_request(e)
         caller = request[CALLER]
@@ -173,7 +217,7 @@ class _Handlers:
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
-        body = await _read(request)
+        body = await _read(request, self.body_limit)
         try:
             model, affinity = protocol.parse_generate(body)
         except BadRequestError as e:
@@ -184,7 +228,7 @@ class _Handlers:
         """A handler relaying a worker endpoint answered by one JSON document."""
 
         async def forward(request: web.Request) -> web.StreamResponse:
-            body = await _read(request)
+            body = await _read(request, self.body_limit)
             try:
                 model, affinity = protocol.parse_generate(body)
             except BadRequestError as e:
@@ -196,7 +240,7 @@ class _Handlers:
         return forward
 
     async def worker_get_status(self, request: web.Request) -> web.StreamResponse:
-        await _read(request)
+        await _read(request, self.limit)
         return _json(protocol.status_body(await self.prober.aggregate_status()))
 
     async def test_connection(self, request: web.Request) -> web.StreamResponse:
@@ -220,10 +264,11 @@ def add_routes(
     relay: Relay,
     prober: Prober,
     access: Access | None = None,
+    limits: Limits | None = None,
 ) -> None:
     """Add every route of the wire protocol to ``app``, each behind the access check for
     its role (open to all unless ``access`` says otherwise)."""
-    h = _Handlers(registry, router, relay, prober)
+    h = _Handlers(registry, router, relay, prober, limits or Limits())
     gate = Gate(access if access is not None else Access())
     posts: dict[str, Handler] = {
         "/register_worker": _owned(h.register_worker),
