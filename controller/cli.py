@@ -46,6 +46,7 @@ _SAME_NAMED = (
     "status_probe_timeout",
     "max_body_size",
     "max_control_body_size",
+    "max_models_per_worker",
     "max_worker_answer_size",
     "max_buffered_bytes",
     "stream_attempts",

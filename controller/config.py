@@ -26,6 +26,7 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_BACKLOG = 2048
 # Registrations carry a child controller's whole model list, so not tiny.
 DEFAULT_MAX_CONTROL_BODY_SIZE = 1024 * 1024
+DEFAULT_MAX_MODELS_PER_WORKER = 1024
 # A worker's answer to a single-document call (/worker_generate, embeddings) and the bytes
 # all relays may hold at once.
 DEFAULT_MAX_WORKER_ANSWER_SIZE = 64 * 1024 * 1024
@@ -149,6 +150,10 @@ class ControllerConfig:
     #: refresh, status) larger than this get HTTP 413
     max_control_body_size: int = attrs.field(
         default=DEFAULT_MAX_CONTROL_BODY_SIZE, validator=_body_size
+    )
+    #: model names one registration or status answer may carry
+    max_models_per_worker: int = attrs.field(
+        default=DEFAULT_MAX_MODELS_PER_WORKER, validator=_integer(1, 1_000_000)
     )
     #: the listening socket's accept queue
     backlog: int = attrs.field(default=DEFAULT_BACKLOG, validator=_backlog)

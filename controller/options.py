@@ -18,6 +18,7 @@ from .config import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_BUFFERED_BYTES,
     DEFAULT_MAX_CONTROL_BODY_SIZE,
+    DEFAULT_MAX_MODELS_PER_WORKER,
     DEFAULT_MAX_WORKER_ANSWER_SIZE,
     DEFAULT_PARENT_HEART_BEAT_INTERVAL,
     DEFAULT_PORT,
@@ -198,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="larger request bodies of the control endpoints (register, heartbeat, "
         "get_worker_address, the listings, refresh, status) get HTTP 413 (default: 1MiB)",
+    )
+    parser.add_argument(
+        "--max-models-per-worker",
+        type=_whole_number(1, 1_000_000),
+        default=DEFAULT_MAX_MODELS_PER_WORKER,
+        metavar="N",
+        help="model names one registration or status answer may carry; more is refused "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--backlog",

@@ -47,6 +47,10 @@ SUCCESS = b'"success"'
 MAX_QUEUE_LENGTH = 1_000_000
 MAX_SPEED = 10_000
 MAX_AFFINITY_KEY = 256
+#: model names one registration or status answer may carry (--max-models-per-worker)
+MAX_MODELS_PER_WORKER = 1024
+#: characters in one model name
+MAX_MODEL_NAME = 256
 
 
 @attrs.frozen
@@ -209,7 +213,11 @@ def _worker_url(value: Any, field: str) -> str:
 
 
 def parse_worker_status(
-    data: Any, field: str = "worker_status", *, allow_zero_speed: bool = False
+    data: Any,
+    field: str = "worker_status",
+    *,
+    allow_zero_speed: bool = False,
+    max_models: int = MAX_MODELS_PER_WORKER,
 ) -> WorkerStatus:
     """Parse ``{model_names, speed, queue_length}`` (also used for probe answers).
 
@@ -219,24 +227,42 @@ def parse_worker_status(
     (lottery).
     """
     obj = _object(data, field)
-    names = _require(obj, "model_names", f"{field}.model_names")
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise BadRequestError(
-            f"{field}.model_names",
-            f"must be a list of non-empty strings, got {_describe(names)}",
-        )
+    names = _model_names(_require(obj, "model_names", f"{field}.model_names"), field, max_models)
     speed = _speed(_require(obj, "speed", f"{field}.speed"), f"{field}.speed", allow_zero_speed)
     queue = _count(_require(obj, "queue_length", f"{field}.queue_length"), f"{field}.queue_length")
     return WorkerStatus(tuple(dict.fromkeys(names)), speed, queue)
 
 
-def parse_register(data: Any) -> RegisterRequest:
+def _model_names(names: Any, field: str, max_models: int) -> list[str]:
+    """Model names as a registry may hold them: a list of at most ``max_models``, each a
+    printable string of 1 to ``MAX_MODEL_NAME`` characters (no control, format or
+    bidirectional-override character, which would forge or garble log lines and pages)."""
+    where = f"{field}.model_names"
+    if not isinstance(names, list):
+        raise BadRequestError(where, f"must be a list of strings, got {_describe(names)}")
+    # Counted before any name is looked at: a million names is refused at once.
+    if len(names) > max_models:
+        raise BadRequestError(where, f"must hold at most {max_models} names, got {len(names)}")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            problem = f"must be a list of non-empty strings, got {_describe(name)} at [{i}]"
+        elif len(name) > MAX_MODEL_NAME:
+            problem = f"names must be at most {MAX_MODEL_NAME} characters, [{i}] has {len(name)}"
+        elif not name.isprintable():
+            problem = f"names must be printable, [{i}] is {name[:40]!r}"
+        else:
+            continue
+        raise BadRequestError(where, problem)
+    return names
+
+
+def parse_register(data: Any, max_models: int = MAX_MODELS_PER_WORKER) -> RegisterRequest:
     obj = _object(data)
     name = _worker_url(_require(obj, "worker_name"), "worker_name")
     check = _bool(_require(obj, "check_heart_beat"), "check_heart_beat")
     raw_status = obj.get("worker_status")
     # FastChat asks the worker itself when the status is missing, null or empty.
-    status = parse_worker_status(raw_status) if raw_status else None
+    status = parse_worker_status(raw_status, max_models=max_models) if raw_status else None
     if raw_status is not None and not raw_status and not isinstance(raw_status, dict):
         raise BadRequestError(
             "worker_status", f"must be a JSON object or null, got {_describe(raw_status)}"

@@ -220,7 +220,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             relay=self.relay,
             prober=self.prober,
             access=self.config.access,
-            limits=Limits(self.config.max_control_body_size, self.config.max_body_size),
+            limits=self._limits(),
         )
         app.cleanup_ctx.append(self._app_context)
         app.on_shutdown.append(self._drain)
@@ -256,6 +256,10 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         if cfg.parent_controller is not None:
             self._start_parent_link(cfg.advertise_address or self.url)
         return self
+
+    def _limits(self) -> Limits:
+        cfg = self.config
+        return Limits(cfg.max_control_body_size, cfg.max_body_size, cfg.max_models_per_worker)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         cfg = self.config

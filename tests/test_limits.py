@@ -4,6 +4,7 @@ limit, and one round of status probes shared by every /worker_get_status caller.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import resource
 import shutil
@@ -11,6 +12,8 @@ import subprocess
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from controller import ControllerConfig
 from controller.worker.demo import DemoSettings, DemoWorker
@@ -112,3 +115,59 @@ async def test_concurrent_status_calls_share_one_round_of_probes(
     answer = await post_ok(http, controller, "/worker_get_status")
     assert "late" in answer["model_names"]
     assert [w.status_calls for w in workers] == [3] * 5
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"),
+    [
+        pytest.param([f"m{i}" for i in range(4)], "at most 3 names", id="too-many"),
+        pytest.param(["m" * 257], "at most 256 characters", id="too-long"),
+        pytest.param(["evil\u202egpt"], "printable", id="bidi-override"),
+        pytest.param(["two\nlines"], "printable", id="newline"),
+        pytest.param(["ok", ""], "non-empty", id="empty"),
+    ],
+)
+async def test_model_names_past_the_bounds_are_refused(
+    run_controller: RunController,
+    http: aiohttp.ClientSession,
+    names: list[str],
+    problem: str,
+) -> None:
+    """A registration with more model names than --max-models-per-worker, a name over 256
+    characters, or one with control or bidirectional-override characters gets a 400 naming
+    the field, and registers nothing."""
+    config = ControllerConfig(host="127.0.0.1", port=0, max_models_per_worker=3)
+    controller = await run_controller(config)
+    status = {"model_names": names, "speed": 1, "queue_length": 0}
+    body = register_body("http://127.0.0.1:9", worker_status=status)
+    async with http.post(f"{controller.url}/register_worker", json=body) as r:
+        assert r.status == 400
+        answer = await r.json()
+    assert answer["field"] == "worker_status.model_names"
+    assert problem in answer["message"]
+    assert await post_ok(http, controller, "/list_models") == {"models": []}
+
+
+async def test_a_status_answer_over_a_mebibyte_is_no_answer(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """A worker whose /worker_get_status answer is over 1 MiB is not registered from it
+    (nor kept by a refresh): the controller stops reading at the cap."""
+    huge = json.dumps(
+        {"model_names": ["m"], "speed": 1, "queue_length": 0, "junk": "x" * (2 << 20)}
+    ).encode()
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=huge, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/worker_get_status", status)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        controller = await run_controller(ControllerConfig(host="127.0.0.1", port=0))
+        url = str(server.make_url("")).rstrip("/")
+        await post_ok(http, controller, "/register_worker", register_body(url, status=False))
+        assert await post_ok(http, controller, "/list_models") == {"models": []}
+    finally:
+        await server.close()

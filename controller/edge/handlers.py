@@ -145,6 +145,8 @@ class Limits:
 
     control: int = 1024 * 1024
     body: int = 64 * 1024 * 1024
+    #: model names one registration may carry
+    models: int = 1024
 
 
 class _Handlers:
@@ -154,13 +156,14 @@ class _Handlers:
         #: the body limit of the control endpoints, and of generations and worker calls
         self.limit: Limit = (limits.control, "max_control_body_size")
         self.body_limit: Limit = (limits.body, "max_body_size")
+        self.max_models = limits.models
         self.registry = registry
         self.router = router
         self.relay = relay
         self.prober = prober
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
-        parsed = protocol.parse_register(await _read_json(request, self.limit))
+        parsed = protocol.parse_register(await _read_json(request, self.limit), self.max_models)
         caller = request[CALLER]
         await self.prober.register(parsed, caller.owner, caller.admin)
         return _json(protocol.NULL)

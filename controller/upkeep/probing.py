@@ -33,10 +33,26 @@ log = logging.getLogger(__name__)
 
 # Workers without a service time yet are polled this many times per load-poll interval.
 COLD_POLLS_PER_INTERVAL = 4
+# A worker's answer to a status probe larger than this is no answer (bytes).
+MAX_STATUS_ANSWER = 1024 * 1024
 # How long one round of /worker_get_status probes answers later callers (seconds).
 STATUS_REUSE = 1.0
 # The longest wait between two load polls of a worker that keeps failing them.
 MAX_POLL_BACKOFF = 60.0
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The answer's body, or ``None`` as soon as it is known to be over ``cap`` bytes."""
+    if (response.content_length or 0) > cap:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class NameLocks:
@@ -103,9 +119,16 @@ class Prober:
                 if response.status != 200:
                     log.debug("status probe of %s: HTTP %d", worker_name, response.status)
                     return None
-                body = await response.read()
+                body = await _read_capped(response, MAX_STATUS_ANSWER)
+            if body is None:
+                log.debug(
+                    "status probe of %s: answer over %d bytes", worker_name, MAX_STATUS_ANSWER
+                )
+                return None
             answer = protocol.decode_body(body)
-            return protocol.parse_worker_status(answer, "status", allow_zero_speed=True)
+            return protocol.parse_worker_status(
+                answer, "status", allow_zero_speed=True, max_models=cfg.max_models_per_worker
+            )
         except (aiohttp.ClientError, TimeoutError, BadRequestError) as e:
             log.debug("status probe of %s failed: %r", worker_name, e)
             return None
