@@ -131,6 +131,61 @@ def _size(text: str) -> int:
     return value
 
 
+#: the limits' flags: (flag, value type, default, metavar, help)
+_LIMITS: tuple[tuple[str, Callable[[str], int], int, str, str], ...] = (
+    (
+        "--max-control-body-size",
+        _size,
+        DEFAULT_MAX_CONTROL_BODY_SIZE,
+        "BYTES",
+        "larger request bodies of the control endpoints (register, heartbeat, "
+        "get_worker_address, the listings, refresh, status) get HTTP 413 (default: 1MiB)",
+    ),
+    (
+        "--max-body-size",
+        _size,
+        DEFAULT_MAX_BODY_SIZE,
+        "BYTES",
+        "bodies of generations and other worker calls larger than this get HTTP 413; "
+        "suffixes KiB, MiB and GiB are accepted (default: 64MiB)",
+    ),
+    (
+        "--max-worker-answer-size",
+        _size,
+        DEFAULT_MAX_WORKER_ANSWER_SIZE,
+        "BYTES",
+        "a worker's answer to /worker_generate, /worker_get_embeddings and the other "
+        "single-document calls larger than this is refused with the worker error "
+        "(default: 64MiB)",
+    ),
+    (
+        "--max-buffered-bytes",
+        _size,
+        DEFAULT_MAX_BUFFERED_BYTES,
+        "BYTES",
+        "bytes all relays may hold at once; a stream over it stops reading from its "
+        "worker until it frees, a single-document answer that does not fit fails "
+        "(default: 1GiB)",
+    ),
+    (
+        "--max-models-per-worker",
+        _whole_number(1, 1_000_000),
+        DEFAULT_MAX_MODELS_PER_WORKER,
+        "N",
+        "model names one registration or status answer may carry; more is refused "
+        f"(default: {DEFAULT_MAX_MODELS_PER_WORKER})",
+    ),
+    (
+        "--backlog",
+        _whole_number(1, 65535),
+        DEFAULT_BACKLOG,
+        "N",
+        "the listening socket's accept queue: connections the kernel holds before the "
+        f"controller accepts them (default: {DEFAULT_BACKLOG})",
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fc-controller",
@@ -192,56 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on each /worker_get_status probe of a worker and on connecting to one "
         "(default: %(default)g)",
     )
-    parser.add_argument(
-        "--max-control-body-size",
-        type=_size,
-        default=DEFAULT_MAX_CONTROL_BODY_SIZE,
-        metavar="BYTES",
-        help="larger request bodies of the control endpoints (register, heartbeat, "
-        "get_worker_address, the listings, refresh, status) get HTTP 413 (default: 1MiB)",
-    )
-    parser.add_argument(
-        "--max-models-per-worker",
-        type=_whole_number(1, 1_000_000),
-        default=DEFAULT_MAX_MODELS_PER_WORKER,
-        metavar="N",
-        help="model names one registration or status answer may carry; more is refused "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--backlog",
-        type=_whole_number(1, 65535),
-        default=DEFAULT_BACKLOG,
-        metavar="N",
-        help="the listening socket's accept queue: connections the kernel holds before the "
-        "controller accepts them (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-body-size",
-        type=_size,
-        default=DEFAULT_MAX_BODY_SIZE,
-        metavar="BYTES",
-        help="bodies of generations and other worker calls larger than this get HTTP 413; "
-        "suffixes KiB, MiB and GiB are accepted (default: 64MiB)",
-    )
-    parser.add_argument(
-        "--max-worker-answer-size",
-        type=_size,
-        default=DEFAULT_MAX_WORKER_ANSWER_SIZE,
-        metavar="BYTES",
-        help="a worker's answer to /worker_generate, /worker_get_embeddings and the other "
-        "single-document calls larger than this is refused with the worker error "
-        "(default: 64MiB)",
-    )
-    parser.add_argument(
-        "--max-buffered-bytes",
-        type=_size,
-        default=DEFAULT_MAX_BUFFERED_BYTES,
-        metavar="BYTES",
-        help="bytes all relays may hold at once; a stream over it stops reading from its "
-        "worker until it frees, a single-document answer that does not fit fails "
-        "(default: 1GiB)",
-    )
+    for flag, kind, default, metavar, text in _LIMITS:
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     parser.add_argument(
         "--stream-attempts",
         type=_attempts,
