@@ -47,6 +47,8 @@ _SAME_NAMED = (
     "max_body_size",
     "max_control_body_size",
     "max_models_per_worker",
+    "max_workers",
+    "max_workers_per_source",
     "max_worker_answer_size",
     "max_buffered_bytes",
     "stream_attempts",

@@ -27,6 +27,8 @@ DEFAULT_BACKLOG = 2048
 # Registrations carry a child controller's whole model list, so not tiny.
 DEFAULT_MAX_CONTROL_BODY_SIZE = 1024 * 1024
 DEFAULT_MAX_MODELS_PER_WORKER = 1024
+DEFAULT_MAX_WORKERS = 10_000
+DEFAULT_MAX_WORKERS_PER_SOURCE = 1000
 # A worker's answer to a single-document call (/worker_generate, embeddings) and the bytes
 # all relays may hold at once.
 DEFAULT_MAX_WORKER_ANSWER_SIZE = 64 * 1024 * 1024
@@ -150,6 +152,11 @@ class ControllerConfig:
     #: refresh, status) larger than this get HTTP 413
     max_control_body_size: int = attrs.field(
         default=DEFAULT_MAX_CONTROL_BODY_SIZE, validator=_body_size
+    )
+    #: registrations held at once, and made from one source address; past them 503
+    max_workers: int = attrs.field(default=DEFAULT_MAX_WORKERS, validator=_integer(1))
+    max_workers_per_source: int = attrs.field(
+        default=DEFAULT_MAX_WORKERS_PER_SOURCE, validator=_integer(1)
     )
     #: model names one registration or status answer may carry
     max_models_per_worker: int = attrs.field(

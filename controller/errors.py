@@ -8,6 +8,7 @@ __all__ = [
     "ControllerError",
     "ForbiddenError",
     "NotRunningError",
+    "RegistryFullError",
 ]
 
 
@@ -50,3 +51,14 @@ class ForbiddenError(ControllerError):
             f"worker {worker_name!r} is registered by someone else: only the token it was "
             "registered with, or an admin token, may change it"
         )
+
+
+class RegistryFullError(ControllerError):
+    """A new registration would pass ``--max-workers`` or ``--max-workers-per-source``.
+
+    Handlers answer it with HTTP 503 and ``Retry-After``; nothing has changed.
+    """
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(problem)

@@ -9,17 +9,12 @@ from typing import Any
 
 from . import __version__
 from .access_flags import ENV_SSL_CERTFILE, ENV_SSL_KEYFILE, SPECIAL_DESTS, add_access_flags
+from .arg_types import port, seconds, seconds_or_zero, whole_number
 from .config import (
-    DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEART_BEAT_EXPIRATION,
     DEFAULT_HOST,
     DEFAULT_LOAD_POLL_INTERVAL,
-    DEFAULT_MAX_BODY_SIZE,
-    DEFAULT_MAX_BUFFERED_BYTES,
-    DEFAULT_MAX_CONTROL_BODY_SIZE,
-    DEFAULT_MAX_MODELS_PER_WORKER,
-    DEFAULT_MAX_WORKER_ANSWER_SIZE,
     DEFAULT_PARENT_HEART_BEAT_INTERVAL,
     DEFAULT_PORT,
     DEFAULT_STATUS_PROBE_TIMEOUT,
@@ -28,6 +23,7 @@ from .config import (
     DEFAULT_WORKER_SLOTS,
 )
 from .decisions.models import DispatchMethod
+from .limit_flags import add_limit_flags
 
 __all__ = [
     "ENV_PREFIX",
@@ -69,121 +65,8 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _seconds_or_zero(text: str) -> float:
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return seconds(text)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
-    return value
-
-
-def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type for a whole number from ``low`` (to ``high``, if given)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {value}")
-        return value
-
-    return parse
-
-
-_attempts = _whole_number(1, 100)
-_slots = _whole_number(1)
-
-
-def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    factor = units.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in units else t
-    try:
-        value = int(digits) * factor
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a size in bytes such as 1048576 or 64MiB, got {text!r}"
-        ) from None
-    if value < 1024:
-        raise argparse.ArgumentTypeError(f"expected at least 1024 bytes, got {text!r}")
-    return value
-
-
-#: the limits' flags: (flag, value type, default, metavar, help)
-_LIMITS: tuple[tuple[str, Callable[[str], int], int, str, str], ...] = (
-    (
-        "--max-control-body-size",
-        _size,
-        DEFAULT_MAX_CONTROL_BODY_SIZE,
-        "BYTES",
-        "larger request bodies of the control endpoints (register, heartbeat, "
-        "get_worker_address, the listings, refresh, status) get HTTP 413 (default: 1MiB)",
-    ),
-    (
-        "--max-body-size",
-        _size,
-        DEFAULT_MAX_BODY_SIZE,
-        "BYTES",
-        "bodies of generations and other worker calls larger than this get HTTP 413; "
-        "suffixes KiB, MiB and GiB are accepted (default: 64MiB)",
-    ),
-    (
-        "--max-worker-answer-size",
-        _size,
-        DEFAULT_MAX_WORKER_ANSWER_SIZE,
-        "BYTES",
-        "a worker's answer to /worker_generate, /worker_get_embeddings and the other "
-        "single-document calls larger than this is refused with the worker error "
-        "(default: 64MiB)",
-    ),
-    (
-        "--max-buffered-bytes",
-        _size,
-        DEFAULT_MAX_BUFFERED_BYTES,
-        "BYTES",
-        "bytes all relays may hold at once; a stream over it stops reading from its "
-        "worker until it frees, a single-document answer that does not fit fails "
-        "(default: 1GiB)",
-    ),
-    (
-        "--max-models-per-worker",
-        _whole_number(1, 1_000_000),
-        DEFAULT_MAX_MODELS_PER_WORKER,
-        "N",
-        "model names one registration or status answer may carry; more is refused "
-        f"(default: {DEFAULT_MAX_MODELS_PER_WORKER})",
-    ),
-    (
-        "--backlog",
-        _whole_number(1, 65535),
-        DEFAULT_BACKLOG,
-        "N",
-        "the listening socket's accept queue: connections the kernel holds before the "
-        f"controller accepts them (default: {DEFAULT_BACKLOG})",
-    ),
-)
+_attempts = whole_number(1, 100)
+_slots = whole_number(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
     )
     parser.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
+        "--port", type=port, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
     )
     parser.add_argument(
         "--dispatch-method",
@@ -247,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on each /worker_get_status probe of a worker and on connecting to one "
         "(default: %(default)g)",
     )
-    for flag, kind, default, metavar, text in _LIMITS:
-        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
+    add_limit_flags(parser)
     parser.add_argument(
         "--stream-attempts",
         type=_attempts,
@@ -267,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--load-poll-interval",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         default=DEFAULT_LOAD_POLL_INTERVAL,
         metavar="SECONDS",
         help="ask workers that got work since their last report for their queue length this "

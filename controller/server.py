@@ -95,6 +95,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             ejection_base=cfg.ejection_base,
             ejection_max=cfg.ejection_max,
             worker_slots=cfg.worker_slots,
+            max_workers=cfg.max_workers,
+            max_per_source=cfg.max_workers_per_source,
         )
         self.registry.on_back_in_rotation = _log_back_in_rotation
         self.router = Router(

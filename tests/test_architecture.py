@@ -19,6 +19,8 @@ LAYERS: dict[str, int] = {
     "controller.cli": 8,
     "controller.__main__": 8,
     "controller.options": 8,
+    "controller.arg_types": 8,
+    "controller.limit_flags": 8,
     "controller.access_flags": 8,
     "controller.server": 7,
     "controller.edge": 6,

@@ -27,6 +27,8 @@ from .conftest import (
     register_body,
 )
 
+STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
+
 
 def listen_queue(port: int) -> int:
     """The accept queue of the socket listening on ``port``, as ``ss`` shows it (its
@@ -171,3 +173,53 @@ async def test_a_status_answer_over_a_mebibyte_is_no_answer(
         assert await post_ok(http, controller, "/list_models") == {"models": []}
     finally:
         await server.close()
+
+
+async def test_registrations_past_max_workers_get_503_and_change_nothing(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """With --max-workers 2, a third worker gets 503 with Retry-After and a body naming
+    the limit; the two registered re-register freely, and a place freed by a goodbye can
+    be taken."""
+    config = ControllerConfig(host="127.0.0.1", port=0, max_workers=2, load_poll_interval=0)
+    controller = await run_controller(config)
+    names = [f"http://127.0.0.1:{port}" for port in (9001, 9002, 9003)]
+    for name in names[:2]:
+        await post_ok(
+            http, controller, "/register_worker", register_body(name, worker_status=STATUS)
+        )
+    third = register_body(names[2], worker_status=STATUS)
+    async with http.post(f"{controller.url}/register_worker", json=third) as r:
+        assert r.status == 503
+        assert int(r.headers["Retry-After"]) > 0
+        assert "--max-workers" in (await r.json())["message"]
+    assert sorted(w.name for w in controller.registry) == names[:2]
+    await post_ok(
+        http, controller, "/register_worker", register_body(names[0], worker_status=STATUS)
+    )
+    await post_ok(http, controller, "/unregister_worker", {"worker_name": names[0]})
+    await post_ok(http, controller, "/register_worker", third)
+    assert sorted(w.name for w in controller.registry) == names[1:]
+
+
+async def test_registrations_from_one_source_are_capped(
+    run_controller: RunController, http: aiohttp.ClientSession
+) -> None:
+    """With --max-workers-per-source 2, a third registration from this host gets 503
+    while another host (a socket bound to 127.0.0.2) still registers."""
+    config = ControllerConfig(
+        host="127.0.0.1", port=0, max_workers_per_source=2, load_poll_interval=0
+    )
+    controller = await run_controller(config)
+    for port in (9001, 9002):
+        body = register_body(f"http://127.0.0.1:{port}", worker_status=STATUS)
+        await post_ok(http, controller, "/register_worker", body)
+    third = register_body("http://127.0.0.1:9003", worker_status=STATUS)
+    async with http.post(f"{controller.url}/register_worker", json=third) as r:
+        assert r.status == 503
+        assert "--max-workers-per-source" in (await r.json())["message"]
+    other_host = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=other_host) as elsewhere:
+        async with elsewhere.post(f"{controller.url}/register_worker", json=third) as r:
+            assert r.status == 200
+    assert len(controller.registry) == 3

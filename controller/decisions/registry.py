@@ -17,6 +17,7 @@ from collections.abc import Callable, Container, Iterator
 import attrs
 
 from ..errors import ForbiddenError
+from .capacity import Capacity
 from .changes import MEMBERSHIP, ChangeFeed, ChangeKind
 from .models import Owner, WorkerInfo, WorkerStatus
 from .ownership import Standing, standing
@@ -49,8 +50,12 @@ class Registry:
         ejection_max: float = 300.0,
         worker_slots: int | None = None,
         feed: ChangeFeed | None = None,
+        max_workers: int | None = None,
+        max_per_source: int | None = None,
     ) -> None:
         self.expiration = expiration
+        #: registrations held at most, and made from one source at most (None: no limit)
+        self.capacity = Capacity(max_workers, max_per_source)
         #: how many requests each worker runs at once (None: one at a time)
         self.worker_slots = worker_slots
         self.clock = clock
@@ -129,6 +134,12 @@ class Registry:
         worker = self.get(name)
         return standing(worker.owner if worker is not None else None, caller, admin)
 
+    def check_room(self, name: str, source: str | None) -> None:
+        """:class:`~controller.errors.RegistryFullError` if registering ``name`` from
+        ``source`` would pass the capacity (registering a name again never does)."""
+        held = self._workers.get(name)
+        self.capacity.check(len(self), held.source if held else None, held is not None, source)
+
     def model_names(self, multimodal: bool | None = None) -> list[str]:
         """Sorted union of the models of live workers; ``multimodal`` filters by kind."""
         names: set[str] = set()
@@ -147,6 +158,7 @@ class Registry:
         last_heart_beat: float | None = None,
         owner: Owner | None = None,
         admin: bool = False,
+        source: str | None = None,
     ) -> tuple[Worker, bool]:
         """Add a worker or replace what is known of it; returns the entry and whether it is new.
 
@@ -159,6 +171,7 @@ class Registry:
         name = info.name
         if self.standing(name, owner, admin) is Standing.FORBIDDEN:
             raise ForbiddenError(name)
+        self.check_room(name, source)
         now = self.clock()
         worker = self._workers.get(name)
         is_new = worker is None or self._expired(worker, now)
@@ -169,6 +182,8 @@ class Registry:
         else:
             self._set_info(worker, info)
         worker.owner = owner
+        self.capacity.moved(worker.source, source)
+        worker.source = source
         # A registration is a fresh start, failures included.
         worker.consecutive_failures = 0
         worker.ejected_until = 0.0
@@ -337,6 +352,7 @@ class Registry:
 
     def _drop(self, worker: Worker, reason: str) -> None:
         name = worker.info.name
+        self.capacity.moved(worker.source, None)
         del self._workers[name]
         self._expiring.pop(name, None)
         self._unindex(worker)

@@ -26,6 +26,8 @@ class Worker:
     last_heart_beat: float
     #: whom the registration belongs to (see :mod:`controller.decisions.ownership`)
     owner: Owner | None = None
+    #: the host the registration came from (counted against --max-workers-per-source)
+    source: str | None = None
     #: incremented by every registration of this name; lets an operation that awaited
     #: (a refresh probe) tell whether the entry it looked at is still the current one
     generation: int = 0

@@ -50,6 +50,8 @@ class Caller:
 
     owner: Owner
     admin: bool = False
+    #: the host the request came from (``credentials.host_identity`` of the peer)
+    source: str | None = None
 
 
 CALLER = web.RequestKey("fc_controller_caller", Caller)
@@ -103,18 +105,18 @@ class Gate:
         if token is not None:
             admin = access.admin_tokens.principal_of(token)
             if admin is not None:
-                return Caller(Owner(principal=admin), admin=True)
+                return Caller(Owner(principal=admin), admin=True, source=host_identity(address))
             principal = access.tokens(role).principal_of(token) if role is not Role.ADMIN else None
             if principal is not None:
-                return Caller(Owner(principal=principal))
+                return Caller(Owner(principal=principal), source=host_identity(address))
         if access.is_open(role) and role is not Role.ADMIN:
             # An open role ignores tokens it does not know: a worker configured with a
             # token keeps working against a controller that asks for none.
-            return Caller(Owner(host=host_identity(address)))
+            return _from_host(address)
         if token is not None and access.tokens(role):
             return _refuse(403, role, "this token is not valid for it")
         if access.trusts(role, address):
-            return Caller(Owner(host=host_identity(address)))
+            return _from_host(address)
         if token is None:
             return _refuse(401, role, "send Authorization: Bearer TOKEN")
         return _refuse(403, role, "this token is not valid for it")
@@ -183,3 +185,8 @@ def exposure_warnings(config: ControllerConfig) -> list[str]:
             "give --ssl-certfile and --ssl-keyfile (or --ssl)"
         )
     return warnings
+
+
+def _from_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> Caller:
+    host = host_identity(address)
+    return Caller(Owner(host=host), source=host)

@@ -17,7 +17,7 @@ from .. import protocol
 from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
-from ..errors import BadRequestError, ForbiddenError
+from ..errors import BadRequestError, ForbiddenError, RegistryFullError
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler
@@ -50,6 +50,10 @@ def _forbidden(error: ForbiddenError) -> web.Response:
     return _json(protocol.encode(body), status=403)
 
 
+#: what a refused registration is told to wait (seconds): silent workers expire meanwhile
+RETRY_AFTER = 30
+
+
 def _owned(handler: Handler) -> Handler:
     """``handler``, answering 400 for a body that breaks the contract and 403 when it would
     change a registration someone else owns."""
@@ -61,6 +65,15 @@ def _owned(handler: Handler) -> Handler:
             return _bad_request(e)
         except ForbiddenError as e:
             return _forbidden(e)
+        except RegistryFullError as e:
+            log.warning("Refused a registration: %s", e)
+            body = {"error": "registry_full", "field": "worker_name", "message": e.problem}
+            return web.Response(
+                body=protocol.encode(body),
+                status=503,
+                content_type=_JSON,
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
 
     return refusing
 
@@ -165,7 +178,7 @@ class _Handlers:
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
         parsed = protocol.parse_register(await _read_json(request, self.limit), self.max_models)
         caller = request[CALLER]
-        await self.prober.register(parsed, caller.owner, caller.admin)
+        await self.prober.register(parsed, caller.owner, caller.admin, caller.source)
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:

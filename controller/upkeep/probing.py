@@ -134,7 +134,11 @@ class Prober:
             return None
 
     async def register(
-        self, request: RegisterRequest, owner: Owner | None = None, admin: bool = False
+        self,
+        request: RegisterRequest,
+        owner: Owner | None = None,
+        admin: bool = False,
+        source: str | None = None,
     ) -> bool:
         """Register a worker for ``owner``, asking it for its status when the request
         carried none.
@@ -146,6 +150,8 @@ class Prober:
         async with self.locks.hold(name):
             if self.registry.standing(name, owner, admin) is Standing.FORBIDDEN:
                 raise ForbiddenError(name)
+            # Refused before the probe too: a full registry costs no request to the worker.
+            self.registry.check_room(name, source)
             status = request.worker_status
             if status is None:
                 status = await self.probe(name)
@@ -168,7 +174,7 @@ class Prober:
                     previous.owner,
                 )
             worker, is_new = self.registry.register(
-                info, status.queue_length, owner=owner, admin=admin
+                info, status.queue_length, owner=owner, admin=admin, source=source
             )
         log.info(
             "%s worker %s: models=%s speed=%s queue_length=%d owner=%s",
