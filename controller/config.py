@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from .credentials import Access
+from .credentials import Access, IPNetwork
 from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
 
@@ -178,6 +178,9 @@ class ControllerConfig:
     worker_ca_certs: str | None = None
     #: who may use which endpoint: tokens per role, trusted networks (open by default)
     access: Access = attrs.field(factory=Access)
+    #: when not empty, every address a worker's name resolves to must fall inside one of
+    #: these networks; otherwise any address but link-local ones (--worker-networks)
+    worker_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
     #: sent as a bearer token on every request to workers and child controllers
     upstream_token: str | None = attrs.field(default=None, repr=False)
     #: sent as a bearer token on every request to the parent controller

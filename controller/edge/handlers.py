@@ -105,6 +105,11 @@ class _Handlers:
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
         parsed = protocol.parse_register(await _read_json(request))
+        # The address this registration arrived on is the controller's own, whatever
+        # the host application listens on.
+        here = request.transport.get_extra_info("sockname") if request.transport else None
+        own = [(str(here[0]), int(here[1]))] if isinstance(here, tuple) else []
+        await self.prober.check_address(parsed.worker_name, own)
         caller = request[CALLER]
         await self.prober.register(parsed, caller.owner, caller.admin)
         return _json(protocol.NULL)
