@@ -164,7 +164,19 @@ class _Handlers:
             log.debug("Heartbeat for %s not applied: unknown, expired or another source", name)
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
+    def _loop(self, request: web.Request) -> web.Response | None:
+        """508 Loop Detected for a request this controller relayed before (or one that
+        passed through too many proxies): refused before anything is relayed."""
+        reason = self.relay.via.loop(request.headers)
+        if reason is None:
+            return None
+        log.debug("Refused a request to %s: %s", request.path, reason)
+        body = {"error": "loop_detected", "field": None, "message": reason}
+        return _json(protocol.encode(body), status=508)
+
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
+        if (refusal := self._loop(request)) is not None:
+            return refusal
         body = await _read(request)
         try:
             model, affinity = protocol.parse_generate(body)
@@ -176,6 +188,8 @@ class _Handlers:
         """A handler relaying a worker endpoint answered by one JSON document."""
 
         async def forward(request: web.Request) -> web.StreamResponse:
+            if (refusal := self._loop(request)) is not None:
+                return refusal
             body = await _read(request)
             try:
                 model, affinity = protocol.parse_generate(body)
