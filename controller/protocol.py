@@ -17,6 +17,7 @@ import attrs
 
 from .decisions.models import WorkerStatus
 from .errors import BadRequestError
+from .worker.tokens import redact_urls
 
 __all__ = [
     "NULL",
@@ -215,37 +216,38 @@ _PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*\Z")
 def worker_name_problem(name: str) -> str | None:
     """Which rule of a worker's address ``name`` breaks, or ``None``: ``http`` or
     ``https``, a host, an optional port and path prefix; no userinfo, query or fragment;
-    ASCII only; at most ``MAX_WORKER_NAME`` bytes. Never echoes a name carrying userinfo."""
+    ASCII only; at most ``MAX_WORKER_NAME`` bytes. Credentials in the name are never echoed."""
+    shown = redact_urls(name)
     if len(name.encode("utf-8", "surrogatepass")) > MAX_WORKER_NAME:
         return f"must be at most {MAX_WORKER_NAME} bytes"
     if not name.isascii():
         return "must be ASCII: write an internationalised host in its IDNA form (xn--...)"
     if not name.isprintable() or any(c.isspace() for c in name):
-        return f"must not contain spaces or control characters, got {name!r}"
+        return f"must not contain spaces or control characters, got {shown!r}"
     if "?" in name:
         return "must not have a query ('?')"
     if "#" in name:
         return "must not have a fragment ('#')"
     shape = _URL_SHAPE.match(name)
     if shape is None:
-        return f"must start with http:// or https://, got {name!r}"
+        return f"must start with http:// or https://, got {shown!r}"
     if "@" in shape["authority"]:
         return "must not carry userinfo (user:password@)"
     host_port = _HOST_PORT.match(shape["authority"])
     if host_port is None:
-        return f"must name a host and at most a port after it, got {name!r}"
+        return f"must name a host and at most a port after it, got {shown!r}"
     if host_port["host"].startswith("["):
         try:
             ipaddress.IPv6Address(host_port["host"][1:-1])
         except ValueError:
-            return f"must hold a valid IPv6 address between brackets, got {name!r}"
+            return f"must hold a valid IPv6 address between brackets, got {shown!r}"
     port = host_port["port"]
     if port is not None and not 0 < int(port) < 65536:
-        return f"must have a port from 1 to 65535, got {name!r}"
+        return f"must have a port from 1 to 65535, got {shown!r}"
     path = shape["path"] or ""
     segments = [urllib.parse.unquote(s) for s in path.split("/")]
     if not _PATH.match(path) or "." in segments or ".." in segments:
-        return f"must have a plain path prefix (no '.' or '..' segments), got {name!r}"
+        return f"must have a plain path prefix (no '.' or '..' segments), got {shown!r}"
     return None
 
 
