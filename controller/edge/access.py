@@ -99,7 +99,6 @@ class Gate:
         """The caller, if it may act in ``role``; else the 401 or 403 to answer."""
         access = self.access
         token = _bearer(request)
-        address = _peer(request)
         if token is not None:
             admin = access.admin_tokens.principal_of(token)
             if admin is not None:
@@ -107,6 +106,8 @@ class Gate:
             principal = access.tokens(role).principal_of(token) if role is not Role.ADMIN else None
             if principal is not None:
                 return Caller(Owner(principal=principal))
+        # Only now: a valid token (the common case with tokens on) needs no peer address.
+        address = _peer(request)
         if access.is_open(role) and role is not Role.ADMIN:
             # An open role ignores tokens it does not know: a worker configured with a
             # token keeps working against a controller that asks for none.
