@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from .credentials import Access, IPNetwork
+from .credentials import Access, IPNetwork, parse_networks
 from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
 
@@ -106,6 +106,11 @@ def _dispatch(value: DispatchMethod | str) -> DispatchMethod:
         raise ConfigError(str(e)) from None
 
 
+def _networks(values: Any) -> tuple[IPNetwork, ...]:
+    """CIDR blocks given as strings or networks (``ConfigError`` for anything else)."""
+    return parse_networks([str(v) for v in values], "worker_networks")
+
+
 @attrs.frozen(kw_only=True)
 class ControllerConfig:
     """Everything that decides how a controller behaves.
@@ -180,7 +185,7 @@ class ControllerConfig:
     access: Access = attrs.field(factory=Access)
     #: when not empty, every address a worker's name resolves to must fall inside one of
     #: these networks; otherwise any address but link-local ones (--worker-networks)
-    worker_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
+    worker_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
     #: sent as a bearer token on every request to workers and child controllers
     upstream_token: str | None = attrs.field(default=None, repr=False)
     #: sent as a bearer token on every request to the parent controller

@@ -116,8 +116,10 @@ class AddressGuard:
         if advertised is not None:
             if _host_port(advertised) == (host, port):
                 raise RefusedAddress("it is this controller's advertised address")
+            advertised_host, advertised_port = _host_port(advertised)
             with contextlib.suppress(OSError):
-                own += [(a, port) for a in await _lookup(*_host_port(advertised))]
+                found = await _lookup(advertised_host, advertised_port)
+                own += [(address, advertised_port) for address in found]
         return await self.resolve(host, port, own)
 
     async def resolve(
