@@ -164,37 +164,40 @@ class _Handlers:
             log.debug("Heartbeat for %s not applied: unknown, expired or another source", name)
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
-    def _loop(self, request: web.Request) -> web.Response | None:
-        """508 Loop Detected for a request this controller relayed before (or one that
-        passed through too many proxies): refused before anything is relayed."""
+    async def _relayable(
+        self, request: web.Request
+    ) -> tuple[bytes, str, str | None] | web.Response:
+        """The body, model and affinity key of a request to relay, or what to answer
+        instead: 508 Loop Detected for a request this controller relayed before (or one
+        that passed through too many proxies), before anything is read or relayed; 400
+        for a body that names no model."""
         reason = self.relay.via.loop(request.headers)
-        if reason is None:
-            return None
-        log.debug("Refused a request to %s: %s", request.path, reason)
-        body = {"error": "loop_detected", "field": None, "message": reason}
-        return _json(protocol.encode(body), status=508)
-
-    async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
-        if (refusal := self._loop(request)) is not None:
-            return refusal
-        body = await _read(request)
+        if reason is not None:
+            log.debug("Refused a request to %s: %s", request.path, reason)
+            body = {"error": "loop_detected", "field": None, "message": reason}
+            return _json(protocol.encode(body), status=508)
+        raw = await _read(request)
         try:
-            model, affinity = protocol.parse_generate(body)
+            model, affinity = protocol.parse_generate(raw)
         except BadRequestError as e:
             return _bad_request(e)
+        return raw, model, affinity
+
+    async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
+        relayable = await self._relayable(request)
+        if isinstance(relayable, web.Response):
+            return relayable
+        body, model, affinity = relayable
         return await self.relay.generate_stream(request, body, model, affinity)
 
     def forwarder(self, path: str, *, count: bool) -> Handler:
         """A handler relaying a worker endpoint answered by one JSON document."""
 
         async def forward(request: web.Request) -> web.StreamResponse:
-            if (refusal := self._loop(request)) is not None:
-                return refusal
-            body = await _read(request)
-            try:
-                model, affinity = protocol.parse_generate(body)
-            except BadRequestError as e:
-                return _bad_request(e)
+            relayable = await self._relayable(request)
+            if isinstance(relayable, web.Response):
+                return relayable
+            body, model, affinity = relayable
             return await self.relay.forward(
                 request, path, body, model, count=count, affinity=affinity
             )

@@ -20,7 +20,6 @@ class Target:
 
     __slots__ = (
         "_addresses",
-        "_literal",
         "_resolved_at",
         "guard",
         "host",
@@ -40,17 +39,13 @@ class Target:
         host_header: str,
         guard: AddressGuard | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.ssl = tls
-        self.path = path
+        self.host, self.port, self.ssl, self.path = host, port, tls, path
         self.host_header = host_header
         #: connections to the same address are shared between workers' names and paths
         self.key = (host, port, tls)
         #: the worker address policy every address is checked against before it is used
         self.guard = guard if guard is not None else AddressGuard()
         self._addresses: list[str] = []
-        self._literal = _is_ip(host)
         self._resolved_at = -DNS_TTL
 
     def request_head(self, body_length: int, extra: bytes = b"") -> bytes:
@@ -69,10 +64,10 @@ class Target:
         """The host's addresses the worker address policy allows, resolved off the loop and
         cached for ``DNS_TTL`` seconds; :class:`~controller.relay.guard.RefusedAddress`
         (an ``OSError``) when it allows none, however the name resolved this time."""
-        if self._addresses and (self._literal or time.monotonic() - self._resolved_at <= DNS_TTL):
+        if self._addresses and time.monotonic() - self._resolved_at <= DNS_TTL:
             return self._addresses
         now = time.monotonic()
-        if self._literal:
+        if _is_ip(self.host):
             found = [self.host]
         else:
             infos = await loop.getaddrinfo(
