@@ -175,6 +175,10 @@ async def stream_client(
             await asyncio.sleep(0.05)
 
 
+def authorization(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
 async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     stats = StreamStats()
     stop = asyncio.Event()
@@ -182,7 +186,10 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     body = args.body.encode()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    session = aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=authorization(args.token)
+    )
+    async with session:
         tasks = [
             asyncio.create_task(
                 stream_client(
@@ -247,7 +254,7 @@ async def run_paced(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[str] = []
     window = Window(args.cpu_pid)
     body = args.body.encode()
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **authorization(args.token)}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=args.connections)
     clock = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
@@ -405,6 +412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--stagger", type=float, default=0.0, help="spread stream starts over this many seconds"
     )
     streams.add_argument("--cpu-pid", type=int, action="append", default=[])
+    streams.add_argument("--token", help="sent as a bearer token")
 
     paced = sub.add_parser("paced")
     paced.add_argument("--url", required=True)
@@ -415,6 +423,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paced.add_argument("--duration", type=float, default=10.0)
     paced.add_argument("--timeout", type=float, default=30.0)
     paced.add_argument("--cpu-pid", type=int, action="append", default=[])
+    paced.add_argument("--token", help="sent as a bearer token")
 
     register = sub.add_parser("register")
     register.add_argument("--url", required=True, help="controller base URL")

@@ -16,17 +16,20 @@ from typing import Any
 
 FASTCHAT = "fastchat"
 OURS = "ours"
+#: fc-controller with a token file per role; the load sends the client role's token
+OURS_TOKENS = "ours-tokens"
 DIRECT = "direct"
 #: benchmarks/bare_app.py: parses the JSON body, answers a fixed address (dispatch only)
 BARE = "bare"
 TARGET_NAMES = {
     FASTCHAT: "FastChat 0.2.36",
     OURS: "fc-controller",
+    OURS_TOKENS: "fc-controller, tokens on",
     BARE: "bare JSON app",
     DIRECT: "direct",
 }
 #: the table's columns, in order
-COLUMNS = (FASTCHAT, OURS, BARE, DIRECT)
+COLUMNS = (FASTCHAT, OURS, OURS_TOKENS, BARE, DIRECT)
 #: fc-controller's dispatch CPU per request may be at most this many times the bare app's
 BARE_CPU_RATIO = 1.1
 

@@ -41,7 +41,15 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import envs  # noqa: E402
 from procstat import core_busy, core_times, cpu_seconds, rss_bytes  # noqa: E402
-from report import BARE, DIRECT, FASTCHAT, OURS, TARGET_NAMES, format_report  # noqa: E402
+from report import (  # noqa: E402
+    BARE,
+    DIRECT,
+    FASTCHAT,
+    OURS,
+    OURS_TOKENS,
+    TARGET_NAMES,
+    format_report,
+)
 
 SCENARIOS = ("dispatch", "heartbeat", "stream", "registry", "slow-worker")
 
@@ -199,12 +207,24 @@ def free_port() -> int:
         return port
 
 
-def http_json(url: str, payload: Any = None, *, timeout: float = 10.0) -> Any:
-    """POST ``payload`` as JSON (or GET when it is None) and decode the JSON answer."""
+#: the tokens an ours-tokens controller is started with (role -> token)
+BENCH_TOKENS = {
+    "worker": "bench-worker-token-0123456789",
+    "api": "bench-api-token-0123456789abcd",
+    "admin": "bench-admin-token-0123456789ab",
+}
+
+
+def http_json(
+    url: str, payload: Any = None, *, timeout: float = 10.0, token: str | None = None
+) -> Any:
+    """POST ``payload`` as JSON (or GET when it is None) and decode the JSON answer;
+    ``token`` goes as a bearer token."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"} if data else {}
-    )
+    headers = {"Content-Type": "application/json"} if data else {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
@@ -262,6 +282,8 @@ class Bench:
     hang_port: int = 0
     worker_pid: int = 0
     results: dict[str, Any] = field(default_factory=dict)
+    #: base URLs of the running controllers started with tokens
+    tokens_on: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)
 
     # -- workers and controllers
@@ -297,6 +319,10 @@ class Bench:
                         raise BenchError("bench workers did not start within 30s") from None
                     time.sleep(0.05)
 
+    def token(self, url: str) -> str | None:
+        """The admin token for a controller started with tokens (``ours-tokens``)."""
+        return BENCH_TOKENS["admin"] if url in self.tokens_on else None
+
     def targets(self, *wanted: str) -> list[str]:
         return [t for t in wanted if t in self.args.target and t not in self.skipped]
 
@@ -320,7 +346,14 @@ class Bench:
             assert self.ours_python is not None
             cmd = [str(self.ours_python), "-m", "controller"]
             cmd += flags(host="127.0.0.1", port=port, log_level="warning")
+            if kind == OURS_TOKENS:
+                for role, token in BENCH_TOKENS.items():
+                    path = rundir / f"{role}.tokens"
+                    path.write_text(f"bench-{role}:{token}\n")
+                    cmd += [f"--{role}-token-file", str(path)]
         proc = self.procs.start(kind, cmd, cores=self.controller_cores, cwd=rundir, env=env)
+        if kind == OURS_TOKENS:
+            self.tokens_on.add(url)
         try:
             wait_until_up(url, proc, timeout=60)
             yield url, proc.pid
@@ -333,8 +366,11 @@ class Bench:
 
     def register_bench_workers(self, url: str) -> None:
         for worker in self.worker_urls:
-            http_json(f"{url}/register_worker", registration(worker, [MODEL]))
-        address = http_json(f"{url}/get_worker_address", {"model": MODEL})["address"]
+            http_json(
+                f"{url}/register_worker", registration(worker, [MODEL]), token=self.token(url)
+            )
+        body = {"model": MODEL}
+        address = http_json(f"{url}/get_worker_address", body, token=self.token(url))["address"]
         if address not in self.worker_urls:
             raise BenchError(f"{url} dispatched {MODEL!r} to {address!r}")
 
@@ -362,6 +398,8 @@ class Bench:
             "--",
             str(bodies_file),
         ]
+        if any(url.startswith(base + "/") for base in self.tokens_on):
+            cmd.append(BENCH_TOKENS["api"])
         cpu0 = cpu_seconds(pid) if pid else 0.0
         worker0 = cpu_seconds(self.worker_pid)
         cores0 = core_times()
@@ -470,13 +508,13 @@ class Bench:
 
     def scenario_dispatch(self) -> None:
         def check(url: str) -> None:
-            address = http_json(f"{url}/get_worker_address", {"model": MODEL})["address"]
-            if address not in self.worker_urls:
+            body = {"model": MODEL}
+            address = http_json(f"{url}/get_worker_address", body, token=self.token(url))
+            if address["address"] not in self.worker_urls:
                 raise BenchError(f"dispatch answered {address!r}")
 
-        self.scenario_wrk(
-            "dispatch", "/get_worker_address", [{"model": MODEL}], check, (FASTCHAT, OURS, BARE)
-        )
+        kinds = (FASTCHAT, OURS, OURS_TOKENS, BARE)
+        self.scenario_wrk("dispatch", "/get_worker_address", [{"model": MODEL}], check, kinds)
 
     def scenario_heartbeat(self) -> None:
         bodies = [{"worker_name": w, "queue_length": 0} for w in self.worker_urls]
@@ -506,6 +544,8 @@ class Bench:
             url=urls,
             cpu_pid=pids,
         )
+        if any(u.startswith(base + "/") for u in urls for base in self.tokens_on):
+            args += ["--token", BENCH_TOKENS["api"]]
         timeout = t.stream_warmup + t.stream_duration + t.stream_drain + 30
         result = self.loadgen(name, args, timeout=timeout)
         chunks = result["chunks"]
@@ -525,7 +565,7 @@ class Bench:
         out = self.results.setdefault("stream", {})
         for concurrency in STREAM_CONCURRENCY:
             level = out.setdefault(str(concurrency), {})
-            for kind in self.targets(DIRECT, FASTCHAT, OURS):
+            for kind in self.targets(DIRECT, FASTCHAT, OURS, OURS_TOKENS):
                 name = f"stream{concurrency}-{kind}"
                 with self.guard(f"{concurrency} streams / {TARGET_NAMES[kind]}"):
                     if kind == DIRECT:
@@ -690,7 +730,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target",
         action="append",
-        choices=(FASTCHAT, OURS, BARE, DIRECT),
+        choices=(FASTCHAT, OURS, OURS_TOKENS, BARE, DIRECT),
         help="run only against this target (repeatable; default: all)",
     )
     parser.add_argument(
@@ -752,10 +792,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     skipped: dict[str, str] = {}
     ours_python: Path | None = args.ours_python or tools_python
-    if OURS in args.target:
+    if OURS in args.target or OURS_TOKENS in args.target:
         problem = envs.fc_controller_problem(args.ours_python or tools_python)
         if problem:
-            skipped[OURS] = f"fc-controller not runnable: {problem}"
+            for kind in (OURS, OURS_TOKENS):
+                skipped[kind] = f"fc-controller not runnable: {problem}"
             ours_python = None
             print(f"[bench] skipping: {skipped[OURS]}", file=sys.stderr)
 

@@ -1,16 +1,19 @@
 -- wrk script: POST JSON bodies read from a file (one per line, cycled), and print the
 -- summary as one JSON line prefixed with "WRKJSON " so run.py can parse it.
--- Usage: wrk -s wrk_post.lua ... URL -- BODIES_FILE
+-- Usage: wrk -s wrk_post.lua ... URL -- BODIES_FILE [BEARER_TOKEN]
 
 local requests = {}
 local n = 0
 
 function init(args)
+  local headers = { ["Content-Type"] = "application/json" }
+  if args[2] then
+    headers["Authorization"] = "Bearer " .. args[2]
+  end
   local f = assert(io.open(args[1], "r"))
   for line in f:lines() do
     if #line > 0 then
-      requests[#requests + 1] = wrk.format(
-        "POST", nil, { ["Content-Type"] = "application/json" }, line)
+      requests[#requests + 1] = wrk.format("POST", nil, headers, line)
     end
   end
   f:close()

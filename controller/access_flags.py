@@ -34,6 +34,15 @@ _TOKEN_FILES = {
 _NETWORKS = {
     "trust_workers_from": ("--trust-workers-from", "FC_CONTROLLER_TRUST_WORKERS_FROM"),
     "trust_clients_from": ("--trust-clients-from", "FC_CONTROLLER_TRUST_CLIENTS_FROM"),
+    "worker_networks": ("--worker-networks", "FC_CONTROLLER_WORKER_NETWORKS"),
+}
+_NETWORK_HELP = {
+    "trust_workers_from": "workers connecting from this network need no token (decided on "
+    "the TCP peer address, never X-Forwarded-For)",
+    "trust_clients_from": "clients connecting from this network need no token (decided on "
+    "the TCP peer address, never X-Forwarded-For)",
+    "worker_networks": "every address a worker's name resolves to must fall inside one of "
+    "these networks (default: any but link-local, unspecified, multicast and broadcast)",
 }
 #: tokens this controller sends: destination -> (flag, variable holding the token)
 _OWN_TOKENS = {
@@ -64,15 +73,13 @@ def add_access_flags(parser: argparse.ArgumentParser) -> None:
             "close it)",
         )
     for dest, (flag, var) in _NETWORKS.items():
-        who = "workers" if dest == "trust_workers_from" else "clients"
         parser.add_argument(
             flag,
             dest=dest,
             action="append",
             default=None,
             metavar="CIDR",
-            help=f"{who} connecting from this network need no token (repeatable; decided on "
-            f"the TCP peer address, never X-Forwarded-For; env {var}, comma-separated)",
+            help=f"{_NETWORK_HELP[dest]} (repeatable; env {var}, comma-separated)",
         )
     parser.add_argument(
         "--upstream-token-file",
@@ -137,6 +144,7 @@ def access_settings(
             trust_workers_from=networks["trust_workers_from"],
             trust_clients_from=networks["trust_clients_from"],
         ),
+        "worker_networks": networks["worker_networks"],
         "upstream_token": own["upstream_token_file"],
         "parent_token": own["parent_token_file"],
         **_tls(parser, args, env),

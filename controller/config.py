@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from .credentials import Access
+from .credentials import Access, IPNetwork, parse_networks
 from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
 
@@ -122,6 +122,11 @@ def _dispatch(value: DispatchMethod | str) -> DispatchMethod:
         raise ConfigError(str(e)) from None
 
 
+def _networks(values: Any) -> tuple[IPNetwork, ...]:
+    """CIDR blocks given as strings or networks (``ConfigError`` for anything else)."""
+    return parse_networks([str(v) for v in values], "worker_networks")
+
+
 @attrs.frozen(kw_only=True)
 class ControllerConfig:
     """Everything that decides how a controller behaves.
@@ -210,6 +215,9 @@ class ControllerConfig:
     worker_ca_certs: str | None = None
     #: who may use which endpoint: tokens per role, trusted networks (open by default)
     access: Access = attrs.field(factory=Access)
+    #: when not empty, every address a worker's name resolves to must fall inside one of
+    #: these networks; otherwise any address but link-local ones (--worker-networks)
+    worker_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
     #: sent as a bearer token on every request to workers and child controllers
     upstream_token: str | None = attrs.field(default=None, repr=False)
     #: sent as a bearer token on every request to the parent controller

@@ -7,14 +7,17 @@ encoding of responses lives here too.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
+import urllib.parse
 from typing import Any, NoReturn
 
 import attrs
-from yarl import URL
 
 from .decisions.models import WorkerStatus
 from .errors import BadRequestError
+from .worker.tokens import redact_urls
 
 __all__ = [
     "NULL",
@@ -33,6 +36,7 @@ __all__ = [
     "parse_worker_status",
     "status_body",
     "stream_error",
+    "worker_name_problem",
     "worker_url",
 ]
 
@@ -51,6 +55,8 @@ MAX_AFFINITY_KEY = 256
 MAX_MODELS_PER_WORKER = 1024
 #: characters in one model name
 MAX_MODEL_NAME = 256
+#: the longest worker name accepted, in bytes (issue 15)
+MAX_WORKER_NAME = 2048
 
 
 @attrs.frozen
@@ -196,20 +202,57 @@ def _speed(value: Any, field: str, allow_zero: bool = False) -> float:
 
 def _worker_url(value: Any, field: str) -> str:
     name = _string(value, field)
-    try:
-        url = URL(name)
-    except (ValueError, TypeError):
-        url = None
-    if (
-        url is None
-        or url.scheme not in ("http", "https")
-        or not url.host
-        or any(c.isspace() or not c.isprintable() for c in name)
-    ):
+    problem = worker_name_problem(name)
+    if problem is not None:
         raise BadRequestError(
-            field, f"must be the worker's base URL such as 'http://10.0.0.5:21002', got {name!r}"
+            field, f"{problem}; it must be the worker's base URL such as 'http://10.0.0.5:21002'"
         )
     return name
+
+
+# scheme://authority[/path], checked on the raw string: URL libraries drop an empty '?'
+# or '#', and normalise what they parse.
+_URL_SHAPE = re.compile(r"(?i:https?)://(?P<authority>[^/?#]*)(?P<path>/[^?#]*)?\Z")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?\Z")
+_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*\Z")
+
+
+def worker_name_problem(name: str) -> str | None:
+    """Which rule of a worker's address ``name`` breaks, or ``None``: ``http`` or
+    ``https``, a host, an optional port and path prefix; no userinfo, query or fragment;
+    ASCII only; at most ``MAX_WORKER_NAME`` bytes. Credentials in the name are never echoed."""
+    shown = redact_urls(name)
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_WORKER_NAME:
+        return f"must be at most {MAX_WORKER_NAME} bytes"
+    if not name.isascii():
+        return "must be ASCII: write an internationalised host in its IDNA form (xn--...)"
+    if not name.isprintable() or any(c.isspace() for c in name):
+        return f"must not contain spaces or control characters, got {shown!r}"
+    if "?" in name:
+        return "must not have a query ('?')"
+    if "#" in name:
+        return "must not have a fragment ('#')"
+    shape = _URL_SHAPE.match(name)
+    if shape is None:
+        return f"must start with http:// or https://, got {shown!r}"
+    if "@" in shape["authority"]:
+        return "must not carry userinfo (user:password@)"
+    host_port = _HOST_PORT.match(shape["authority"])
+    if host_port is None:
+        return f"must name a host and at most a port after it, got {shown!r}"
+    if host_port["host"].startswith("["):
+        try:
+            ipaddress.IPv6Address(host_port["host"][1:-1])
+        except ValueError:
+            return f"must hold a valid IPv6 address between brackets, got {shown!r}"
+    port = host_port["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        return f"must have a port from 1 to 65535, got {shown!r}"
+    path = shape["path"] or ""
+    segments = [urllib.parse.unquote(s) for s in path.split("/")]
+    if not _PATH.match(path) or "." in segments or ".." in segments:
+        return f"must have a plain path prefix (no '.' or '..' segments), got {shown!r}"
+    return None
 
 
 def parse_worker_status(

@@ -25,6 +25,7 @@ from .edge.handlers import Limits, add_routes
 from .errors import ConfigError, NotRunningError
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
+from .relay.guard import AddressGuard
 from .relay.pool import Pool
 from .relay.upstream import Upstream
 from .sharing.parent import ParentLink
@@ -111,7 +112,11 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             total=None, sock_connect=cfg.status_probe_timeout, sock_read=cfg.worker_api_timeout
         )
         self.connections = WorkerConnections(
-            stream_timeout, clock, token=cfg.upstream_token, ca_certs=cfg.worker_ca_certs
+            stream_timeout,
+            clock,
+            token=cfg.upstream_token,
+            ca_certs=cfg.worker_ca_certs,
+            guard=AddressGuard(cfg.worker_networks),
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
@@ -252,6 +257,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             await runner.cleanup()
             raise
         self._runner = runner
+        # A worker at this controller's own address would be a loop: refused.
+        self.connections.guard.add_own(runner.addresses)
         for warning in exposure_warnings(cfg):
             log.warning("%s", warning)
         # Standalone: the parent link starts once the (possibly OS-chosen) port is known.

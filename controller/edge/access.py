@@ -101,14 +101,15 @@ class Gate:
         """The caller, if it may act in ``role``; else the 401 or 403 to answer."""
         access = self.access
         token = _bearer(request)
-        address = _peer(request)
         if token is not None:
             admin = access.admin_tokens.principal_of(token)
             if admin is not None:
-                return Caller(Owner(principal=admin), admin=True, source=host_identity(address))
+                return Caller(Owner(principal=admin), admin=True)
             principal = access.tokens(role).principal_of(token) if role is not Role.ADMIN else None
             if principal is not None:
-                return Caller(Owner(principal=principal), source=host_identity(address))
+                return Caller(Owner(principal=principal))
+        # Only now: a valid token (the common case with tokens on) needs no peer address.
+        address = _peer(request)
         if access.is_open(role) and role is not Role.ADMIN:
             # An open role ignores tokens it does not know: a worker configured with a
             # token keeps working against a controller that asks for none.
@@ -190,3 +191,8 @@ def exposure_warnings(config: ControllerConfig) -> list[str]:
 def _from_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> Caller:
     host = host_identity(address)
     return Caller(Owner(host=host), source=host)
+
+
+def source_of(request: web.Request) -> str:
+    """The host ``request`` came from, as ownership and the per-source limits name it."""
+    return host_identity(_peer(request))

@@ -20,7 +20,7 @@ from ..decisions.routing import Router
 from ..errors import BadRequestError, ForbiddenError, RegistryFullError
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
-from .access import CALLER, Gate, Handler
+from .access import CALLER, Gate, Handler, source_of
 
 __all__ = ["add_routes"]
 
@@ -177,8 +177,14 @@ class _Handlers:
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
         parsed = protocol.parse_register(await _read_json(request, self.limit), self.max_models)
+        # The address this registration arrived on is the controller's own, whatever
+        # the host application listens on.
+        here = request.transport.get_extra_info("sockname") if request.transport else None
+        own = [(str(here[0]), int(here[1]))] if isinstance(here, tuple) else []
+        await self.prober.check_address(parsed.worker_name, own)
         caller = request[CALLER]
-        await self.prober.register(parsed, caller.owner, caller.admin, caller.source)
+        source = caller.source if caller.source is not None else source_of(request)
+        await self.prober.register(parsed, caller.owner, caller.admin, source)
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
@@ -232,23 +238,40 @@ class _Handlers:
             log.debug("Heartbeat for %s not applied: unknown, expired or another source", name)
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
-    async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
-        body = await _read(request, self.body_limit)
+    async def _relayable(
+        self, request: web.Request
+    ) -> tuple[bytes, str, str | None] | web.Response:
+        """The body, model and affinity key of a request to relay, or what to answer
+        instead: 508 Loop Detected for a request this controller relayed before (or one
+        that passed through too many proxies), before anything is read or relayed; 400
+        for a body that names no model."""
+        reason = self.relay.via.loop(request.headers)
+        if reason is not None:
+            log.debug("Refused a request to %s: %s", request.path, reason)
+            body = {"error": "loop_detected", "field": None, "message": reason}
+            return _json(protocol.encode(body), status=508)
+        raw = await _read(request, self.body_limit)
         try:
-            model, affinity = protocol.parse_generate(body)
+            model, affinity = protocol.parse_generate(raw)
         except BadRequestError as e:
             return _bad_request(e)
+        return raw, model, affinity
+
+    async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
+        relayable = await self._relayable(request)
+        if isinstance(relayable, web.Response):
+            return relayable
+        body, model, affinity = relayable
         return await self.relay.generate_stream(request, body, model, affinity)
 
     def forwarder(self, path: str, *, count: bool) -> Handler:
         """A handler relaying a worker endpoint answered by one JSON document."""
 
         async def forward(request: web.Request) -> web.StreamResponse:
-            body = await _read(request, self.body_limit)
-            try:
-                model, affinity = protocol.parse_generate(body)
-            except BadRequestError as e:
-                return _bad_request(e)
+            relayable = await self._relayable(request)
+            if isinstance(relayable, web.Response):
+                return relayable
+            body, model, affinity = relayable
             return await self.relay.forward(
                 request, path, body, model, count=count, affinity=affinity
             )

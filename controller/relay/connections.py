@@ -11,6 +11,7 @@ import aiohttp
 
 from ..errors import NotRunningError
 from ..worker.tokens import authorization
+from .guard import AddressGuard
 from .pool import Pool
 from .upstream import Upstream
 
@@ -25,7 +26,8 @@ class WorkerConnections:
     length of its answer. The ``pool`` keeps the relay's kept-alive connections (streams
     and single-document calls); ``clock`` ages them (injected so tests need not wait).
     Both send ``token`` as a bearer token with every request, and verify https workers
-    against the CA certificates in ``ca_certs`` when given.
+    against the CA certificates in ``ca_certs`` when given. Both connect only to
+    addresses ``guard`` (the worker address policy) allows, checked on every connection.
     """
 
     def __init__(
@@ -35,11 +37,13 @@ class WorkerConnections:
         *,
         token: str | None = None,
         ca_certs: str | None = None,
+        guard: AddressGuard | None = None,
     ) -> None:
         self._timeout = timeout
         self._clock = clock
         self._headers = authorization(token)
         self._ca_certs = ca_certs
+        self.guard = guard if guard is not None else AddressGuard()
         #: verifies https workers (``None``: the system's trust store); made by open()
         self.ssl_context: ssl.SSLContext | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -51,7 +55,10 @@ class WorkerConnections:
         if self._ca_certs is not None:
             self.ssl_context = ssl.create_default_context(cafile=self._ca_certs)
         connector = aiohttp.TCPConnector(
-            limit=0, enable_cleanup_closed=False, ssl=self.ssl_context or True
+            limit=0,
+            enable_cleanup_closed=False,
+            ssl=self.ssl_context or True,
+            socket_factory=self.guard.socket_factory,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -62,6 +69,7 @@ class WorkerConnections:
         pool: Pool[Upstream] = Pool(self._clock)
         self._pool = pool
         pool.ssl_context = self.ssl_context
+        pool.guard = self.guard
         pool.extra_head = b"".join(
             f"{k}: {v}\r\n".encode("latin-1") for k, v in self._headers.items()
         )

@@ -28,6 +28,7 @@ from .connections import WorkerConnections
 from .forward import relay_document
 from .reach import Reach
 from .stream import Outcome, relay_stream
+from .via import Via
 from .watch import DisconnectWatch
 
 __all__ = ["Relay"]
@@ -48,6 +49,8 @@ class Relay:
     router: Router
     connections: WorkerConnections
     watch: DisconnectWatch = attrs.field(factory=DisconnectWatch, init=False)
+    #: this controller's Via entry (a random id per controller): relayed requests carry it
+    via: Via = attrs.field(factory=Via, init=False)
     #: the bytes all relays may hold at once
     budget: Budget = attrs.field(init=False)
     #: relayed requests (streams and single calls) in progress, for draining
@@ -77,7 +80,12 @@ class Relay:
         if reach is None or reach.pool is not pool:
             cfg = self.config
             reach = self._reach = Reach(
-                pool, self.budget, self.watch, cfg.status_probe_timeout, cfg.worker_api_timeout
+                pool,
+                self.budget,
+                self.watch,
+                cfg.status_probe_timeout,
+                cfg.worker_api_timeout,
+                self.via,
             )
         return reach
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
+from .guard import AddressGuard
 from .target import Target, parse_target
 
 __all__ = ["IDLE_TIMEOUT", "Connection", "Pool"]
@@ -51,6 +52,8 @@ class Pool(Generic[C]):
         #: header lines (each ending in CRLF) sent with every request, such as the
         #: upstream token's ``Authorization``
         self.extra_head = b""
+        #: the worker address policy every connection's address is checked against
+        self.guard = AddressGuard()
         self.closed = False
 
     def target(self, worker_name: str, path: str) -> Target | None:
@@ -63,7 +66,7 @@ class Pool(Generic[C]):
             pass
         if len(self._targets) >= MAX_TARGETS:
             self._targets.clear()
-        target = self._targets[key] = parse_target(worker_name, path)
+        target = self._targets[key] = parse_target(worker_name, path, self.guard)
         return target
 
     def tls(self) -> ssl.SSLContext:

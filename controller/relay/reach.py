@@ -10,6 +10,7 @@ from .budget import Budget
 from .pool import Pool
 from .target import Target
 from .upstream import Upstream
+from .via import Via
 from .watch import DisconnectWatch
 
 __all__ = ["Reach"]
@@ -28,6 +29,8 @@ class Reach:
     watch: DisconnectWatch
     connect_timeout: float
     read_timeout: float
+    #: this controller's Via entry, added to the client's on every request relayed
+    via: Via = attrs.field(factory=Via)
 
     def send(
         self,
@@ -41,7 +44,8 @@ class Reach:
         """Send ``body`` to ``target`` on a kept-alive connection (a new one if ``fresh``),
         watching ``request``'s client; the answer arrives through the returned upstream."""
         upstream = Upstream.for_request(self.pool, target, self.read_timeout, self.budget, fresh)
-        upstream.start(target, body, self.connect_timeout, document_limit=document_limit)
+        head = self.via.head(request.headers if request is not None else None)
+        upstream.start(target, body, self.connect_timeout, document_limit, head)
         if request is not None:
             self.watch.add(request, upstream.stop)
         return upstream

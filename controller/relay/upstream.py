@@ -148,31 +148,36 @@ class Upstream(Holding, asyncio.Protocol):
         return self.reused and self._dropped
 
     def start(
-        self, target: Target, body: bytes, connect_timeout: float, document_limit: int = 0
+        self,
+        target: Target,
+        body: bytes,
+        connect_timeout: float,
+        document_limit: int = 0,
+        head: bytes = b"",
     ) -> None:
         """Send the request (connecting first unless reused); results arrive through the
         state. With ``document_limit``, the answer is one document of at most that many
         bytes, collected in :attr:`document`. Never raises: whatever goes wrong is the
         worker's failure before its first byte."""
         try:
-            self._start(target, body, connect_timeout, document_limit)
+            self._start(target, body, connect_timeout, document_limit, head)
         except Exception as e:  # an address that cannot be encoded, say
             self._fail(e)
 
     def _start(
-        self, target: Target, body: bytes, connect_timeout: float, document_limit: int
+        self, target: Target, body: bytes, timeout: float, document_limit: int, head: bytes
     ) -> None:
         if document_limit:
             self.document, self._document_limit = bytearray(), document_limit
         self._key = target.key
-        request = target.request_head(len(body), self._pool.extra_head) + body
+        request = target.request_head(len(body), self._pool.extra_head + head) + body
         if self.reused and self.transport is not None:
             self._send(self.transport, request)
             return
         self._request = request
         self._connect = asyncio.ensure_future(self._open(target))
         self._connect.add_done_callback(self._connected)
-        self._timer = self._loop.call_later(connect_timeout, self._connect_timed_out)
+        self._timer = self._loop.call_later(timeout, self._connect_timed_out)
 
     async def _open(self, target: Target) -> None:
         tls = self._pool.tls() if target.ssl else None

@@ -19,7 +19,7 @@ from ..decisions.registry import Registry
 from ..protocol import MAX_SPEED, worker_url
 from ..upkeep.supervision import supervise
 from ..worker import HeartbeatClient, HeartbeatConfig
-from ..worker.tokens import authorization
+from ..worker.tokens import authorization, redact_urls
 
 __all__ = ["ParentLink"]
 
@@ -57,6 +57,8 @@ class ParentLink:
         self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self.parent_address = parent_address.rstrip("/")
+        #: the parent's address as logs show it: credentials in it redacted
+        self.where = redact_urls(self.parent_address)
         self.advertise_address = advertise_address.rstrip("/")
         self.interval = interval
         self.goodbye_timeout = goodbye_timeout
@@ -109,13 +111,13 @@ class ParentLink:
         await self._stop_client()
         if not names:
             if was_offering:
-                log.info("No live worker left: withdrawing from parent %s", self.parent_address)
+                log.info("No live worker left: withdrawing from parent %s", self.where)
                 await self._goodbye()
             return
         log.info(
             "Offering models %s to parent controller %s as %s",
             ", ".join(names),
-            self.parent_address,
+            self.where,
             self.advertise_address,
         )
         config = HeartbeatConfig(
@@ -147,16 +149,16 @@ class ParentLink:
                 url, json=body, timeout=timeout, headers=authorization(self.token)
             ) as r:
                 if r.status == 200:
-                    log.info("Withdrew from parent controller %s", self.parent_address)
+                    log.info("Withdrew from parent controller %s", self.where)
                 else:
                     log.info(
                         "Parent controller %s answered HTTP %d to our goodbye; "
                         "it will expire us instead",
-                        self.parent_address,
+                        self.where,
                         r.status,
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
-            log.info("Could not say goodbye to parent %s: %r", self.parent_address, e)
+            log.info("Could not say goodbye to parent %s: %s", self.where, redact_urls(repr(e)))
 
     async def aclose(self) -> None:
         """Stop heartbeating and withdraw from the parent. Idempotent."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 
@@ -26,6 +26,7 @@ from ..decisions.registry import Registry
 from ..errors import BadRequestError, ForbiddenError
 from ..protocol import RegisterRequest, worker_url
 from ..relay.connections import WorkerConnections
+from ..relay.guard import RefusedAddress
 
 __all__ = ["NameLocks", "Prober"]
 
@@ -115,7 +116,9 @@ class Prober:
             limit = min(limit, max(cfg.load_poll_interval, 0.5))
         timeout = aiohttp.ClientTimeout(total=limit)
         try:
-            async with self.connections.session.post(url, timeout=timeout) as response:
+            # Never redirected: a worker's answer must not send the controller elsewhere.
+            post = self.connections.session.post(url, timeout=timeout, allow_redirects=False)
+            async with post as response:
                 if response.status != 200:
                     log.debug("status probe of %s: HTTP %d", worker_name, response.status)
                     return None
@@ -132,6 +135,25 @@ class Prober:
         except (aiohttp.ClientError, TimeoutError, BadRequestError) as e:
             log.debug("status probe of %s failed: %r", worker_name, e)
             return None
+
+    async def check_address(
+        self, worker_name: str, also_own: Iterable[tuple[str, int]] = ()
+    ) -> None:
+        """The worker address policy at registration: :class:`BadRequestError` naming the
+        rule when ``worker_name`` resolves to an address the controller may not reach
+        (or to its own: ``also_own`` adds addresses known to be this controller's), or
+        does not resolve within the status probe timeout."""
+        limit = self.config.status_probe_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.connections.guard.check_worker(
+                    worker_name, also_own, self.config.advertise_address
+                )
+        except RefusedAddress as e:
+            reason = f"refused by the worker address policy: {e}"
+            raise BadRequestError("worker_name", reason) from None
+        except TimeoutError:
+            raise BadRequestError("worker_name", f"did not resolve within {limit:g} s") from None
 
     async def register(
         self,

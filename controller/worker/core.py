@@ -17,6 +17,7 @@ import attrs
 
 from . import wire
 from .config import HeartbeatConfig
+from .tokens import redact_urls
 
 __all__ = [
     "Backoff",
@@ -115,6 +116,8 @@ class Core:
 
     def __init__(self, config: HeartbeatConfig, rng: random.Random | None = None) -> None:
         self.config = config
+        #: the controller's address as logs show it: credentials in it redacted
+        self.where = redact_urls(config.controller_address)
         jitter = rng if rng is not None else random.Random()
         self.backoff = Backoff(config.backoff_base, config.max_backoff, jitter)
         self.registered = False
@@ -159,7 +162,7 @@ class Core:
             "Registered worker %s (models %s) with controller %s",
             cfg.worker_address,
             ", ".join(cfg.model_names),
-            cfg.controller_address,
+            self.where,
         )
 
     def on_heartbeat_answer(self, status: int, body: bytes, now: float) -> bool:
@@ -173,14 +176,14 @@ class Core:
         if exist:
             log.debug(
                 "Heartbeat to %s: queue_length=%d",
-                self.config.controller_address,
+                self.where,
                 self._queue_length,
             )
             return True
         self.registered = False
         log.info(
             "Controller %s does not know worker %s (restarted or expired it): registering again",
-            self.config.controller_address,
+            self.where,
             self.config.worker_address,
         )
         return False
@@ -215,7 +218,7 @@ class Core:
             self._down_since = now
             log.warning(
                 "Cannot reach controller %s (%s); retrying every %g s at most until it answers",
-                self.config.controller_address,
+                self.where,
                 reason,
                 self.config.max_backoff,
                 exc_info=error,
@@ -223,7 +226,7 @@ class Core:
         else:
             log.debug(
                 "Controller %s still unreachable (%s); attempt %d, next in %.2f s",
-                self.config.controller_address,
+                self.where,
                 reason,
                 self._consecutive_failures,
                 delay,
@@ -252,7 +255,7 @@ class Core:
             )
             log.error(
                 "Controller %s refused worker %s (%s): %s; retrying every %g s at most",
-                cfg.controller_address,
+                self.where,
                 cfg.worker_address,
                 error,
                 fix,
@@ -265,7 +268,7 @@ class Core:
         if self._connected is False:
             log.info(
                 "Controller %s answers again after %d failed attempts over %.1f s",
-                self.config.controller_address,
+                self.where,
                 self._consecutive_failures,
                 now - self._down_since,
             )
@@ -285,7 +288,7 @@ class Core:
             return
         log.info(
             "Told controller %s that worker %s is leaving (%s)",
-            cfg.controller_address,
+            self.where,
             cfg.worker_address,
             "removed" if removed else "it did not know the worker",
         )
@@ -297,7 +300,7 @@ class Core:
             reason = "this controller has no /unregister_worker; it will expire the worker instead"
         log.info(
             "Could not tell controller %s that worker %s is leaving: %s",
-            self.config.controller_address,
+            self.where,
             self.config.worker_address,
             reason,
         )

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, Self, TypeVar
 
+from .tokens import redact_urls
+
 __all__ = [
     "AsyncLifecycle",
     "loop_factory",
@@ -150,6 +152,20 @@ def raise_descriptor_limit(log: logging.Logger) -> int:
     return int(soft)
 
 
+class RedactUrls(logging.Filter):
+    """Redacts credentials inside URLs (``http://user:password@host``) from every line a
+    handler writes, whichever library logged it, tracebacks included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if "@" in message or (record.exc_text and "@" in record.exc_text):
+            record.msg, record.args = redact_urls(message), None
+            record.exc_text = record.exc_text and redact_urls(record.exc_text)
+        return True
+
+
 def run_main(main: Coroutine[Any, Any, int], level: str) -> int:
     """Configure logging to stderr at ``level``, raise the descriptor limit, and run
     ``main`` on uvloop (when installed) until it returns the process exit status. For
@@ -159,6 +175,8 @@ def run_main(main: Coroutine[Any, Any, int], level: str) -> int:
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactUrls())
     raise_descriptor_limit(logging.getLogger(__name__))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)

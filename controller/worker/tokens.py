@@ -80,3 +80,13 @@ def read_token_file(path: str) -> str:
 def authorization(token: str | None) -> dict[str, str]:
     """The header that carries ``token`` (none without one)."""
     return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+#: the userinfo of a URL (``scheme://user:password@``) anywhere in a text
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#@\s]*@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``user:password@``) replaced
+    by ``***@``: what goes into a log line."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
