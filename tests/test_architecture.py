@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "controller.credentials": 3,
     "controller.decisions": 2,
     "controller.errors": 1,
+    "controller.logtext": 1,
 }
 #: the worker side (and the old import paths kept for it): imports only itself
 WORKER_SIDE = ("controller.worker", "controller.client", "controller.demo_worker")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import resource
 import shutil
@@ -223,3 +224,25 @@ async def test_registrations_from_one_source_are_capped(
         async with elsewhere.post(f"{controller.url}/register_worker", json=third) as r:
             assert r.status == 200
     assert len(controller.registry) == 3
+
+
+async def test_a_registration_with_many_long_names_logs_one_short_line(
+    run_controller: RunController,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A registration carrying 1,000 model names of 200 characters (200 KB) is logged as a
+    line of a few hundred characters that says how many names it left out."""
+    caplog.set_level(logging.INFO, logger="controller")
+    controller = await run_controller(ControllerConfig(host="127.0.0.1", port=0))
+    names = [f"{i:04d}" + "m" * 196 for i in range(1000)]
+    status = {"model_names": names, "speed": 1, "queue_length": 0}
+    await post_ok(
+        http,
+        controller,
+        "/register_worker",
+        register_body("http://127.0.0.1:9", worker_status=status),
+    )
+    (line,) = [r.getMessage() for r in caplog.records if "Registered new worker" in r.getMessage()]
+    assert "and 992 more" in line
+    assert len(line) < 2000

@@ -18,6 +18,7 @@ from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
 from ..errors import BadRequestError, ForbiddenError, RegistryFullError
+from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
@@ -235,7 +236,9 @@ class _Handlers:
         caller = request[CALLER]
         exist = self.registry.heartbeat(name, queue_length, owner=caller.owner, admin=caller.admin)
         if not exist:
-            log.debug("Heartbeat for %s not applied: unknown, expired or another source", name)
+            log.debug(
+                "Heartbeat for %s not applied: unknown, expired or another source", brief(name)
+            )
         return _json(b'{"exist": true}' if exist else b'{"exist": false}')
 
     async def _relayable(

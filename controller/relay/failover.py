@@ -23,6 +23,7 @@ from ..config import ControllerConfig
 from ..decisions import dispatch
 from ..decisions.registry import Registry, Worker
 from ..decisions.routing import Router
+from ..logtext import brief
 from .budget import Budget
 from .connections import WorkerConnections
 from .forward import relay_document
@@ -199,7 +200,7 @@ class Relay:
                     return answer
                 tried.append(worker.info.name)
             if answer is None:
-                log.debug("no worker for model %r (%s)", model, path)
+                log.debug("no worker for model %s (%s)", brief(model), path)
                 return no_worker()
             # Every worker tried failed before its first byte: the last one's in-band error.
             return answer

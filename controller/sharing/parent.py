@@ -16,6 +16,7 @@ import aiohttp
 
 from ..decisions.changes import MEMBERSHIP
 from ..decisions.registry import Registry
+from ..logtext import brief_names
 from ..protocol import MAX_SPEED, worker_url
 from ..upkeep.supervision import supervise
 from ..worker import HeartbeatClient, HeartbeatConfig
@@ -116,7 +117,7 @@ class ParentLink:
             return
         log.info(
             "Offering models %s to parent controller %s as %s",
-            ", ".join(names),
+            brief_names(names),
             self.where,
             self.advertise_address,
         )

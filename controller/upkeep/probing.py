@@ -24,6 +24,7 @@ from ..decisions.models import Owner, WorkerInfo, WorkerStatus
 from ..decisions.ownership import Standing
 from ..decisions.registry import Registry
 from ..errors import BadRequestError, ForbiddenError
+from ..logtext import brief_names
 from ..protocol import RegisterRequest, worker_url
 from ..relay.connections import WorkerConnections
 from ..relay.guard import RefusedAddress
@@ -202,7 +203,7 @@ class Prober:
             "%s worker %s: models=%s speed=%s queue_length=%d owner=%s",
             "Registered new" if is_new else "Re-registered",
             name,
-            list(info.model_names),
+            brief_names(info.model_names),
             info.speed,
             worker.load.queue_length,
             owner,
