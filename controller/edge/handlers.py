@@ -135,6 +135,10 @@ async def _read_up_to(request: web.Request, limit: Limit) -> bytes:
     while chunk := await stream.readany():
         size += len(chunk)
         if size > limit[0]:
+            # Dropped before raising: the exception's traceback keeps this frame, and with
+            # it whatever it holds, alive until a full garbage collection.
+            chunks.clear()
+            del chunk
             raise _too_large(limit)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
