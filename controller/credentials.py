@@ -110,6 +110,11 @@ class TokenTable:
         return found
 
     @property
+    def entries(self) -> tuple[tuple[str, bytes], ...]:
+        """Each token's principal and digest (the tokens themselves are not kept)."""
+        return self._entries
+
+    @property
     def principals(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p for p, _ in self._entries))
 

@@ -260,6 +260,39 @@ def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
     assert all(WORKER.encode() not in a + b for a, b in calls)
 
 
+def test_the_gate_compares_every_token_of_a_role_in_constant_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request's token is compared with hmac.compare_digest against every token that may
+    act in the role (the role's and the admins'), whichever matches and when."""
+    import hmac
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from controller.edge import access as gate_module
+
+    calls: list[tuple[bytes, bytes]] = []
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(gate_module, "compare_digest", spy)
+    access = Access(
+        client_tokens=TokenTable.from_lines([f"app:{CLIENT}", f"old:{WORKER}"], "test"),
+        admin_tokens=TokenTable.from_lines([ADMIN], "test"),
+    )
+    gate = gate_module.Gate(access)
+    request = make_mocked_request(
+        "POST", "/get_worker_address", headers={"Authorization": f"Bearer {CLIENT}"}
+    )
+    caller = gate.identify(request, Role.CLIENT)
+    assert isinstance(caller, gate_module.Caller)
+    assert caller.owner.principal == "app"
+    assert len(calls) == 3
+    assert all(CLIENT.encode() not in a + b for a, b in calls)
+
+
 # -- trusted networks ----------------------------------------------------------------------
 
 
