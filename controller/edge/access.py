@@ -12,11 +12,13 @@ another role, gets 403. The body names the role needed and never echoes the toke
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from hmac import compare_digest
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import attrs
 from aiohttp import web
@@ -55,6 +57,8 @@ class Caller:
     #: the host the request came from (``credentials.host_identity`` of the peer)
     source: str | None = None
 
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 CALLER = web.RequestKey("fc_controller_caller", Caller)
 
@@ -102,27 +106,35 @@ class Gate:
             # Nothing to check and nobody's identity needed: FastChat's speed.
             return handler
         needed = role
+        table = self._tables[role]
+        identify = self._identify
 
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            caller = self.identify(request, needed)
-            # Not isinstance(caller, web.Response): responses are ABC mappings, and the
-            # ABC check cost more than the rest of this wrapper on every request.
+        def guarded(request: web.Request) -> Awaitable[web.StreamResponse]:
+            # A plain function handing aiohttp the handler's own coroutine (marked as a
+            # coroutine function below): an async wrapper would add a frame to every
+            # resumption of the handler, which cost more than the token check itself.
+            caller = identify(request, needed, table)
             if type(caller) is not Caller:
-                return cast(web.Response, caller)
+                return _answer(cast(web.Response, caller))
             request[CALLER] = caller
-            return await handler(request)
+            return handler(request)
 
-        return guarded
+        return _coroutine_function(guarded)
 
     def identify(self, request: web.Request, role: Role) -> Caller | web.Response:
         """The caller, if it may act in ``role``; else the 401 or 403 to answer."""
+        return self._identify(request, role, self._tables[role])
+
+    def _identify(
+        self, request: web.Request, role: Role, table: tuple[tuple[bytes, Caller], ...]
+    ) -> Caller | web.Response:
         access = self.access
         token = _bearer(request)
         if token is not None:
             hashed = digest(token)
             found: Caller | None = None
             # Every entry compared, in constant time, whichever matches: no early exit.
-            for candidate, caller in self._tables[role]:
+            for candidate, caller in table:
                 if compare_digest(candidate, hashed):
                     found = caller
             if found is not None:
@@ -217,3 +229,18 @@ def _from_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) ->
 def source_of(request: web.Request) -> str:
     """The host ``request`` came from, as ownership and the per-source limits name it."""
     return host_identity(_peer(request))
+
+
+async def _answer(response: web.Response) -> web.StreamResponse:
+    return response
+
+
+def _coroutine_function(func: _F) -> _F:
+    """Mark ``func`` (which returns a coroutine) as a coroutine function for aiohttp's
+    route check: ``inspect.markcoroutinefunction`` from Python 3.12, asyncio's own marker
+    (what ``asyncio.iscoroutinefunction`` looks for) before."""
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:
+        return cast(_F, mark(func))
+    func._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return func
