@@ -48,12 +48,9 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
-def _digest(token: str) -> bytes:
+def digest(token: str) -> bytes:
+    """What tables compare: a token's digest (the tokens themselves are never kept)."""
     return hashlib.sha256(token.encode()).digest()
-
-
-#: what tables compare: a token's digest (the tokens themselves are never kept)
-digest = _digest
 
 
 def bare_principal(token: str) -> str:
@@ -83,11 +80,11 @@ class TokenTable:
             if parsed is None:
                 continue
             name, token = parsed
-            digest = _digest(token)
-            if digest in seen:
-                raise ConfigError(f"{where}: this token is already on {seen[digest]}")
-            seen[digest] = where
-            entries.append((name or bare_principal(token), digest))
+            hashed = digest(token)
+            if hashed in seen:
+                raise ConfigError(f"{where}: this token is already on {seen[hashed]}")
+            seen[hashed] = where
+            entries.append((name or bare_principal(token), hashed))
         return cls(tuple(entries))
 
     @classmethod
@@ -98,14 +95,10 @@ class TokenTable:
     def principal_of(self, token: str) -> str | None:
         """The principal holding ``token``, or ``None``; takes the same time whichever
         entry (if any) matches."""
-        return self.principal_of_digest(_digest(token))
-
-    def principal_of_digest(self, digest: bytes) -> str | None:
-        """:meth:`principal_of` for a token already digested with :func:`digest`: one
-        request is checked against several tables with one digest."""
+        hashed = digest(token)
         found: str | None = None
         for principal, candidate in self._entries:
-            if hmac.compare_digest(candidate, digest):
+            if hmac.compare_digest(candidate, hashed):
                 found = principal
         return found
 

@@ -215,11 +215,6 @@ class LoadEstimate:
                 self.retire_at = collections.deque()
             self.retire_at.append(retire_at)
 
-    @property
-    def retiring(self) -> bool:
-        """Whether some counted requests are waiting to be presumed finished."""
-        return bool(self.retire_at) or self.reported_retired < self.reported_to_retire
-
     def retire(self, now: float) -> None:
         """Stop counting the requests presumed finished by now.
 

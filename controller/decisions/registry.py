@@ -117,7 +117,8 @@ class Registry:
             ):
                 continue
             load = w.load
-            # LoadEstimate.retiring, inline: this runs per candidate per dispatch.
+            # Requests still waiting to be presumed finished (by address, or of the last
+            # report): retire those due by now. Checked inline, per candidate per dispatch.
             if load.retire_at or load.reported_retired < load.reported_to_retire:
                 load.retire(now)
             if w.ejected_until > now:
