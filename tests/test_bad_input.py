@@ -277,6 +277,12 @@ async def test_control_and_generation_bodies_have_limits_of_their_own(
         assert "max_control_body_size" in (await r.json())["message"]
     async with http.post(f"{controller.url}/register_worker", data=pieces()) as r:
         assert r.status == 413
+        answer = await r.json()
+    assert answer == {
+        "error": "payload_too_large",
+        "field": None,
+        "message": f"request body is larger than {MAX_BODY} bytes (max_control_body_size)",
+    }
     assert await snapshot(http, controller) == before
     generation = json.dumps({"model": "nobody-serves-this", "pad": "x" * MAX_BODY})
     async with http.post(f"{controller.url}/worker_generate_stream", data=generation) as r:

@@ -83,10 +83,10 @@ def _owned(handler: Handler) -> Handler:
 Limit = tuple[int, str]
 
 
-async def _read(request: web.Request, limit: Limit | None = None) -> bytes:
-    """The request's body, within ``limit`` when given: checked before anything is read
-    when the body says its length, else as it arrives (the application's own limit is the
-    larger of the two settings)."""
+async def _read(request: web.Request, limit: Limit) -> bytes:
+    """The request's body within ``limit``: checked before anything is read when the body
+    says its length, else as it arrives (the application's own limit is the larger of the
+    two settings, so aiohttp's check never fires first)."""
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         # Refused unread: a compressed body can inflate a thousandfold (a gzip bomb), and
@@ -99,10 +99,10 @@ async def _read(request: web.Request, limit: Limit | None = None) -> bytes:
             }
         )
         raise web.HTTPUnsupportedMediaType(text=body.decode(), content_type=_JSON)
-    if limit is not None and (request.content_length or 0) > limit[0]:
+    if (request.content_length or 0) > limit[0]:
         raise _too_large(limit)
     try:
-        return await _read_up_to(request, limit) if limit is not None else await request.read()
+        return await _read_up_to(request, limit)
     except web.RequestPayloadError:
         # The body does not decode (corrupt gzip or deflate data): the client's fault, and
         # aiohttp would make it a 500.
@@ -114,18 +114,6 @@ async def _read(request: web.Request, limit: Limit | None = None) -> bytes:
         # traceback at ERROR for every such client.
         log.debug("client left while sending its request body")
         raise _refusal(web.HTTPBadRequest, "request body ended early") from None
-    except web.HTTPRequestEntityTooLarge as e:
-        body = protocol.encode(
-            {"error": "payload_too_large", "field": None, "message": e.text or "body too large"}
-        )
-        # As text: the exception sets a default text itself, and aiohttp refuses a body
-        # beside it (which made every oversized request an HTTP 500).
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=request.client_max_size,
-            actual_size=request.content_length or 0,
-            text=body.decode(),
-            content_type=_JSON,
-        ) from None
 
 
 async def _read_up_to(request: web.Request, limit: Limit) -> bytes:
