@@ -81,6 +81,25 @@ async def test_restarted_controller_routes_at_once(
             assert await r.json() == {"exist": True}
 
 
+async def test_a_state_file_larger_than_max_workers_still_starts(
+    tmp_path: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state file saved with more workers than a lower --max-workers allows starts the
+    controller with as many as fit, and says how many it left out."""
+    caplog.set_level(logging.INFO, logger="controller")
+    path = tmp_path / "state.json"
+    status = {"model_names": ["m"], "speed": 1, "queue_length": 0}
+    async with Controller.serve(config(path)) as first:
+        for port in (9001, 9002, 9003):
+            body = register_body(f"http://127.0.0.1:{port}", worker_status=status)
+            async with http.post(f"{first.url}/register_worker", json=body) as r:
+                assert r.status == 200
+
+    async with Controller.serve(config(path, max_workers=2)) as second:
+        assert len(second.registry) == 2
+    assert any("1 past --max-workers" in r.getMessage() for r in caplog.records)
+
+
 async def test_stale_entries_expire_as_usual(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """Saved heartbeats keep their age: old ones are dropped, recent ones expire on time."""
     path = tmp_path / "state.json"

@@ -23,7 +23,7 @@ import attrs
 from ..decisions.changes import MEMBERSHIP
 from ..decisions.models import Owner, WorkerInfo, WorkerStatus
 from ..decisions.registry import Clock, Registry
-from ..errors import BadRequestError
+from ..errors import BadRequestError, RegistryFullError
 from ..protocol import parse_worker_status
 
 __all__ = ["SavedWorker", "StateFile", "StateFileError", "dump", "load", "write_atomically"]
@@ -186,7 +186,7 @@ class StateFile:
             log.warning("Ignoring state file %s: %s; starting with an empty registry", path, e)
             return
         now = registry.clock()
-        expired = 0
+        expired = full = 0
         for worker in saved:
             if worker.check_heart_beat and worker.silent_for > registry.expiration:
                 expired += 1
@@ -197,17 +197,22 @@ class StateFile:
                 check_heart_beat=worker.check_heart_beat,
                 multimodal=worker.multimodal,
             )
-            registry.register(
-                info,
-                worker.status.queue_length,
-                last_heart_beat=now - worker.silent_for,
-                owner=worker.owner,
-            )
+            try:
+                registry.register(
+                    info,
+                    worker.status.queue_length,
+                    last_heart_beat=now - worker.silent_for,
+                    owner=worker.owner,
+                )
+            except RegistryFullError:
+                # A file saved under a larger --max-workers: the rest register themselves.
+                full += 1
         log.info(
-            "Restored %d worker(s) from %s (%d had expired meanwhile)",
-            len(saved) - expired,
+            "Restored %d worker(s) from %s (%d had expired meanwhile, %d past --max-workers)",
+            len(saved) - expired - full,
             path,
             expired,
+            full,
         )
 
     async def save_forever(self) -> None:
