@@ -4,6 +4,8 @@ prometheus-client's own parser, their bounded label sets, and who may read them.
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -11,10 +13,13 @@ import attrs
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.process_collector import ProcessCollector
 
 from controller import Controller, ControllerConfig
 from controller.credentials import Access, TokenTable, parse_networks
@@ -358,7 +363,8 @@ async def test_a_failover_is_counted(
 async def test_two_controllers_in_one_process_keep_their_own_series(
     run_controller: RunController, make_worker: MakeWorker, http: aiohttp.ClientSession
 ) -> None:
-    """Each controller has its own registry: traffic to one shows in its metrics only."""
+    """Each controller has its own registry, not prometheus-client's global one: traffic to
+    one shows in its metrics only, and read on the loop its registry says the same."""
     busy, idle = await run_controller(local()), await run_controller(local())
     await register(http, busy, await make_worker())
     await stream(http, busy)
@@ -367,6 +373,30 @@ async def test_two_controllers_in_one_process_keep_their_own_series(
     assert idle_got.value("fc_controller_stream_chunks_total") == 0
     assert idle_got.value("fc_controller_ttfc_seconds_count") == 0
     assert idle_got.label_values("fc_controller_workers", "model") == set()
+    direct = Scrape.parse(generate_latest(busy.metrics.collectors).decode())
+    assert direct.value("fc_controller_stream_chunks_total") == 3
+    assert direct.value("fc_controller_ttfc_seconds_count") == 1
+    assert b"fc_controller" not in generate_latest(REGISTRY)
+
+
+async def test_a_scrape_is_encoded_off_the_event_loop(
+    run_controller: RunController, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Formatting 10,000 workers' series takes over 100 ms: the collectors run in another
+    thread than the loop's, so requests go on meanwhile."""
+    threads: list[int] = []
+    collect = ProcessCollector.collect
+
+    def recording(self: ProcessCollector) -> Iterable[Metric]:
+        threads.append(threading.get_ident())
+        return collect(self)
+
+    monkeypatch.setattr(ProcessCollector, "collect", recording)
+    controller = await run_controller(local())
+    got = await scrape(http, controller.url)
+    assert got.value("process_cpu_seconds_total") is not None
+    assert threads
+    assert threading.get_ident() not in threads
 
 
 def closed_to_clients(**kwargs: Any) -> ControllerConfig:
