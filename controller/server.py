@@ -306,10 +306,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             "expiry",
         )
         self._spawn(self.relay.watch.run, "disconnect-watch")
-        lag = self.metrics
-        self._spawn(
-            functools.partial(sample_loop_lag, lag.loop_lag.observe, lag.lag_interval), "loop-lag"
-        )
+        metrics = self.metrics
+        lag = functools.partial(sample_loop_lag, metrics.loop_lag.observe, metrics.lag_interval)
+        self._spawn(lag, "loop-lag")
         if cfg.load_poll_interval > 0:
             self._spawn(self.prober.poll_load_forever, "load-poll")
         if self._embedded and cfg.advertise_address is not None:

@@ -9,6 +9,7 @@ another thread while the loop goes on changing the originals.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,9 +22,38 @@ from ..relay.tally import RelayTally
 
 __all__ = ["Frozen", "Live", "Readings"]
 
-#: one live worker: its address as registered, its models, the relays in flight to it,
-#: its queue estimate and the seconds since its last sign of life
-WorkerReading = tuple[str, tuple[str, ...], int, int, float]
+
+class WorkerReading(NamedTuple):
+    """One live worker (a tuple: one is made per worker per scrape)."""
+
+    #: its address as registered, the label of its series
+    name: str
+    models: tuple[str, ...]
+    in_flight: int
+    queue_estimate: int
+    #: seconds since its last sign of life
+    heartbeat_age: float
+
+
+#: the per-worker gauges: name, help, and what each shows of a worker
+_PER_WORKER: tuple[tuple[str, str, Callable[[WorkerReading], float]], ...] = (
+    (
+        "fc_controller_inflight",
+        "Requests this controller is relaying to each worker right now",
+        lambda w: w.in_flight,
+    ),
+    (
+        "fc_controller_queue_estimate",
+        "Requests dispatch believes each worker holds (its report, plus what was sent "
+        "since, minus what ended)",
+        lambda w: w.queue_estimate,
+    ),
+    (
+        "fc_controller_heartbeat_age_seconds",
+        "Seconds since each worker's last sign of life (heartbeat, registration, refresh)",
+        lambda w: w.heartbeat_age,
+    ),
+)
 
 
 @attrs.frozen
@@ -56,7 +86,7 @@ class Readings:
             del counts[model]
         now = registry.clock()
         workers = tuple(
-            (
+            WorkerReading(
                 w.info.name,
                 w.info.model_names,
                 w.in_flight,
@@ -92,8 +122,8 @@ class Readings:
             (((m,), n) for m, n in self.dispatched),
         )
         by_model: dict[str, int] = {}
-        for _, models, _, _, _ in self.workers:
-            for model in models:
+        for worker in self.workers:
+            for model in worker.models:
                 by_model[model] = by_model.get(model, 0) + 1
         yield _gauge(
             "fc_controller_workers",
@@ -101,25 +131,9 @@ class Readings:
             "model",
             by_model.items(),
         )
-        yield _gauge(
-            "fc_controller_inflight",
-            "Requests this controller is relaying to each worker right now",
-            "worker",
-            ((w[0], w[2]) for w in self.workers),
-        )
-        yield _gauge(
-            "fc_controller_queue_estimate",
-            "Requests dispatch believes each worker holds (its report, plus what was sent "
-            "since, minus what ended)",
-            "worker",
-            ((w[0], w[3]) for w in self.workers),
-        )
-        yield _gauge(
-            "fc_controller_heartbeat_age_seconds",
-            "Seconds since each worker's last sign of life (heartbeat, registration, refresh)",
-            "worker",
-            ((w[0], w[4]) for w in self.workers),
-        )
+        for name, documentation, shown in _PER_WORKER:
+            values = ((w.name, shown(w)) for w in self.workers)
+            yield _gauge(name, documentation, "worker", values)
         yield CounterMetricFamily(
             "fc_controller_stream_chunks",
             "NUL-terminated messages relayed from workers to clients",
