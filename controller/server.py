@@ -22,6 +22,7 @@ from .decisions.registry import Clock, Registry, Worker
 from .decisions.routing import Router
 from .edge.access import exposure_warnings
 from .edge.handlers import Limits, add_routes
+from .edge.metrics import Metrics
 from .errors import ConfigError, NotRunningError
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
@@ -31,6 +32,7 @@ from .relay.upstream import Upstream
 from .sharing.parent import ParentLink
 from .sharing.state import StateFile
 from .upkeep.expiry import expire_now, sweep_forever
+from .upkeep.lag import sample_loop_lag
 from .upkeep.probing import Prober
 from .upkeep.supervision import supervise
 
@@ -77,7 +79,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     The parts, each reachable as an attribute: ``registry`` (the workers, the one place
     where they change, and its change feed), ``router`` (which worker gets a request),
     ``relay`` (forwarding requests to workers, failover, draining), ``prober`` (status
-    probes, refresh, load polls) and ``connections`` (the session and pool to workers).
+    probes, refresh, load polls), ``connections`` (the session and pool to workers) and
+    ``metrics`` (what ``GET /metrics`` shows, in a registry of this controller's own).
     """
 
     def __init__(
@@ -120,6 +123,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
+        self.metrics = Metrics(self.registry, self.router, self.relay.tally)
+        self.relay.tally.ttfc = self.metrics.ttfc
+        self.relay.tally.stream_duration = self.metrics.stream_duration
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         #: attached to a host application (True) or serving on its own (False)
@@ -228,7 +234,10 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             prober=self.prober,
             access=self.config.access,
             limits=self._limits(),
+            metrics=self.metrics,
         )
+        # Every response the application sends, the host's too when embedded.
+        app.on_response_prepare.append(self.metrics.count_response)
         app.cleanup_ctx.append(self._app_context)
         app.on_shutdown.append(self._drain)
 
@@ -297,6 +306,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             "expiry",
         )
         self._spawn(self.relay.watch.run, "disconnect-watch")
+        metrics = self.metrics
+        lag = functools.partial(sample_loop_lag, metrics.loop_lag.observe, metrics.lag_interval)
+        self._spawn(lag, "loop-lag")
         if cfg.load_poll_interval > 0:
             self._spawn(self.prober.poll_load_forever, "load-poll")
         if self._embedded and cfg.advertise_address is not None:

@@ -2,11 +2,15 @@
 
 The registry appends one :class:`Change` per mutation (registration, heartbeat, load
 report, refresh, unregistration, expiry, restore) and never waits for anyone. Listeners (the
-state file, the parent link; later metrics and a shared registry) each hold a
-:class:`Subscription` with their own cursor and drain it at their own pace, batching as they
-like, so no request waits on a backend and a slow or broken backend never slows a heartbeat.
-A listener that falls further behind than the feed keeps is told so (its batch is ``None``)
-and resynchronises from the registry itself.
+state file, the parent link; later a shared registry) each hold a :class:`Subscription`
+with their own cursor and drain it at their own pace, batching as they like, so no request
+waits on a backend and a slow or broken backend never slows a heartbeat. A listener that
+falls further behind than the feed keeps is told so (its batch is ``None``) and
+resynchronises from the registry itself.
+
+The feed also counts what it is given, by kind and removals by reason, in plain numbers
+the metrics read when scraped: a count needs no listener, so no expiry goes uncounted
+however many heartbeats pass between two scrapes.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ class ChangeFeed:
         self._log: collections.deque[Change] = collections.deque(maxlen=retention)
         self._version = 0
         self._subscribers: list[Subscription] = []
+        #: changes appended, by kind, and removals by reason, since the feed began
+        self.counts: dict[ChangeKind, int] = dict.fromkeys(ChangeKind, 0)
+        self.removals: collections.Counter[str] = collections.Counter()
 
     @property
     def version(self) -> int:
@@ -90,6 +97,9 @@ class ChangeFeed:
         self._version += 1
         change = Change(self._version, kind, info, queue_length, at, reason, owner)
         self._log.append(change)
+        self.counts[kind] += 1
+        if kind is ChangeKind.REMOVED:
+            self.removals[reason] += 1
         for subscriber in self._subscribers:
             subscriber._notify(kind)
         return change

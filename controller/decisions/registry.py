@@ -93,6 +93,10 @@ class Registry:
             return None
         return worker
 
+    def serves(self, model: str) -> bool:
+        """Whether some registered worker, live or not yet swept, serves ``model``."""
+        return model in self._by_model
+
     def candidates(
         self, model: str, exclude: Container[str] = (), now: float | None = None
     ) -> list[Worker]:

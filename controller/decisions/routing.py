@@ -19,7 +19,7 @@ from . import dispatch
 from .models import DispatchMethod
 from .registry import Clock, Registry, Worker
 
-__all__ = ["Router"]
+__all__ = ["UNKNOWN_MODEL", "Router"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ _Decision = tuple[float, str, str, str | None, int, list[tuple[str, int, float |
 AFFINITY_SLACK = 2.0
 # Affinity keys remembered (least recently used ones are forgotten first).
 AFFINITY_KEYS = 100_000
+#: what dispatches for a model no registered worker serves are counted under: a client's
+#: made-up model names must not become a metric label each
+UNKNOWN_MODEL = "unknown"
 # Candidates shown per decision in /dispatch_decisions and the debug log.
 DECISION_CANDIDATES = 16
 
@@ -60,6 +63,9 @@ class Router:
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
         #: the last dispatch decisions, for /dispatch_decisions (see recent_decisions)
         self.decisions: collections.deque[_Decision] = collections.deque(maxlen=decision_log_size)
+        #: dispatches by model (registered models only, the rest under UNKNOWN_MODEL), in
+        #: plain numbers: the metrics read them when scraped and forget models gone since
+        self.dispatched: dict[str, int] = {}
 
     def dispatch(
         self,
@@ -81,6 +87,9 @@ class Router:
         slots = registry.worker_slots
         now = registry.clock()
         candidates = registry.candidates(model, exclude, now)
+        counted = model if candidates or registry.serves(model) else UNKNOWN_MODEL
+        dispatched = self.dispatched
+        dispatched[counted] = dispatched.get(counted, 0) + 1
         worker = None
         if affinity is not None:
             worker = self._affine_worker(affinity, candidates, now)

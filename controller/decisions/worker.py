@@ -17,9 +17,10 @@ class Worker:
     """One registry entry: a worker's registration, liveness, load estimate and health.
 
     Only the registry changes ``info``, ``last_heart_beat``, ``generation`` and
-    ``version``. ``load`` is bookkeeping the router and the relay update as they dispatch;
-    the health fields are the relay's passive health checks (through the registry's
-    ``record_failure``/``record_success``); the poll fields belong to the load poller.
+    ``version``. ``load`` and ``in_flight`` are bookkeeping the router and the relay update
+    as they dispatch and relay; the health fields are the relay's passive health checks
+    (through the registry's ``record_failure``/``record_success``); the poll fields belong
+    to the load poller.
     """
 
     info: WorkerInfo
@@ -34,6 +35,9 @@ class Worker:
     #: the version of the last change to this entry (see ``Change.version``)
     version: int = 0
     load: LoadEstimate = attrs.field(factory=LoadEstimate)
+    #: requests this controller is relaying to the worker right now, counted or not in
+    #: its load (the relay keeps it; the metrics read it)
+    in_flight: int = 0
     #: relayed requests that failed in a row (reset by one that succeeds)
     consecutive_failures: int = 0
     #: the worker is out of rotation until this time (the registry's clock)

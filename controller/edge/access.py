@@ -31,16 +31,33 @@ from ..config import ControllerConfig
 from ..credentials import Access, Role, digest, host_identity, peer_address
 from ..decisions.models import Owner
 
-__all__ = ["CALLER", "Caller", "Gate", "Handler", "exposure_warnings", "route_role"]
+__all__ = [
+    "CALLER",
+    "ROUTE_ROLES",
+    "Caller",
+    "Gate",
+    "Handler",
+    "exposure_warnings",
+    "route_role",
+]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-WORKER_PATHS = frozenset({"/register_worker", "/receive_heart_beat", "/unregister_worker"})
-#: a liveness check: load balancers and scripts probe it without credentials
-OPEN_PATHS = frozenset({"/test_connection"})
-ADMIN_PATHS = frozenset({"/dispatch_decisions"})
+#: the role each route needs; ``None``: open to anyone. A route not listed needs the client
+#: role. Add a route's entry here when it needs another role, or to say why it is client's.
+ROUTE_ROLES: dict[str, Role | None] = {
+    "/register_worker": Role.WORKER,
+    "/receive_heart_beat": Role.WORKER,
+    "/unregister_worker": Role.WORKER,
+    # a liveness check: load balancers and scripts probe it without credentials
+    "/test_connection": None,
+    "/dispatch_decisions": Role.ADMIN,
+    # What an operator reads is the client role's: Prometheus sends a bearer token (its
+    # authorization setting), a browser comes from a --trust-clients-from network.
+    "/metrics": Role.CLIENT,
+}
 
 _CHALLENGE = 'Bearer realm="fc-controller"'
 _FLAGS = {
@@ -67,14 +84,8 @@ CALLER = web.RequestKey("fc_controller_caller", Caller)
 
 
 def route_role(path: str) -> Role | None:
-    """The role a route needs (``None``: open to anyone)."""
-    if path in OPEN_PATHS:
-        return None
-    if path in WORKER_PATHS:
-        return Role.WORKER
-    if path in ADMIN_PATHS:
-        return Role.ADMIN
-    return Role.CLIENT
+    """The role a route needs (``None``: open to anyone); see :data:`ROUTE_ROLES`."""
+    return ROUTE_ROLES.get(path, Role.CLIENT)
 
 
 class Gate:

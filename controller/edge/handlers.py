@@ -22,6 +22,7 @@ from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
+from .metrics import Metrics
 
 __all__ = ["add_routes"]
 
@@ -253,11 +254,12 @@ class _Handlers:
         return raw, model, affinity
 
     async def worker_generate_stream(self, request: web.Request) -> web.StreamResponse:
+        started = self.registry.clock()  # the stream's time to first message counts from here
         relayable = await self._relayable(request)
         if isinstance(relayable, web.Response):
             return relayable
         body, model, affinity = relayable
-        return await self.relay.generate_stream(request, body, model, affinity)
+        return await self.relay.generate_stream(request, body, model, affinity, started)
 
     def forwarder(self, path: str, *, count: bool) -> Handler:
         """A handler relaying a worker endpoint answered by one JSON document."""
@@ -299,9 +301,11 @@ def add_routes(
     prober: Prober,
     access: Access | None = None,
     limits: Limits | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
-    """Add every route of the wire protocol to ``app``, each behind the access check for
-    its role (open to all unless ``access`` says otherwise)."""
+    """Add every route of the wire protocol to ``app`` (and ``GET /metrics`` given
+    ``metrics``), each behind the access check for its role (open to all unless ``access``
+    says otherwise)."""
     h = _Handlers(registry, router, relay, prober, limits or Limits())
     gate = Gate(access if access is not None else Access())
     posts: dict[str, Handler] = {
@@ -328,6 +332,8 @@ def add_routes(
         "/test_connection": h.test_connection,
         "/dispatch_decisions": h.dispatch_decisions,
     }
+    if metrics is not None:
+        gets["/metrics"] = metrics.handle
     routes = [web.post(path, gate.guard(path, handler)) for path, handler in posts.items()]
     routes += [
         web.get(path, gate.guard(path, handler), allow_head=False) for path, handler in gets.items()

@@ -29,6 +29,7 @@ from .connections import WorkerConnections
 from .forward import relay_document
 from .reach import Reach
 from .stream import Outcome, relay_stream
+from .tally import RelayTally, StreamTiming
 from .via import Via
 from .watch import DisconnectWatch
 
@@ -56,6 +57,8 @@ class Relay:
     budget: Budget = attrs.field(init=False)
     #: relayed requests (streams and single calls) in progress, for draining
     in_flight: int = attrs.field(default=0, init=False)
+    #: what the relays count for the metrics
+    tally: RelayTally = attrs.field(factory=RelayTally, init=False)
     _none_in_flight: asyncio.Event = attrs.field(init=False)
     _reach: Reach | None = attrs.field(default=None, init=False)
 
@@ -87,21 +90,34 @@ class Relay:
                 cfg.status_probe_timeout,
                 cfg.worker_api_timeout,
                 self.via,
+                self.tally,
             )
         return reach
 
     async def generate_stream(
-        self, request: web.Request, body: bytes, model: str, affinity: str | None = None
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        affinity: str | None = None,
+        started: float | None = None,
     ) -> web.StreamResponse:
-        """Relay a generation to a worker serving ``model``; errors travel in-band."""
+        """Relay a generation to a worker serving ``model``; errors travel in-band.
+
+        ``started`` is when the request came in (on the registry's clock; now if not
+        given): the stream's time to first message and duration count from then.
+        """
         cfg = self.config
         error_code = cfg.error_profile.worker_error
+        clock = self.registry.clock
+        timing = StreamTiming(clock, clock() if started is None else started)
 
         async def attempt(worker: Worker) -> tuple[web.StreamResponse, Outcome]:
-            return await relay_stream(request, worker.info.name, body, self.reach, error_code)
+            name = worker.info.name
+            return await relay_stream(request, name, body, self.reach, error_code, timing)
 
         no_worker = cfg.error_profile.no_worker
-        return await self.attempts(
+        response = await self.attempts(
             model,
             "/worker_generate_stream",
             attempt,
@@ -109,6 +125,8 @@ class Relay:
             count=True,
             affinity=affinity,
         )
+        timing.report(self.tally)
+        return response
 
     async def forward(
         self,
@@ -178,6 +196,8 @@ class Relay:
                 worker = self.router.dispatch(model, count=count, exclude=tried, affinity=affinity)
                 if worker is None:
                     break
+                if tried:
+                    self.tally.failovers += 1
                 load = worker.load
                 started = clock()
                 # Service times it was expected to take (more if it had to wait for a slot):
@@ -186,9 +206,11 @@ class Relay:
                 if count:
                     # Counted until it ends, not presumed finished at the worker's next report.
                     load.active_streams += 1
+                worker.in_flight += 1
                 try:
                     answer, outcome = await attempt(worker)
                 finally:
+                    worker.in_flight -= 1
                     if count:
                         load.active_streams -= 1
                         load.stream_ended()

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .budget import Budget
 from .pool import Pool
+from .tally import RelayTally
 from .target import Target
 from .upstream import Upstream
 from .via import Via
@@ -31,6 +32,8 @@ class Reach:
     read_timeout: float
     #: this controller's Via entry, added to the client's on every request relayed
     via: Via = attrs.field(factory=Via)
+    #: what the relays count (messages relayed, failovers, stream timings)
+    tally: RelayTally = attrs.field(factory=RelayTally)
 
     def send(
         self,

@@ -26,6 +26,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from .tally import RelayTally
+
 __all__ = ["GONE", "OK", "SLOW", "ClientSink"]
 
 
@@ -36,26 +38,33 @@ OK, SLOW, GONE = 0, 1, 2
 class ClientSink:
     """The client's side of one relayed stream, once its response has started."""
 
-    __slots__ = ("_protocol", "_transport", "chunked", "written")
+    __slots__ = ("_protocol", "_tally", "_transport", "chunked", "written")
 
-    def __init__(self, transport: asyncio.BaseTransport, protocol: Any, chunked: bool) -> None:
+    def __init__(
+        self, transport: asyncio.BaseTransport, protocol: Any, chunked: bool, tally: RelayTally
+    ) -> None:
         self._transport: Any = transport
         self._protocol = protocol
+        self._tally = tally
         #: the response is chunked: each write must be one chunk
         self.chunked = chunked
         #: bytes written here, past the response's writer
         self.written = 0
 
     @classmethod
-    def of(cls, request: web.Request, response: web.StreamResponse) -> ClientSink | None:
-        """The sink for ``request``'s started ``response``; ``None`` if the client left."""
+    def of(
+        cls, request: web.Request, response: web.StreamResponse, tally: RelayTally
+    ) -> ClientSink | None:
+        """The sink for ``request``'s started ``response``, counting the messages written
+        in ``tally``; ``None`` if the client left."""
         transport = request.transport
         if transport is None or transport.is_closing():
             return None
-        return cls(transport, request.protocol, response.chunked)
+        return cls(transport, request.protocol, response.chunked, tally)
 
     def write(self, framed: bytes) -> int:
-        """Write bytes already framed as the response is.
+        """Write bytes already framed as the response is: whole messages, each ending with
+        the only NUL it holds (chunk framing has none), which is how they are counted.
 
         Returns ``GONE`` (nothing written: the client left), ``SLOW`` (written, and the
         client is not reading fast enough) or ``OK``. One call per relayed message: this is
@@ -66,6 +75,7 @@ class ClientSink:
             return GONE
         transport.write(framed)
         self.written += len(framed)
+        self._tally.chunks += framed.count(0)
         return SLOW if self._protocol.writing_paused else OK
 
     def account(self, writer: AbstractStreamWriter) -> None:

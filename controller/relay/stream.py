@@ -19,8 +19,9 @@ from aiohttp.abc import AbstractStreamWriter
 from .. import protocol
 from .reach import Reach
 from .sink import ClientSink
+from .tally import RelayTally, StreamTiming
 from .upstream import Upstream
-from .watch import DisconnectWatch, client_gone
+from .watch import client_gone
 
 __all__ = ["Outcome", "relay_stream"]
 
@@ -44,11 +45,17 @@ class Outcome(enum.Enum):
 
 
 async def relay_stream(
-    request: web.Request, worker_name: str, body: bytes, reach: Reach, error_code: int
+    request: web.Request,
+    worker_name: str,
+    body: bytes,
+    reach: Reach,
+    error_code: int,
+    timing: StreamTiming | None = None,
 ) -> tuple[web.StreamResponse, Outcome]:
     """Relay ``POST {worker}/worker_generate_stream`` to the client; never raises for I/O.
 
-    Returns the response (already written) and how the stream ended.
+    Returns the response (already written) and how the stream ended. The messages relayed
+    are counted in ``reach.tally``, and ``timing`` learns when the first one went out.
     """
     target = reach.pool.target(worker_name, "/worker_generate_stream")
     if target is None:
@@ -58,7 +65,7 @@ async def relay_stream(
     while True:
         upstream = reach.send(target, body, request, fresh=fresh)
         try:
-            relayed = await _pump(request, upstream, worker_name, error_code, reach.watch)
+            relayed = await _pump(request, upstream, worker_name, error_code, reach, timing)
         finally:
             reach.release(upstream, request)
         if relayed is not None:
@@ -72,7 +79,8 @@ async def _pump(
     upstream: Upstream,
     worker_name: str,
     error_code: int,
-    watch: DisconnectWatch,
+    reach: Reach,
+    timing: StreamTiming | None,
 ) -> tuple[web.StreamResponse, Outcome] | None:
     """Run one relay to its end; ``None`` if it should be tried again on a new connection."""
     # The client's response starts with the worker's first whole message, so a worker that
@@ -82,6 +90,7 @@ async def _pump(
     response: web.StreamResponse | None = None
     writer: AbstractStreamWriter | None = None
     sink: ClientSink | None = None
+    tally = reach.tally
     while True:
         await upstream.wait()
         try:
@@ -95,8 +104,11 @@ async def _pump(
                 staged = upstream.take_staged()
                 while staged:
                     await response.write(staged)
+                    tally.chunks += staged.count(0)
+                    if timing is not None:
+                        timing.first()
                     staged = upstream.take_staged()
-                sink = ClientSink.of(request, response)
+                sink = ClientSink.of(request, response, tally)
                 if sink is None:
                     raise ConnectionResetError("client gone")
                 upstream.attach(sink)
@@ -126,17 +138,29 @@ async def _pump(
         # A last message without its NUL still counts as a message (FastChat relays it).
         pending = upstream.pending
         tail, outcome = (bytes(pending) + b"\0" if pending else b""), Outcome.COMPLETED
+    # The worker's own last message, not the controller's in-band error.
+    relayed = outcome is Outcome.COMPLETED and bool(tail)
     if response is None:
+        if relayed:
+            _relayed_last(tally, timing)
         return web.Response(body=tail), outcome
     try:
         if sink is not None and writer is not None:
             sink.account(writer)  # for the access log's byte count
         if tail:
             await response.write(tail)
+            if relayed:
+                _relayed_last(tally, timing)
         await response.write_eof()
     except ConnectionResetError:
         return response, Outcome.CLIENT_GONE
     return response, outcome
+
+
+def _relayed_last(tally: RelayTally, timing: StreamTiming | None) -> None:
+    tally.chunks += 1
+    if timing is not None:
+        timing.first()
 
 
 def _error_response(error_code: int) -> web.Response:
