@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__ as __version__
+
 if TYPE_CHECKING:
     from .config import ControllerConfig
     from .decisions.models import DispatchMethod, ErrorProfile, WorkerInfo, WorkerStatus
@@ -32,8 +34,6 @@ __all__ = [
     "WorkerInfo",
     "WorkerStatus",
 ]
-
-__version__ = "0.1.0"
 
 _HOME = {
     "CONTROLLER_KEY": "server",

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Flags take precedence over environment variables, which take precedence "
             "over defaults."
         ),
+        epilog="fc-controller status [--controller-address URL] prints the models and "
+        "workers of a running controller instead (see fc-controller status --help).",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"

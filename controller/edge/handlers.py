@@ -22,6 +22,7 @@ from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
+from .status import StatusRoutes
 
 __all__ = ["add_routes"]
 
@@ -327,6 +328,8 @@ def add_routes(
     gets: dict[str, Handler] = {
         "/test_connection": h.test_connection,
         "/dispatch_decisions": h.dispatch_decisions,
+        # The operator's view: /status, /api/workers, /api/models (the client role).
+        **StatusRoutes(router).routes(),
     }
     routes = [web.post(path, gate.guard(path, handler)) for path, handler in posts.items()]
     routes += [
