@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .version import __version__ as __version__
-
 if TYPE_CHECKING:
     from .config import ControllerConfig
     from .decisions.models import DispatchMethod, ErrorProfile, WorkerInfo, WorkerStatus
@@ -18,6 +16,7 @@ if TYPE_CHECKING:
     from .errors import BadRequestError, ConfigError, ControllerError, NotRunningError
     from .protocol import SERVER_ERROR_MSG
     from .server import CONTROLLER_KEY, Controller
+    from .version import __version__ as __version__
 
 __all__ = [
     "CONTROLLER_KEY",
@@ -49,6 +48,7 @@ _HOME = {
     "WorkerInfo": "decisions.models",
     "WorkerStatus": "decisions.models",
     "SERVER_ERROR_MSG": "protocol",
+    "__version__": "version",
 }
 
 

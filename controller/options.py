@@ -7,7 +7,6 @@ import argparse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import __version__
 from .access_flags import ENV_SSL_CERTFILE, ENV_SSL_KEYFILE, SPECIAL_DESTS, add_access_flags
 from .arg_types import port, seconds, seconds_or_zero, whole_number
 from .config import (
@@ -24,6 +23,7 @@ from .config import (
 )
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
+from .version import __version__
 
 __all__ = [
     "ENV_PREFIX",
