@@ -93,7 +93,7 @@ async def measure(controller: Controller, slice_size: int, requests: int) -> lis
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    rows = []
+    rows: list[tuple[str, ...]] = []
     try:
         for path in PATHS:
             lags: list[float] = []
