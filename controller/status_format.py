@@ -209,7 +209,7 @@ def text_report(about: About, workers: Sequence[WorkerView], where: str) -> str:
     models = summarize(workers)
     count = f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
     lines = [
-        f"{about.headline()}",
+        _printable(about.headline()),
         f"{_printable(where)}: {count}, {len(models)} model{'s' if len(models) != 1 else ''}",
     ]
     if not models:

@@ -13,6 +13,8 @@ from pathlib import Path
 import aiohttp
 import attrs
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from controller import Controller, ControllerConfig
 from controller.credentials import Access, TokenTable
@@ -196,3 +198,50 @@ async def test_the_plain_command_s_help_is_the_controller_s_and_names_status() -
     assert ran.code == 0
     assert "usage: fc-controller status" in ran.out
     assert "--controller-address URL" in ran.out
+
+
+async def test_terminal_output_escapes_control_characters() -> None:
+    """Names holding escape sequences (from a controller that let them through, or is not
+    ours) are printed escaped: nothing reaches the terminal that could move the cursor,
+    retitle the window or recolour the text."""
+    worker = {
+        "name": "http://evil\x1b[2J:1",
+        "models": ["m\x1b]0;owned\x07", "line\nbreak"],
+        "state": "healthy",
+        "queue_estimate": 0,
+        "reported_queue_length": 0,
+        "in_flight": 0,
+        "speed": 1,
+        "service_time": None,
+        "heartbeat_age": 1.5,
+        "expires": True,
+        "failures_in_a_row": 0,
+        "last_failure_age": None,
+        "ejected_for": 0,
+        "multimodal": False,
+    }
+    about = {
+        "version": "0.1\x1b[31m",
+        "dispatch_method": "least_time",
+        "heart_beat_expiration": 90,
+        "time": 0,
+    }
+
+    async def api_workers(request: web.Request) -> web.Response:
+        return web.json_response({"controller": about, "workers": [worker]})
+
+    app = web.Application()
+    app.router.add_get("/api/workers", api_workers)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        ran = await run_status("--controller-address", str(server.make_url("")))
+    finally:
+        await server.close()
+    assert ran.code == 0, ran.err
+    assert "\x1b" not in ran.out
+    assert "\x07" not in ran.out
+    assert "http://evil\\x1b[2J:1" in ran.out
+    assert "m\\x1b]0;owned\\x07" in ran.out
+    assert "line\\nbreak" in ran.out
+    assert ran.out.startswith("fc-controller 0.1\\x1b[31m, dispatch least_time")
