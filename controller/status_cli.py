@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from .status_format import parse_workers_document, text_report
-from .worker.tokens import authorization, parse_token_line, redact_urls
+from .worker.tokens import authorization, parse_token_line, redact_urls, token_file_lines
 
 __all__ = ["DEFAULT_ADDRESS", "ENV_ADDRESS", "ENV_TOKENS", "main"]
 
@@ -88,11 +88,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def _token(path: str | None, env: Mapping[str, str]) -> str | None:
     """The token to send: the file's first, else the variable's first, else none."""
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--api-token-file: cannot read {path!r}: {e}") from None
+        lines = token_file_lines(path, "--api-token-file")
         where = f"--api-token-file {path}"
     else:
         lines = env.get(ENV_TOKENS, "").split(",")
