@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import attrs
 import pytest
+import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -36,7 +37,8 @@ async def run_status(*args: str, env: dict[str, str] | None = None) -> Ran:
     environ = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("FC_CONTROLLER_") and k != "FASTCHAT_CONTROLLER_URL"
+        if not k.startswith("FC_CONTROLLER_")
+        and k not in ("FASTCHAT_CONTROLLER_URL", "SSL_CERT_FILE", "SSL_CERT_DIR")
     }
     environ.update(env or {})
     process = await asyncio.create_subprocess_exec(
@@ -245,3 +247,32 @@ async def test_terminal_output_escapes_control_characters() -> None:
     assert "m\\x1b]0;owned\\x07" in ran.out
     assert "line\\nbreak" in ran.out
     assert ran.out.startswith("fc-controller 0.1\\x1b[31m, dispatch least_time")
+
+
+async def test_an_https_controller_is_verified_against_ssl_cert_file(
+    run_controller: RunController, tmp_path: Path
+) -> None:
+    """An https controller with a certificate from a private CA: refused (one line, exit
+    1) until SSL_CERT_FILE names that CA, then the table."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    ca_file, key, cert = tmp_path / "ca.pem", tmp_path / "key.pem", tmp_path / "cert.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf.private_key_pem.write_to_path(str(key))
+    for i, pem in enumerate(leaf.cert_chain_pems):
+        pem.write_to_path(str(cert), append=i > 0)
+    controller = await run_controller(
+        ControllerConfig(host="127.0.0.1", port=0, ssl_keyfile=str(key), ssl_certfile=str(cert))
+    )
+    assert controller.url.startswith("https://")
+
+    unverified = await run_status("--controller-address", controller.url)
+    assert unverified.code == 1
+    assert unverified.err.count("\n") == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in unverified.err
+
+    verified = await run_status(
+        "--controller-address", controller.url, env={"SSL_CERT_FILE": str(ca_file)}
+    )
+    assert verified.code == 0, verified.err
+    assert f"{controller.url}: 0 workers, 0 models" in verified.out
