@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .errors import BadRequestError, ConfigError, ControllerError, NotRunningError
     from .protocol import SERVER_ERROR_MSG
     from .server import CONTROLLER_KEY, Controller
+    from .version import __version__ as __version__
 
 __all__ = [
     "CONTROLLER_KEY",
@@ -33,8 +34,6 @@ __all__ = [
     "WorkerStatus",
 ]
 
-__version__ = "0.1.0"
-
 _HOME = {
     "CONTROLLER_KEY": "server",
     "Controller": "server",
@@ -49,6 +48,7 @@ _HOME = {
     "WorkerInfo": "decisions.models",
     "WorkerStatus": "decisions.models",
     "SERVER_ERROR_MSG": "protocol",
+    "__version__": "version",
 }
 
 

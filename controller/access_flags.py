@@ -17,7 +17,7 @@ from typing import Any
 
 from .credentials import Access, TokenTable, parse_networks
 from .errors import ConfigError
-from .worker.tokens import check_token, read_token_file
+from .worker.tokens import check_token, read_token_file, token_file_lines
 
 __all__ = ["SPECIAL_DESTS", "access_settings", "add_access_flags"]
 
@@ -156,10 +156,9 @@ def _token_table(args: argparse.Namespace, env: Mapping[str, str], dest: str) ->
     path = getattr(args, dest)
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{flag}: cannot read {path!r}: {e}") from None
+            lines = token_file_lines(path, flag)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         table = TokenTable.from_lines(lines, f"{flag} {path}")
         if not table:
             raise ConfigError(f"{flag}: {path!r} holds no token (a role with none is open)")

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from . import status_cli
 from .access_flags import access_settings
 from .config import (
     DEFAULT_HEART_BEAT_EXPIRATION,
@@ -131,8 +132,15 @@ async def _run(config: ControllerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run the controller until SIGINT or SIGTERM; returns the process exit status."""
-    config, level = load_config(argv, environ)
+    """Run the controller until SIGINT or SIGTERM; returns the process exit status.
+
+    ``fc-controller status ...`` instead prints a running controller's workers (see
+    ``controller.status_cli``); every other command line starts a controller.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["status"]:
+        return status_cli.main(args[1:], environ)
+    config, level = load_config(args, environ)
     # aiohttp's own access log would be one line per request: never wanted at INFO here.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return run_main(_run(config), level)

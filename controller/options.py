@@ -7,7 +7,6 @@ import argparse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import __version__
 from .access_flags import ENV_SSL_CERTFILE, ENV_SSL_KEYFILE, SPECIAL_DESTS, add_access_flags
 from .arg_types import port, seconds, seconds_or_zero, whole_number
 from .config import (
@@ -24,6 +23,7 @@ from .config import (
 )
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
+from .version import __version__
 
 __all__ = [
     "ENV_PREFIX",
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Flags take precedence over environment variables, which take precedence "
             "over defaults."
         ),
+        epilog="fc-controller status [--controller-address URL] prints the models and "
+        "workers of a running controller instead (see fc-controller status --help).",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "controller.arg_types": 8,
     "controller.limit_flags": 8,
     "controller.access_flags": 8,
+    "controller.status_cli": 8,
     "controller.server": 7,
     "controller.edge": 6,
     "controller.upkeep": 5,
@@ -30,9 +31,11 @@ LAYERS: dict[str, int] = {
     "controller.protocol": 3,
     "controller.config": 3,
     "controller.credentials": 3,
+    "controller.status_format": 3,
     "controller.decisions": 2,
     "controller.errors": 1,
     "controller.logtext": 1,
+    "controller.version": 1,
 }
 #: the worker side (and the old import paths kept for it): imports only itself
 WORKER_SIDE = ("controller.worker", "controller.client", "controller.demo_worker")

@@ -191,6 +191,7 @@ class Registry:
         worker.source = source
         # A registration is a fresh start, failures included.
         worker.consecutive_failures = 0
+        worker.last_failure_at = None
         worker.ejected_until = 0.0
         worker.generation += 1
         if info.check_heart_beat:
@@ -310,7 +311,9 @@ class Registry:
         worker.consecutive_failures += 1
         doublings = min(worker.consecutive_failures - 1, 30)
         duration = min(self.ejection_base * (1 << doublings), self.ejection_max)
-        worker.ejected_until = self.clock() + duration
+        now = self.clock()
+        worker.last_failure_at = now
+        worker.ejected_until = now + duration
         return duration
 
     def record_success(self, worker: Worker) -> int:

@@ -40,6 +40,8 @@ class Worker:
     in_flight: int = 0
     #: relayed requests that failed in a row (reset by one that succeeds)
     consecutive_failures: int = 0
+    #: when the last relayed request to it failed (the registry's clock; None: never)
+    last_failure_at: float | None = None
     #: the worker is out of rotation until this time (the registry's clock)
     ejected_until: float = 0.0
     #: load polls of this worker wait until then (backs off after failed polls)

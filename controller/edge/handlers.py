@@ -23,6 +23,7 @@ from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
 from .metrics import Metrics
+from .status import StatusRoutes
 
 __all__ = ["add_routes"]
 
@@ -331,6 +332,8 @@ def add_routes(
     gets: dict[str, Handler] = {
         "/test_connection": h.test_connection,
         "/dispatch_decisions": h.dispatch_decisions,
+        # The operator's view: /status, /api/workers, /api/models (the client role).
+        **StatusRoutes(router).routes(),
     }
     if metrics is not None:
         gets["/metrics"] = metrics.handle

@@ -57,6 +57,16 @@ def parse_token_line(line: str, where: str) -> tuple[str | None, str] | None:
     return name, check_token(token, where)
 
 
+def token_file_lines(path: str, where: str) -> list[str]:
+    """The lines of the token file at ``path``; ``ValueError`` starting with ``where``
+    (the flag that named it) when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: cannot read {path!r}: {e}") from None
+
+
 def read_token_file(path: str) -> str:
     """The one token in the file at ``path`` (a ``NAME:`` before it is allowed and
     ignored); ``ValueError`` saying what is wrong with the file."""
