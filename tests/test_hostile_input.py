@@ -133,23 +133,33 @@ async def test_gzip_bombs_get_415_and_nothing_is_inflated(
 ANSWER_SIZE = 256 * MIB
 
 
-class HugeAnswers:
-    """A worker whose ``/worker_generate`` answers 256 MiB, announced by Content-Length or
-    chunked (``{"framing": "length"}`` or ``"chunked"`` in the request); it counts the
-    answers it could not finish because the connection was dropped."""
+class LoopbackWorker:
+    """A worker on a loopback port whose POST ``path`` is :meth:`handle`."""
 
-    def __init__(self) -> None:
-        self.cut_off = 0
-        self.finished = 0
+    def __init__(self, path: str) -> None:
         app = web.Application()
-        app.router.add_post("/worker_generate", self.generate)
+        app.router.add_post(path, self.handle)
         self.server = TestServer(app, host="127.0.0.1")
 
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
-    async def generate(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class HugeAnswers(LoopbackWorker):
+    """A worker whose ``/worker_generate`` answers 256 MiB, announced by Content-Length or
+    chunked (``{"framing": "length"}`` or ``"chunked"`` in the request); it counts the
+    answers it could not finish because the connection was dropped."""
+
+    def __init__(self) -> None:
+        super().__init__("/worker_generate")
+        self.cut_off = 0
+        self.finished = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         framing = (await request.json())["framing"]
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         if framing == "length":
@@ -209,21 +219,15 @@ async def test_four_256_mib_answers_get_the_worker_error_and_memory_stays_bounde
 # -- a worker's status answer --------------------------------------------------------------
 
 
-class StatusWorker:
+class StatusWorker(LoopbackWorker):
     """A worker whose ``/worker_get_status`` answers ``answer`` (bytes), settable."""
 
     def __init__(self, answer: bytes) -> None:
+        super().__init__("/worker_get_status")
         self.answer = answer
         self.calls = 0
-        app = web.Application()
-        app.router.add_post("/worker_get_status", self.status)
-        self.server = TestServer(app, host="127.0.0.1")
 
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    async def status(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
         return web.Response(body=self.answer, content_type="application/json")
 
@@ -396,15 +400,13 @@ async def test_256_clients_connecting_at_once_are_all_let_in(
     assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b'"success"') for a in answers)
 
 
-class Fleet:
+class Fleet(LoopbackWorker):
     """Workers behind one loopback server: worker ``i`` is ``BASE/w{i}``, serving model
     ``m{i % 10}``; its status calls are counted per worker."""
 
     def __init__(self, size: int) -> None:
+        super().__init__("/w{i:[0-9]+}/worker_get_status")
         self.calls = [0] * size
-        app = web.Application()
-        app.router.add_post("/w{i:[0-9]+}/worker_get_status", self.handle)
-        self.server = TestServer(app, host="127.0.0.1")
 
     def name(self, i: int) -> str:
         return str(self.server.make_url(f"/w{i}"))
