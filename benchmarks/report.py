@@ -483,6 +483,21 @@ def hostile_table(hostile: dict[str, Any]) -> tuple[str, list[Check]]:
     def line(values: list[str]) -> str:
         return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
 
+    notes: list[str] = []
+    for row in rows:
+        late = get(row, "dispatch_schedule_lag_ms", "p99")
+        if late is not None and late > 20:
+            notes.append(
+                f"hostile {row['attack']}: the dispatch generator itself sent its requests "
+                f"up to {late:.0f} ms late (p99): the load core was short of CPU"
+            )
+        if row.get("dispatch_errors") or row.get("stream_errors") or row.get("streams_bad"):
+            notes.append(
+                f"hostile {row['attack']}: {row.get('dispatch_errors')} failed dispatches, "
+                f"{row.get('streams_bad')} bad streams, {row.get('stream_errors')} stream "
+                f"errors: {row.get('dispatch_error_samples')} {row.get('stream_error_samples')}"
+            )
+
     lines = [
         f"hostile: targets loop lag < {HOSTILE_LAG_MS:.0f} ms and p99 <= "
         f"{HOSTILE_P99_RATIO:g}x quiet; {hostile['window_s']:g} s windows, "
@@ -493,6 +508,8 @@ def hostile_table(hostile: dict[str, Any]) -> tuple[str, list[Check]]:
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
         *(line(r) for r in table),
     ]
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines), checks
 
 
