@@ -12,6 +12,9 @@ Subcommands, each printing one JSON object on stdout when done:
 
 ``--cpu-pid`` (repeatable) makes ``streams`` and ``paced`` sample those processes' CPU time
 exactly at the edges of the measurement window; the generator reports its own CPU too.
+``--start-at`` opens their window at a ``time.monotonic()`` instant instead of after
+``--warmup`` (several processes then measure the same window), and ``--local-addr`` picks
+the address they connect from.
 """
 
 from __future__ import annotations
@@ -175,6 +178,20 @@ async def stream_client(
             await asyncio.sleep(0.05)
 
 
+def warmup(args: argparse.Namespace) -> float:
+    """Seconds until the measurement window opens: ``--warmup``, or until ``--start-at``
+    (a ``time.monotonic()`` instant, the system-wide clock, so that several processes
+    measure the same window)."""
+    if args.start_at is None:
+        return float(args.warmup)
+    return max(0.0, args.start_at - time.monotonic())
+
+
+def local(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The address connections are made from (``--local-addr``), or the system's choice."""
+    return None if args.local_addr is None else (args.local_addr, 0)
+
+
 def authorization(token: str | None) -> dict[str, str]:
     return {} if token is None else {"Authorization": f"Bearer {token}"}
 
@@ -184,7 +201,7 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     window = Window(args.cpu_pid)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, local_addr=local(args))
     body = args.body.encode()
     session = aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers=authorization(args.token)
@@ -206,7 +223,7 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
             )
             for i in range(args.concurrency)
         ]
-        await asyncio.sleep(args.warmup)
+        await asyncio.sleep(warmup(args))
         stats.measuring = True
         window.start()
         await asyncio.sleep(args.duration)
@@ -256,7 +273,7 @@ async def run_paced(args: argparse.Namespace) -> dict[str, Any]:
     body = args.body.encode()
     headers = {"Content-Type": "application/json", **authorization(args.token)}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    connector = aiohttp.TCPConnector(limit=args.connections)
+    connector = aiohttp.TCPConnector(limit=args.connections, local_addr=local(args))
     clock = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
 
     async def one(session: aiohttp.ClientSession, scheduled: float, counted: bool) -> None:
@@ -281,7 +298,7 @@ async def run_paced(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks: list[asyncio.Task[None]] = []
         t0 = clock()
-        begin = t0 + args.warmup
+        begin = t0 + warmup(args)
         end = begin + args.duration
         interval = 1 / args.rate
         total = int((end - t0) / interval)
@@ -396,6 +413,15 @@ async def run_trigger(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ main
 
 
+def window_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--start-at",
+        type=float,
+        help="open the window at this time.monotonic() instant (instead of --warmup)",
+    )
+    parser.add_argument("--local-addr", help="connect from this address, e.g. 127.0.0.2")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     streams.add_argument("--cpu-pid", type=int, action="append", default=[])
     streams.add_argument("--token", help="sent as a bearer token")
+    window_flags(streams)
 
     paced = sub.add_parser("paced")
     paced.add_argument("--url", required=True)
@@ -424,6 +451,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paced.add_argument("--timeout", type=float, default=30.0)
     paced.add_argument("--cpu-pid", type=int, action="append", default=[])
     paced.add_argument("--token", help="sent as a bearer token")
+    window_flags(paced)
 
     register = sub.add_parser("register")
     register.add_argument("--url", required=True, help="controller base URL")

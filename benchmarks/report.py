@@ -396,6 +396,123 @@ def saturation_notes(
     return notes
 
 
+#: the hostile scenario's targets: the loop held at most this long, the normal traffic's
+#: p99 at most this many times the quiet row's
+HOSTILE_LAG_MS = 100.0
+HOSTILE_P99_RATIO = 2.0
+
+
+def hostile_table(hostile: dict[str, Any]) -> tuple[str, list[Check]]:
+    """The hostile scenario's table (one row per attack) and its checks."""
+    checks: list[Check] = []
+    rows = hostile["rows"]
+    quiet = next((r for r in rows if r["attack"] == "quiet"), None)
+    base_dispatch = get(quiet, "dispatch_ms", "p99")
+    base_ttfc = get(quiet, "ttfc_ms", "p99")
+
+    def ratio(value: float | None, base: float | None) -> float | None:
+        return None if value is None or not base else value / base
+
+    def versus(value: float | None, base: float | None) -> str:
+        shown = fmt(value, ".1f")
+        r = ratio(value, base)
+        return shown if r is None else f"{shown} ({r:.1f}x)"
+
+    headers = [
+        "attack",
+        "what the attacker saw",
+        "loop lag max ms",
+        "dispatch p99 ms (x quiet)",
+        "TTFC p99 ms (x quiet)",
+        "peak RSS MiB",
+        "peak fds",
+        "result",
+    ]
+    table: list[list[str]] = []
+    for row in rows:
+        name = row["attack"]
+        dispatch = get(row, "dispatch_ms", "p99")
+        ttfc = get(row, "ttfc_ms", "p99")
+        verdict = ""
+        if name != "quiet":
+            verdicts = [
+                judge(
+                    checks,
+                    f"hostile {name}: loop lag",
+                    f"< {HOSTILE_LAG_MS:.0f} ms",
+                    row["loop_lag_ms"],
+                    HOSTILE_LAG_MS,
+                    at_most=True,
+                ),
+                judge(
+                    checks,
+                    f"hostile {name}: dispatch p99 / quiet",
+                    f"<= {HOSTILE_P99_RATIO:g}x",
+                    ratio(dispatch, base_dispatch),
+                    HOSTILE_P99_RATIO,
+                    at_most=True,
+                ),
+                judge(
+                    checks,
+                    f"hostile {name}: TTFC p99 / quiet",
+                    f"<= {HOSTILE_P99_RATIO:g}x",
+                    ratio(ttfc, base_ttfc),
+                    HOSTILE_P99_RATIO,
+                    at_most=True,
+                ),
+            ]
+            verdict = "FAIL" if "FAIL" in verdicts else "n/a" if "n/a" in verdicts else "PASS"
+        attacker = row.get("attacker") or {}
+        seen = attacker.get("seen") or row.get("label", "")
+        for phase, lag in (attacker.get("phase_lag_ms") or {}).items():
+            seen += f"; loop lag during the {phase} {lag:.0f} ms"
+        table.append(
+            [
+                name,
+                seen,
+                f"{row['loop_lag_ms']:.0f}",
+                versus(dispatch, base_dispatch),
+                versus(ttfc, base_ttfc),
+                fmt(row.get("peak_rss_mib"), ".0f"),
+                str(row.get("peak_fds", "-")),
+                verdict,
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+
+    notes: list[str] = []
+    for row in rows:
+        late = get(row, "dispatch_schedule_lag_ms", "p99")
+        if late is not None and late > 20:
+            notes.append(
+                f"hostile {row['attack']}: the dispatch generator itself sent its requests "
+                f"up to {late:.0f} ms late (p99): the load core was short of CPU"
+            )
+        if row.get("dispatch_errors") or row.get("stream_errors") or row.get("streams_bad"):
+            notes.append(
+                f"hostile {row['attack']}: {row.get('dispatch_errors')} failed dispatches, "
+                f"{row.get('streams_bad')} bad streams, {row.get('stream_errors')} stream "
+                f"errors: {row.get('dispatch_error_samples')} {row.get('stream_error_samples')}"
+            )
+
+    lines = [
+        f"hostile: targets loop lag < {HOSTILE_LAG_MS:.0f} ms and p99 <= "
+        f"{HOSTILE_P99_RATIO:g}x quiet; {hostile['window_s']:g} s windows, "
+        f"{hostile['paced_rate']:.0f} dispatches/s and {hostile['streams']} streams; "
+        f"controller flags: {' '.join(hostile['controller_flags'])}",
+        "",
+        line(headers),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *(line(r) for r in table),
+    ]
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines), checks
+
+
 def format_report(report: dict[str, Any]) -> tuple[str, list[Check]]:
     """The printable summary of ``report`` (header, table, notes) and the checks."""
     rows, checks = build_table(report)
@@ -412,9 +529,14 @@ def format_report(report: dict[str, Any]) -> tuple[str, list[Check]]:
         )
         + ("; QUICK run" if report["quick"] else "")
         + f"; busy before any load: {report.get('idle_busy_before_load', 0):.0%} of a core",
-        "",
-        render(rows, present) if rows else "(no figures)",
     ]
+    hostile = report["results"].get("hostile")
+    if rows or not hostile:
+        lines += ["", render(rows, present) if rows else "(no figures)"]
+    if hostile:
+        text, more = hostile_table(hostile)
+        lines += ["", text]
+        checks += more
     notes = report["notes"] + saturation_notes(report["results"], pins["controller_cores"])
     if notes:
         lines.append("")

@@ -221,9 +221,9 @@ def worker_name_problem(name: str) -> str | None:
     """Which rule of a worker's address ``name`` breaks, or ``None``: ``http`` or
     ``https``, a host, an optional port and path prefix; no userinfo, query or fragment;
     ASCII only; at most ``MAX_WORKER_NAME`` bytes. Credentials in the name are never echoed."""
-    shown = redact_urls(name)
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_WORKER_NAME:
+    if _too_long(name):
         return f"must be at most {MAX_WORKER_NAME} bytes"
+    shown = redact_urls(name)
     if not name.isascii():
         return "must be ASCII: write an internationalised host in its IDNA form (xn--...)"
     if not name.isprintable() or any(c.isspace() for c in name):
@@ -318,13 +318,24 @@ def parse_register(data: Any, max_models: int = MAX_MODELS_PER_WORKER) -> Regist
 
 def parse_heartbeat(data: Any) -> tuple[str, int]:
     obj = _object(data)
-    name = _string(_require(obj, "worker_name"), "worker_name")
-    return name, _count(_require(obj, "queue_length"), "queue_length")
+    return _known_name(obj), _count(_require(obj, "queue_length"), "queue_length")
 
 
 def parse_worker_name(data: Any) -> str:
-    obj = _object(data)
-    return _string(_require(obj, "worker_name"), "worker_name")
+    return _known_name(_object(data))
+
+
+def _known_name(obj: dict[str, Any]) -> str:
+    """A heartbeat's or goodbye's ``worker_name``: no longer than a registration's may be."""
+    name = _string(_require(obj, "worker_name"), "worker_name")
+    if _too_long(name):
+        raise BadRequestError("worker_name", f"must be at most {MAX_WORKER_NAME} bytes")
+    return name
+
+
+def _too_long(name: str, limit: int = MAX_WORKER_NAME) -> bool:
+    """Over ``limit`` bytes: a long name is told by its length, before any copy."""
+    return len(name) > limit or len(name.encode("utf-8", "surrogatepass")) > limit
 
 
 def parse_dispatch(data: Any) -> tuple[str, str | None]:
