@@ -53,6 +53,8 @@ DISPATCH_CONCURRENCY = 16
 STREAM_CONCURRENCY = 64
 STREAM_TOKENS = 32
 #: units of work of the short and the long run, per scenario
+#: what is counted: "instructions" (callgrind) or "syscalls" (strace -c)
+COUNTER = {"name": "instructions"}
 DEFAULT_UNITS = {"dispatch": (300, 1300), "stream": (2048, 8192)}
 
 
@@ -65,14 +67,12 @@ def free_port() -> int:
 @contextmanager
 def server(argv: list[str], cwd: Path, out: Path, env: dict[str, str]) -> Iterator[None]:
     """Run ``argv`` under callgrind; on exit, stop it with SIGINT and wait for its count."""
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        "--dump-instr=no",
-        *argv,
-    ]
-    with open(f"{out}.log", "wb") as log:
+    if COUNTER["name"] == "syscalls":
+        cmd = ["strace", "-f", "-c", "-o", f"{out}.log", *argv]
+    else:
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
+        cmd += argv
+    with open(f"{out}.out", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         yield
@@ -86,10 +86,15 @@ def server(argv: list[str], cwd: Path, out: Path, env: dict[str, str]) -> Iterat
 
 
 def collected(out: Path) -> int:
-    text = Path(f"{out}.log").read_text(errors="replace")
-    found = re.findall(r"Collected : (\d+)", text)
+    log = Path(f"{out}.log" if COUNTER["name"] == "syscalls" else f"{out}.out")
+    text = log.read_text(errors="replace")
+    if COUNTER["name"] == "syscalls":
+        # strace -c's summary: the last line is the total, its calls in the fourth column.
+        found = [line.split()[3] for line in text.splitlines() if line.endswith(" total")]
+    else:
+        found = re.findall(r"Collected : (\d+)", text)
     if not found:
-        raise RuntimeError(f"no instruction count in {out}.log:\n{text[-2000:]}")
+        raise RuntimeError(f"no count in {log}:\n{text[-2000:]}")
     return int(found[-1])
 
 
@@ -247,9 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         help="units of work of the long run (default: 1300 requests, 8192 chunks)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="measure each figure this often")
+    parser.add_argument(
+        "--count",
+        choices=["instructions", "syscalls"],
+        default="instructions",
+        help="instructions (valgrind) or system calls (strace), which the first leaves out",
+    )
     args = parser.parse_args(argv)
-    if shutil.which("valgrind") is None:
-        print("instructions.py needs valgrind (apt-get install valgrind)", file=sys.stderr)
+    COUNTER["name"] = args.count
+    tool = "strace" if args.count == "syscalls" else "valgrind"
+    if shutil.which(tool) is None:
+        print(f"instructions.py needs {tool} (apt-get install {tool})", file=sys.stderr)
         return 1
     scenarios = args.scenario or ["dispatch", "stream"]
     targets = args.target or ["ours", "bare"]
@@ -272,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     shown = ", ".join(f"{f:,.0f}" for f in figures)
                     print(f"  {scenario:8} {label}: {shown}", flush=True)
     print()
-    print("| scenario | target | instructions per unit (runs) | unit |")
+    print(f"| scenario | target | {args.count} per unit (runs) | unit |")
     print("|---|---|---:|---|")
     for scenario, label, unit, figures in rows:
         shown = " / ".join(f"{f:,.0f}" for f in figures)
