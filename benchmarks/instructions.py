@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -54,8 +55,8 @@ STREAM_CONCURRENCY = 64
 STREAM_TOKENS = 32
 #: units of work of the short and the long run, per scenario
 #: what is counted: "instructions" (callgrind) or "syscalls" (strace -c)
-COUNTER = {"name": "instructions"}
-DEFAULT_UNITS = {"dispatch": (300, 1300), "stream": (2048, 8192)}
+COUNTER: dict[str, Any] = {"name": "instructions", "streams": STREAM_CONCURRENCY}
+DEFAULT_UNITS = {"dispatch": (300, 1300), "stream": (2048, 8192)}  # stream: see --streams
 
 
 def free_port() -> int:
@@ -77,7 +78,11 @@ def server(argv: list[str], cwd: Path, out: Path, env: dict[str, str]) -> Iterat
     try:
         yield
     finally:
-        proc.send_signal(signal.SIGINT)
+        # strace writes its summary once its child is gone: signal the child itself.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        pids = children.read_text().split() if COUNTER["name"] == "syscalls" else []
+        for pid in pids or [str(proc.pid)]:
+            os.kill(int(pid), signal.SIGINT)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -171,7 +176,7 @@ async def stream_load(
                     raise RuntimeError(f"stream gave {got} chunks: {data[-300:]!r}")
                 chunks += got
 
-    await asyncio.gather(*(client() for _ in range(STREAM_CONCURRENCY)))
+    await asyncio.gather(*(client() for _ in range(COUNTER["streams"])))
     return chunks
 
 
@@ -226,6 +231,9 @@ def per_unit(
 ) -> float:
     """Instructions per unit of work: the difference of a short and a long run."""
     small, large = DEFAULT_UNITS[scenario]
+    if scenario == "stream":
+        # Every stream open at once in the short run, four rounds of them in the long one.
+        small, large = args.streams * STREAM_TOKENS, 4 * args.streams * STREAM_TOKENS
     i1, u1 = count(target, tree, scenario, args.small or small, tmp, worker)
     i2, u2 = count(target, tree, scenario, args.large or large, tmp, worker)
     return (i2 - i1) / (u2 - u1)
@@ -258,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         default="instructions",
         help="instructions (valgrind) or system calls (strace), which the first leaves out",
     )
+    parser.add_argument(
+        "--streams", type=int, default=STREAM_CONCURRENCY, help="concurrent streams (default: 64)"
+    )
     args = parser.parse_args(argv)
     COUNTER["name"] = args.count
+    COUNTER["streams"] = args.streams
     tool = "strace" if args.count == "syscalls" else "valgrind"
     if shutil.which(tool) is None:
         print(f"instructions.py needs {tool} (apt-get install {tool})", file=sys.stderr)
@@ -282,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                     label = target if target == "bare" else f"{target} @ {tree}"
                     unit = "request" if scenario == "dispatch" else "chunk"
                     rows.append((scenario, label, unit, figures))
-                    shown = ", ".join(f"{f:,.0f}" for f in figures)
+                    shown = ", ".join(f"{f:,.1f}" for f in figures)
                     print(f"  {scenario:8} {label}: {shown}", flush=True)
     print()
     print(f"| scenario | target | {args.count} per unit (runs) | unit |")
     print("|---|---|---:|---|")
     for scenario, label, unit, figures in rows:
-        shown = " / ".join(f"{f:,.0f}" for f in figures)
+        shown = " / ".join(f"{f:,.1f}" for f in figures)
         print(f"| {scenario} | {label} | {shown} | {unit} |")
     return 0
 
