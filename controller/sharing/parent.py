@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: what a child offers when its workers' speeds sum to 0
 MIN_OFFERED_SPEED = 0.001
+#: seconds the link waits after a change before reading what to offer, so a burst (a
+#: fleet registering, or expiring in slices) makes one new offer rather than one per change
+OFFER_DEBOUNCE = 0.2
 
 
 class ParentLink:
@@ -96,6 +99,7 @@ class ParentLink:
             while True:
                 await self._follow()
                 await changes.wait()
+                await asyncio.sleep(OFFER_DEBOUNCE)
                 # The offer is read from the registry itself, whatever the changes were.
                 changes.take()
         finally:
