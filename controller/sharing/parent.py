@@ -33,6 +33,11 @@ MIN_OFFERED_SPEED = 0.001
 OFFER_DEBOUNCE = 0.2
 
 
+async def _settle() -> None:
+    """Let a burst of changes settle before the offer is read again."""
+    await asyncio.sleep(OFFER_DEBOUNCE)
+
+
 class ParentLink:
     """Keeps a controller registered with its parent while it serves at least one model.
 
@@ -99,7 +104,7 @@ class ParentLink:
             while True:
                 await self._follow()
                 await changes.wait()
-                await asyncio.sleep(OFFER_DEBOUNCE)
+                await _settle()
                 # The offer is read from the registry itself, whatever the changes were.
                 changes.take()
         finally:
