@@ -199,17 +199,21 @@ async def test_the_state_file_lists_the_survivors_and_is_encoded_off_the_loop(
     task = asyncio.create_task(saver.save_forever())
     try:
         mid_sweep: list[set[str]] = []
+        pauses = 0
 
         async def save_between_slices() -> None:
-            await saver.save()
-            mid_sweep.append(saved_names(path))
+            nonlocal pauses
+            pauses += 1
+            if pauses % 16 == 1:
+                await saver.save()
+                mid_sweep.append(saved_names(path))
 
         await sweep(registry, pause=save_between_slices)
         await wait_until(lambda: path.exists() and saved_names(path) == alive, timeout=5)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    assert mid_sweep
+    assert len(mid_sweep) > 1
     assert all(names == alive for names in mid_sweep)
     assert encoders
     assert threading.main_thread() not in encoders

@@ -21,8 +21,8 @@ __all__ = ["LOGGED_REMOVALS", "SWEEP_SLICE", "expire_now", "slices", "sweep", "s
 log = logging.getLogger(__name__)
 
 #: index entries (one per worker and one per model it serves) a slice of the sweep removes
-#: at most: a millisecond or two of work, so 20,000 workers take a few dozen slices
-SWEEP_SLICE = 2048
+#: at most: about a millisecond of work, so 20,000 workers of one model each take 80 slices
+SWEEP_SLICE = 512
 #: removals per sweep logged one line each; the others are counted in one summary line
 LOGGED_REMOVALS = 10
 
