@@ -36,11 +36,6 @@ class ModelIndex:
         """The workers serving ``model``, live or not, in registration order."""
         return self._serving.get(model, ())
 
-    def count(self, model: str) -> int:
-        """How many workers serve ``model``, including expired ones not yet removed."""
-        serving = self._serving.get(model)
-        return len(serving) if serving is not None else 0
-
     def add(self, worker: Worker, models: Iterable[str]) -> None:
         for model in models:
             self._serving.setdefault(model, {})[worker] = None
@@ -65,15 +60,19 @@ class ModelIndex:
         workers = self._lists.get(model)
         if workers is None:
             workers = self._lists[model] = list(serving)
-        # Distinct positions drawn one at a time, a repeat drawn again: a uniform sample
-        # without replacement, as random.sample gives, at a fifth of its cost (rng.random
-        # is one C call; sample's _randbelow is Python code per draw). A repeat is rare
-        # unless k is close to the fleet's size.
         n = len(workers)
-        uniform = rng.random
-        picked: set[int] = set()
-        while len(picked) < k:
-            picked.add(int(uniform() * n))
+        if n < 2 * k:
+            # Most of the fleet is drawn: random.sample's pool method, which never repeats.
+            picked: Iterable[int] = rng.sample(range(n), k)
+        else:
+            # Positions drawn one at a time, a repeat drawn again: a uniform sample without
+            # replacement like random.sample's, at about half its cost (rng.random is one
+            # C call; sample's _randbelow is Python code per draw).
+            uniform = rng.random
+            distinct: set[int] = set()
+            while len(distinct) < k:
+                distinct.add(int(uniform() * n))
+            picked = distinct
         # Sorted positions keep registration order among the drawn, for ties.
         return [workers[i] for i in sorted(picked)]
 
