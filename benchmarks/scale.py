@@ -212,6 +212,7 @@ async def dispatch_over_http(
     flags = ["--dispatch-method", method, "--state-file", str(path)]
     flags += ["--max-workers", str(max(count, 10_000)), "--load-poll-interval", "0"]
     async with ControllerProcess(src, workdir, *flags, "--log-level", "warning") as c:
+        await asyncio.sleep(2.0)  # the first save of the restored fleet, before measuring
         await one_at_a_time(c.url, models, lambda sent, _: sent >= requests // 5)
         cpu = c.cpu_seconds()
         took = await one_at_a_time(c.url, models, lambda sent, _: sent >= requests)
