@@ -214,7 +214,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         return self.connections.pool
 
     def expire_now(self) -> list[Worker]:
-        """Remove expired workers now and log each; the background sweep calls this too."""
+        """Remove expired workers now, in one go, and log them (the background sweep
+        removes them in slices, letting the loop run in between)."""
         return expire_now(self.registry)
 
     # -- wiring ------------------------------------------------------------------------------

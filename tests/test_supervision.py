@@ -210,10 +210,11 @@ async def test_a_controller_closes_while_a_task_waits_to_restart(
     )
     controller = await run_controller(config)
 
-    def always_fails() -> list[tuple[Worker, float]]:
+    def always_fails() -> list[Worker]:
         raise InjectedFault("injected by the test")
 
-    controller.registry.expire = always_fails  # type: ignore[method-assign]
+    # The sweep's first step, taken whether or not a worker is due.
+    controller.registry.due = always_fails  # type: ignore[method-assign]
     await wait_until(lambda: len(supervisor_errors(caplog, "expiry")) >= 2, timeout=5)
 
     async with asyncio.timeout(5):

@@ -11,8 +11,9 @@ overwritten (see :mod:`controller.upkeep.probing` for the lock that orders them)
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 
 import attrs
 
@@ -21,6 +22,7 @@ from .capacity import Capacity
 from .changes import MEMBERSHIP, ChangeFeed, ChangeKind
 from .models import Owner, WorkerInfo, WorkerStatus
 from .ownership import Standing, standing
+from .serving import ModelIndex, sort_out
 from .worker import Worker
 
 __all__ = ["Clock", "Registry", "Worker"]
@@ -72,9 +74,9 @@ class Registry:
         # The workers that can expire, so the sweep does not visit the others (a fleet of
         # manual registrations or child controllers would otherwise cost a scan a second).
         self._expiring: dict[str, Worker] = {}
-        # Per model, its workers as an ordered set (a dict's keys): registration order for
-        # dispatch ties, and removal in O(1) (a fleet expiring together stays linear).
-        self._by_model: dict[str, dict[Worker, None]] = {}
+        # Per model, its workers in registration order (for dispatch ties), removal in O(1)
+        # and random draws that cost the size of the draw.
+        self._by_model = ModelIndex()
 
     # -- queries -----------------------------------------------------------------------
 
@@ -105,33 +107,39 @@ class Registry:
         Workers ejected after failures are left out, unless all of them are. ``now`` saves
         a read of the clock when the caller has just read it.
         """
-        serving = self._by_model.get(model)
-        if not serving:
-            return []
         if now is None:
             now = self.clock()
-        cutoff = now - self.expiration
-        # One pass: this runs on every dispatch.
-        in_rotation: list[Worker] = []
-        ejected: list[Worker] = []
-        for w in serving:
-            info = w.info
-            if (info.check_heart_beat and w.last_heart_beat < cutoff) or (
-                exclude and info.name in exclude
-            ):
-                continue
-            load = w.load
-            # Requests still waiting to be presumed finished (by address, or of the last
-            # report): retire those due by now. Checked inline, per candidate per dispatch.
-            if load.retire_at or load.reported_retired < load.reported_to_retire:
-                load.retire(now)
-            if w.ejected_until > now:
-                ejected.append(w)
-            else:
-                in_rotation.append(w)
+        in_rotation, ejected = sort_out(
+            self._by_model.serving(model), now, now - self.expiration, exclude
+        )
         # When every live worker is ejected, trying them beats certain failure: one may
         # have recovered (Envoy calls this panic routing).
         return in_rotation or ejected
+
+    def draw(
+        self,
+        model: str,
+        k: int,
+        rng: random.Random,
+        *,
+        need: int,
+        exclude: Container[str] = (),
+        now: float,
+    ) -> list[Worker] | None:
+        """``k`` of ``model``'s workers drawn at random, in registration order, of which
+        those live and in rotation; the cost is ``k``'s, whatever the size of the fleet.
+
+        A uniform draw from all entries, filtered, is a uniform draw from the workers in
+        rotation, only smaller. ``None`` when the model has ``k`` workers or fewer, or the
+        draw found fewer than ``need`` in rotation (most of the fleet expired or ejected):
+        the caller then looks at every one with :meth:`candidates`, which also knows what
+        to do when all of them are ejected.
+        """
+        drawn = self._by_model.draw(model, k, rng)
+        if drawn is None:
+            return None
+        usable, _ = sort_out(drawn, now, now - self.expiration, exclude)
+        return usable if len(usable) >= need else None
 
     def standing(self, name: str, caller: Owner | None, admin: bool = False) -> Standing:
         """Where ``caller`` stands towards the live registration of ``name`` (the owner
@@ -183,7 +191,7 @@ class Registry:
         if worker is None:
             worker = Worker(info, now)
             self._workers[name] = worker
-            self._index(worker, info.model_names)
+            self._by_model.add(worker, info.model_names)
         else:
             self._set_info(worker, info)
         worker.owner = owner
@@ -292,13 +300,28 @@ class Registry:
         self._drop(worker, "unreachable")
         return True
 
-    def expire(self) -> list[tuple[Worker, float]]:
-        """Remove every expired worker; returns each with how long it had been silent."""
+    def due(self) -> list[Worker]:
+        """The entries expired by now and not removed yet (for :meth:`expire`)."""
+        # Inline: a scan of every worker that can expire, once a second.
+        cutoff = self.clock() - self.expiration
+        return [w for w in self._expiring.values() if w.last_heart_beat < cutoff]
+
+    def expire(self, workers: Iterable[Worker] | None = None) -> list[tuple[Worker, float]]:
+        """Remove the expired workers among ``workers`` (all of them if ``None``); returns
+        each with how long it had been silent.
+
+        ``workers`` may come from an earlier :meth:`due`: an entry that meanwhile was
+        removed, registered again or sent a heartbeat is left alone.
+        """
         now = self.clock()
-        gone = [w for w in self._expiring.values() if self._expired(w, now)]
-        for w in gone:
-            self._drop(w, "expired")
-        return [(w, now - w.last_heart_beat) for w in gone]
+        if workers is None:
+            workers = self.due()
+        gone: list[tuple[Worker, float]] = []
+        for w in workers:
+            if self._expiring.get(w.info.name) is w and self._expired(w, now):
+                self._drop(w, "expired")
+                gone.append((w, now - w.last_heart_beat))
+        return gone
 
     # -- health (local to this controller, not part of the feed) -------------------------
 
@@ -363,7 +386,7 @@ class Registry:
         self.capacity.moved(worker.source, None)
         del self._workers[name]
         self._expiring.pop(name, None)
-        self._unindex(worker)
+        self._by_model.discard(worker, worker.info.model_names)
         self._record(worker, ChangeKind.REMOVED, 0, self.clock(), reason)
 
     def _is_current(self, worker: Worker, generation: int) -> bool:
@@ -372,19 +395,6 @@ class Registry:
     def _set_info(self, worker: Worker, info: WorkerInfo) -> None:
         """Give ``worker`` a new registration, re-indexing it if it serves other models."""
         if info.model_names != worker.info.model_names:
-            self._unindex(worker)
-            self._index(worker, info.model_names)
+            self._by_model.discard(worker, worker.info.model_names)
+            self._by_model.add(worker, info.model_names)
         worker.info = info
-
-    def _index(self, worker: Worker, model_names: tuple[str, ...]) -> None:
-        for model in model_names:
-            self._by_model.setdefault(model, {})[worker] = None
-
-    def _unindex(self, worker: Worker) -> None:
-        for model in worker.info.model_names:
-            serving = self._by_model.get(model)
-            if serving is None:
-                continue
-            serving.pop(worker, None)
-            if not serving:
-                del self._by_model[model]

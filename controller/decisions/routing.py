@@ -36,6 +36,12 @@ AFFINITY_KEYS = 100_000
 UNKNOWN_MODEL = "unknown"
 # Candidates shown per decision in /dispatch_decisions and the debug log.
 DECISION_CANDIDATES = 16
+# Per method that decides on workers drawn at random: how many it draws from a larger
+# fleet, and how many of them must be live and in rotation (else it looks at all).
+_DRAWS = {
+    DispatchMethod.LEAST_TIME: (dispatch.LEAST_TIME_SCAN, dispatch.LEAST_TIME_SCAN // 2),
+    DispatchMethod.POWER_OF_TWO: (2, 2),
+}
 
 
 class Router:
@@ -58,6 +64,10 @@ class Router:
         # Read on every dispatch; an enum's .value is a slow property lookup.
         self._method_name = method.value
         self._least_time = method is DispatchMethod.LEAST_TIME
+        # The methods that look at a few workers drawn at random draw them from the
+        # registry's index directly, at a cost independent of the fleet: how many they
+        # draw, and how many of those must be live and in rotation to decide on them.
+        self._draw, self._need = _DRAWS.get(method, (0, 0))
         self.rng = rng if rng is not None else random.Random()
         self.wall_clock = wall_clock
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -86,13 +96,19 @@ class Router:
         registry = self.registry
         slots = registry.worker_slots
         now = registry.clock()
-        candidates = registry.candidates(model, exclude, now)
+        candidates = None
+        if self._draw:
+            candidates = registry.draw(
+                model, self._draw, self.rng, need=self._need, exclude=exclude, now=now
+            )
+        if candidates is None:
+            candidates = registry.candidates(model, exclude, now)
         counted = model if candidates or registry.serves(model) else UNKNOWN_MODEL
         dispatched = self.dispatched
         dispatched[counted] = dispatched.get(counted, 0) + 1
         worker = None
         if affinity is not None:
-            worker = self._affine_worker(affinity, candidates, now)
+            worker = self._affine_worker(affinity, model, candidates, exclude, now)
         if worker is None:
             if self._least_time and len(candidates) <= dispatch.LEAST_TIME_SCAN:
                 # dispatch.choose's own first step, taken here: one call fewer per request.
@@ -143,13 +159,24 @@ class Router:
             for when, model, method, chosen, total, shown in picked
         ]
 
-    def _affine_worker(self, key: str, candidates: Sequence[Worker], now: float) -> Worker | None:
+    def _affine_worker(
+        self, key: str, model: str, candidates: Sequence[Worker], exclude: Sequence[str], now: float
+    ) -> Worker | None:
         name = self._affinity.get(key)
-        if name is None:
+        if name is None or not candidates:
             return None
-        mine = next((w for w in candidates if w.info.name == name), None)
-        if mine is None:
+        # Looked up by name: the candidates may be a few drawn from a large fleet.
+        mine = self.registry.get(name)
+        if (
+            mine is None
+            or name in exclude
+            or model not in mine.info.model_names
+            # Ejected while others are in rotation (the candidates are the ejected ones
+            # only when every worker is).
+            or (mine.ejected_until > now and candidates[0].ejected_until <= now)
+        ):
             return None
+        mine.load.retire(now)
         slots = self.registry.worker_slots
         # Sampled like least_time's own choice in a large fleet: the best of 64 is a fair
         # yardstick, and a full scan would cost milliseconds at 10,000 workers.

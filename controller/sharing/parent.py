@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 #: what a child offers when its workers' speeds sum to 0
 MIN_OFFERED_SPEED = 0.001
+#: seconds the link waits after a change before reading what to offer, so a burst (a
+#: fleet registering, or expiring in slices) makes one new offer rather than one per change
+OFFER_DEBOUNCE = 0.2
+
+
+async def _settle() -> None:
+    """Let a burst of changes settle before the offer is read again."""
+    await asyncio.sleep(OFFER_DEBOUNCE)
 
 
 class ParentLink:
@@ -96,6 +104,7 @@ class ParentLink:
             while True:
                 await self._follow()
                 await changes.wait()
+                await _settle()
                 # The offer is read from the registry itself, whatever the changes were.
                 changes.take()
         finally:

@@ -26,7 +26,16 @@ from ..decisions.registry import Clock, Registry
 from ..errors import BadRequestError, RegistryFullError
 from ..protocol import parse_worker_status
 
-__all__ = ["SavedWorker", "StateFile", "StateFileError", "dump", "load", "write_atomically"]
+__all__ = [
+    "SavedWorker",
+    "StateFile",
+    "StateFileError",
+    "dump",
+    "encode",
+    "load",
+    "snapshot",
+    "write_atomically",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +61,49 @@ class SavedWorker:
     owner: Owner | None = None
 
 
+#: one live worker as the state file needs it, read on the loop: its registration, queue,
+#: owner and the wall-clock time of its last heartbeat
+Row = tuple[WorkerInfo, int, Owner | None, float]
+
+
+def snapshot(registry: Registry, wall_now: float) -> list[Row]:
+    """What the state file says of the registry's live workers, read without encoding
+    anything: a few milliseconds on the loop for 20,000 workers."""
+    # Heartbeat times are monotonic; the file keeps them as wall-clock times.
+    offset = wall_now - registry.clock()
+    return [(w.info, w.load.queue_length, w.owner, w.last_heart_beat + offset) for w in registry]
+
+
+def encode(rows: list[Row], wall_now: float) -> bytes:
+    """The bytes of a state file holding ``rows``, one worker a line.
+
+    A tenth of a second of CPU for 20,000 workers, so the controller runs it in a worker
+    thread; each line is one short call of the C encoder, so the loop's thread gets the
+    interpreter back within a switch interval while it runs.
+    """
+    head = json.dumps({"version": FORMAT_VERSION, "saved_at": wall_now})[:-1]
+    lines = [
+        json.dumps(
+            {
+                "worker_name": info.name,
+                "model_names": list(info.model_names),
+                "speed": info.speed,
+                "queue_length": queue_length,
+                "check_heart_beat": info.check_heart_beat,
+                "multimodal": info.multimodal,
+                "last_heart_beat": last_heart_beat,
+                "owner": None if owner is None else attrs.asdict(owner),
+            }
+        )
+        for info, queue_length, owner, last_heart_beat in rows
+    ]
+    body = ",".join("\n" + line for line in lines)
+    return f'{head}, "workers": [{body}\n]}}\n'.encode()
+
+
 def dump(registry: Registry, wall_now: float) -> bytes:
     """The registry's live workers as the bytes of a state file."""
-    mono_now = registry.clock()
-    workers = [
-        {
-            "worker_name": w.info.name,
-            "model_names": list(w.info.model_names),
-            "speed": w.info.speed,
-            "queue_length": w.load.queue_length,
-            "check_heart_beat": w.info.check_heart_beat,
-            "multimodal": w.info.multimodal,
-            "last_heart_beat": wall_now - (mono_now - w.last_heart_beat),
-            "owner": None if w.owner is None else attrs.asdict(w.owner),
-        }
-        for w in registry
-    ]
-    return json.dumps(
-        {"version": FORMAT_VERSION, "saved_at": wall_now, "workers": workers}, indent=1
-    ).encode()
+    return encode(snapshot(registry, wall_now), wall_now)
 
 
 def load(data: bytes, wall_now: float) -> list[SavedWorker]:
@@ -233,11 +266,19 @@ class StateFile:
             subscription.close()
             raise
 
+    def _write(self, rows: list[Row], wall_now: float) -> None:
+        write_atomically(self.path, encode(rows, wall_now))
+
     async def save(self) -> None:
-        """Write the registry now; a failure is logged once until saving works again."""
-        data = dump(self.registry, self.wall_clock())
+        """Write the registry now; a failure is logged once until saving works again.
+
+        Only reading the registry happens on the loop; encoding and writing happen in a
+        worker thread.
+        """
+        wall_now = self.wall_clock()
+        rows = snapshot(self.registry, wall_now)
         try:
-            await asyncio.to_thread(write_atomically, self.path, data)
+            await asyncio.to_thread(self._write, rows, wall_now)
         except OSError as e:
             if not self._failed:
                 log.warning("Cannot save state file %s: %s", self.path, e)
