@@ -9,7 +9,6 @@ import contextlib
 import functools
 import logging
 import random
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypedDict, Unpack
@@ -21,7 +20,9 @@ from .config import ControllerConfig
 from .decisions.registry import Clock, Registry, Worker
 from .decisions.routing import Router
 from .edge.access import exposure_warnings
+from .edge.client_connections import ClientConnections, ClientLimits
 from .edge.handlers import Limits, add_routes
+from .edge.listening import descriptor_shortfall, server_ssl_context
 from .errors import ConfigError, NotRunningError
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
@@ -117,11 +118,14 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             token=cfg.upstream_token,
             ca_certs=cfg.worker_ca_certs,
             guard=AddressGuard(cfg.worker_networks),
+            max_connections=cfg.max_worker_connections,
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        #: a standalone controller's listening socket and client connections
+        self._clients: ClientConnections | None = None
         #: attached to a host application (True) or serving on its own (False)
         self._embedded = True
         self._parent: ParentLink | None = None
@@ -168,6 +172,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         Idempotent. For a controller attached to a host application, the host's cleanup does
         this; calling it earlier stops the controller's background work only.
         """
+        clients, self._clients = self._clients, None
+        if clients is not None:
+            clients.close()  # accept no more connections
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -185,10 +192,10 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     @property
     def url(self) -> str:
         """The base URL a standalone controller listens on (the real port if 0 was asked)."""
-        if self._runner is None:
+        if self._clients is None:
             raise NotRunningError("url is known only for a controller started with serve()")
         port = self.config.port
-        for address in self._runner.addresses:
+        for address in self._clients.addresses:
             if isinstance(address, tuple) and len(address) >= 2:
                 port = address[1]
                 break
@@ -196,6 +203,13 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         if ":" in host:
             host = f"[{host}]"
         return f"{self.config.scheme}://{host}:{port}"
+
+    @property
+    def client_connections(self) -> ClientConnections:
+        """A standalone controller's client connections: ``held`` counts them."""
+        if self._clients is None:
+            raise NotRunningError("client connections are a controller's started with serve()")
+        return self._clients
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -241,24 +255,30 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         largest = max(cfg.max_body_size, cfg.max_control_body_size)
         app = web.Application(client_max_size=largest, handler_args=handler_args)
         self._attach(app, embedded=False)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        # The client connections' time bounds are kept by ClientConnections; aiohttp's own
+        # keep-alive timer stays as a backstop that never fires first.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=cfg.idle_timeout + cfg.header_timeout,
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(
-                runner,
-                cfg.host,
-                cfg.port,
-                ssl_context=self._ssl_context(),
-                reuse_address=True,
-                backlog=cfg.backlog,
+            assert runner.server is not None, "set up above"
+            clients = ClientConnections(runner.server, ClientLimits.of(cfg))
+            await clients.listen(
+                cfg.host, cfg.port, ssl_context=server_ssl_context(cfg), backlog=cfg.backlog
             )
-            await site.start()
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
+        self._runner, self._clients = runner, clients
         # A worker at this controller's own address would be a loop: refused.
-        self.connections.guard.add_own(runner.addresses)
+        self.connections.guard.add_own(clients.addresses)
+        shortfall = descriptor_shortfall(cfg.max_connections, cfg.max_worker_connections)
+        if shortfall is not None:
+            log.warning("%s", shortfall)
         for warning in exposure_warnings(cfg):
             log.warning("%s", warning)
         # Standalone: the parent link starts once the (possibly OS-chosen) port is known.
@@ -269,18 +289,6 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     def _limits(self) -> Limits:
         cfg = self.config
         return Limits(cfg.max_control_body_size, cfg.max_body_size, cfg.max_models_per_worker)
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        cfg = self.config
-        if cfg.ssl_certfile is None or cfg.ssl_keyfile is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
-        if cfg.ssl_client_ca_certs is not None:
-            # Mutual TLS: no certificate signed by this CA, no handshake.
-            context.load_verify_locations(cafile=cfg.ssl_client_ca_certs)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
 
     async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
         self._open()
