@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from controller import Controller, ControllerConfig
+from controller.cli import build_parser, load_config
 from controller.edge.listening import descriptor_shortfall
 
 from .conftest import MakeWorker, RunController, register, split_stream, wait_until
@@ -98,6 +99,29 @@ async def stream_messages(client: aiohttp.ClientSession, controller: Controller)
 # -- time bounds ---------------------------------------------------------------------------
 
 
+SLOW_HEAD = (
+    b"POST /get_worker_address HTTP/1.1\r\nHost: controller\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+)
+
+
+async def trickle_head(conn: Conn) -> tuple[int, bytes]:
+    """Send :data:`SLOW_HEAD` a byte every 50 ms (the attacker's pace) until the controller
+    closes the connection; how many bytes went out, and what came back."""
+    reader, writer = conn
+    end = asyncio.ensure_future(closed(reader))
+    sent = 0
+    while not end.done() and sent < len(SLOW_HEAD):
+        try:
+            writer.write(SLOW_HEAD[sent : sent + 1])
+            await writer.drain()
+        except ConnectionError:
+            break
+        sent += 1
+        await asyncio.wait([end], timeout=0.05)
+    return sent, await end
+
+
 async def test_a_head_sent_a_byte_at_a_time_is_closed_when_the_whole_head_is_late(
     run_controller: RunController, sockets: list[Conn]
 ) -> None:
@@ -105,23 +129,22 @@ async def test_a_head_sent_a_byte_at_a_time_is_closed_when_the_whole_head_is_lat
     --header-timeout) is closed without an answer before it is complete: the timeout
     counts the whole head, not the gaps between bytes."""
     controller = await run_controller(config(header_timeout=0.3))
-    reader, writer = await connect(controller, sockets)
-    head = (
-        b"POST /get_worker_address HTTP/1.1\r\nHost: controller\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 13\r\n\r\n"
-    )
-    end = asyncio.ensure_future(closed(reader))
-    sent = 0
-    while not end.done() and sent < len(head):
-        try:
-            writer.write(head[sent : sent + 1])
-            await writer.drain()
-        except ConnectionError:
-            break
-        sent += 1
-        await asyncio.wait([end], timeout=0.05)  # the attacker's pace, not a synchronisation
-    assert await end == b""
-    assert sent < len(head)
+    sent, received = await trickle_head(await connect(controller, sockets))
+    assert received == b""
+    assert sent < len(SLOW_HEAD)
+
+
+async def test_the_next_head_on_a_kept_alive_connection_has_the_header_timeout_too(
+    run_controller: RunController, sockets: list[Conn]
+) -> None:
+    """After a request, a kept-alive connection that trickles its next head is closed
+    --header-timeout (0.3 s) after that head began, not after --idle-timeout (30 s)."""
+    controller = await run_controller(config(header_timeout=0.3))
+    conn = await connect(controller, sockets)
+    assert await ask(conn) == 200
+    sent, received = await trickle_head(conn)
+    assert received == b""
+    assert sent < len(SLOW_HEAD)
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
@@ -290,3 +313,62 @@ def test_a_descriptor_limit_too_low_for_the_caps_is_named() -> None:
     assert "900" in warning and "--max-connections" in warning
     assert "--max-worker-connections" in warning
     assert fits is None
+
+
+# -- the flags -----------------------------------------------------------------------------
+
+
+def test_the_connection_flags_default_as_the_issue_says_and_read_their_variables() -> None:
+    """Defaults 10 s, 60 s, 30 s, 4096, 256 and 1024; each flag is also read from
+    FC_CONTROLLER_<FLAG>, and a flag on the command line wins."""
+    default, _ = load_config([], {})
+    assert (default.header_timeout, default.body_timeout, default.idle_timeout) == (10, 60, 30)
+    assert (default.max_connections, default.max_connections_per_source) == (4096, 256)
+    assert default.max_worker_connections == 1024
+    environ = {
+        "FC_CONTROLLER_HEADER_TIMEOUT": "9",
+        "FC_CONTROLLER_BODY_TIMEOUT": "7.5",
+        "FC_CONTROLLER_IDLE_TIMEOUT": "3",
+        "FC_CONTROLLER_MAX_CONNECTIONS": "100",
+        "FC_CONTROLLER_MAX_CONNECTIONS_PER_SOURCE": "10",
+        "FC_CONTROLLER_MAX_WORKER_CONNECTIONS": "64",
+    }
+    given, _ = load_config(["--header-timeout", "2.5"], environ)
+    assert (given.header_timeout, given.body_timeout, given.idle_timeout) == (2.5, 7.5, 3)
+    assert (given.max_connections, given.max_connections_per_source) == (100, 10)
+    assert given.max_worker_connections == 64
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["--header-timeout", "0"], {}, "--header-timeout"),
+        (["--body-timeout", "-1"], {}, "--body-timeout"),
+        (["--idle-timeout", "soon"], {}, "--idle-timeout"),
+        (["--max-connections", "0"], {}, "--max-connections"),
+        ([], {"FC_CONTROLLER_MAX_CONNECTIONS_PER_SOURCE": "many"}, "PER_SOURCE"),
+        (["--max-worker-connections", "1"], {}, "--max-worker-connections"),
+    ],
+)
+def test_a_bad_connection_limit_exits_2_naming_it(
+    argv: list[str], environ: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value for a connection limit, as a flag or a variable, exits 2 naming it."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(argv, environ)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_help_shows_each_connection_limit_s_default() -> None:
+    """--help shows the default of every connection limit in the flag's own text."""
+    helps = {o: a.help or "" for a in build_parser()._actions for o in a.option_strings}
+    for flag, default in [
+        ("--header-timeout", "10"),
+        ("--body-timeout", "60"),
+        ("--idle-timeout", "30"),
+        ("--max-connections", "4096"),
+        ("--max-connections-per-source", "256"),
+        ("--max-worker-connections", "1024"),
+    ]:
+        assert helps[flag].endswith(f"(default: {default})"), flag
