@@ -205,10 +205,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         return f"{self.config.scheme}://{host}:{port}"
 
     @property
-    def client_connections(self) -> ClientConnections:
-        """A standalone controller's client connections: ``held`` counts them."""
-        if self._clients is None:
-            raise NotRunningError("client connections are a controller's started with serve()")
+    def client_connections(self) -> ClientConnections | None:
+        """A standalone controller's client connections (``held`` counts them); ``None``
+        for one attached to a host application, whose runner accepts the connections."""
         return self._clients
 
     @property
