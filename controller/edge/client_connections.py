@@ -99,11 +99,11 @@ class _Client(asyncio.Protocol):
         "_inner",
         "_owner",
         "_timer",
-        "_timer_at",
         "body",
         "deadline",
         "phase",
         "source",
+        "timer_at",
         "transport",
     )
 
@@ -117,7 +117,8 @@ class _Client(asyncio.Protocol):
         #: when the current phase's time is up (loop time), or None
         self.deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        #: when the timer fires (loop time), or None when there is none
+        self.timer_at: float | None = None
         #: the body still arriving (in ``BODY``)
         self.body: Any = None
 
@@ -156,27 +157,27 @@ class _Client(asyncio.Protocol):
         if deadline is None:
             return
         timer = self._timer
-        if timer is None or deadline < self._timer_at:
+        if timer is None or self.timer_at is None or deadline < self.timer_at:
             if timer is not None:
                 timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
+            self.timer_at = deadline
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer = self.timer_at = None
         deadline = self.deadline
         if deadline is None or self.phase == CLOSED:
             return
         loop = self._owner.loop
         if loop.time() < deadline - _SLACK:
             self._timer = loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
+            self.timer_at = deadline
             return
         self.deadline = None
         self._owner.time_up(self)
 
     def stop_timer(self) -> None:
-        self.deadline = None
+        self.deadline = self.timer_at = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -195,6 +196,7 @@ class ClientConnections:
     def __init__(self, server: web.Server, limits: ClientLimits) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
+        self._idle_timeout = limits.idle_timeout
         self._server = server
         self._handler: _Handler = server.request_handler
         server.request_handler = self._handle
@@ -278,19 +280,14 @@ class ClientConnections:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp's request handler, with the connection told when a request starts (its
-        head is complete) and when its handler is done."""
+        head is complete) and when its handler is done. Every request passes here: kept
+        to a few attribute stores, the timer moved only when it would fire too late."""
         transport = request.transport
         client = transport.get_protocol() if transport is not None else None
         if type(client) is not _Client or client.phase == CLOSED:
             return await self._handler(request)
-        self._begin(client, request)
-        try:
-            return await self._handler(request)
-        finally:
-            self._end(client)
-
-    def _begin(self, client: _Client, request: web.BaseRequest) -> None:
-        self._reusable.pop(client, None)
+        reusable = self._reusable
+        reusable.pop(client, None)
         body = request.content
         if body.is_eof():
             client.phase = BUSY
@@ -299,14 +296,16 @@ class ClientConnections:
             client.phase = BODY
             client.body = body
             client.expire_at(self.loop.time() + self.limits.body_timeout, self.loop)
-
-    def _end(self, client: _Client) -> None:
-        client.body = None
-        if client.phase == CLOSED:
-            return
-        client.phase = IDLE
-        self._reusable[client] = None
-        client.expire_at(self.loop.time() + self.limits.idle_timeout, self.loop)
+        try:
+            return await self._handler(request)
+        finally:
+            client.body = None
+            if client.phase != CLOSED:
+                client.phase = IDLE
+                reusable[client] = None
+                deadline = client.deadline = self.loop.time() + self._idle_timeout
+                if client.timer_at is None or deadline < client.timer_at:
+                    client.expire_at(deadline, self.loop)
 
     def time_up(self, client: _Client) -> None:
         """A connection's phase ran out of time."""
