@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypedDict, Unpack
 
 import aiohttp
+import attrs
 from aiohttp import web
 
 from .config import ControllerConfig
@@ -22,7 +23,7 @@ from .decisions.routing import Router
 from .edge.access import exposure_warnings
 from .edge.client_connections import ClientConnections, ClientLimits
 from .edge.handlers import Limits, add_routes
-from .edge.listening import descriptor_shortfall, server_ssl_context
+from .edge.listening import fit_to_descriptors, server_ssl_context, soft_descriptor_limit
 from .errors import ConfigError, NotRunningError
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
@@ -254,6 +255,13 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         largest = max(cfg.max_body_size, cfg.max_control_body_size)
         app = web.Application(client_max_size=largest, handler_args=handler_args)
         self._attach(app, embedded=False)
+        # Standalone, every descriptor is this controller's: the caps must fit the limit.
+        caps = fit_to_descriptors(
+            cfg.max_connections, cfg.max_worker_connections, soft_descriptor_limit()
+        )
+        if caps.warning is not None:
+            log.warning("%s", caps.warning)
+        self.connections.max_connections = caps.max_worker_connections
         # The client connections' time bounds are kept by ClientConnections; aiohttp's own
         # keep-alive timer stays as a backstop that never fires first.
         runner = web.AppRunner(
@@ -265,7 +273,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         await runner.setup()
         try:
             assert runner.server is not None, "set up above"
-            clients = ClientConnections(runner.server, ClientLimits.of(cfg))
+            limits = attrs.evolve(ClientLimits.of(cfg), max_connections=caps.max_connections)
+            clients = ClientConnections(runner.server, limits)
             await clients.listen(
                 cfg.host, cfg.port, ssl_context=server_ssl_context(cfg), backlog=cfg.backlog
             )
@@ -275,9 +284,6 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         self._runner, self._clients = runner, clients
         # A worker at this controller's own address would be a loop: refused.
         self.connections.guard.add_own(clients.addresses)
-        shortfall = descriptor_shortfall(cfg.max_connections, cfg.max_worker_connections)
-        if shortfall is not None:
-            log.warning("%s", shortfall)
         for warning in exposure_warnings(cfg):
             log.warning("%s", warning)
         # Standalone: the parent link starts once the (possibly OS-chosen) port is known.

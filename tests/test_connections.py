@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
+import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,14 +15,23 @@ import pytest
 
 from controller import Controller, ControllerConfig
 from controller.cli import build_parser, load_config
-from controller.edge.listening import descriptor_shortfall
+from controller.edge.listening import Caps, fit_to_descriptors
 
-from .conftest import MakeWorker, RunController, register, split_stream, wait_until
+from .conftest import (
+    MakeWorker,
+    RunController,
+    SpawnController,
+    register,
+    split_stream,
+    wait_until,
+)
 
 #: every wait on the network is bounded by this, so a broken limit fails instead of hanging
 BOUND = 10.0
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+needs_prlimit = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
 
 
 def config(**limits: Any) -> ControllerConfig:
@@ -303,23 +312,39 @@ async def test_a_tls_handshake_that_never_comes_is_closed_after_the_header_timeo
     assert held(controller) == 0
 
 
-def test_a_descriptor_limit_too_low_for_the_caps_is_named() -> None:
-    """When the soft descriptor limit cannot hold --max-connections plus
-    --max-worker-connections, the warning says so and names the flags; when it can, none."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    low = 900
-    if soft != resource.RLIM_INFINITY and soft < low:
-        pytest.skip(f"needs a soft descriptor limit of at least {low}, have {soft}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
-    try:
-        warning = descriptor_shortfall(4096, 1024)
-        fits = descriptor_shortfall(500, 300)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert warning is not None
-    assert "900" in warning and "--max-connections" in warning
-    assert "--max-worker-connections" in warning
-    assert fits is None
+def test_caps_that_the_descriptor_limit_cannot_hold_shrink_in_proportion() -> None:
+    """Caps that fit the descriptor limit stay as asked; caps that do not shrink in
+    proportion until they fit with 64 descriptors to spare, and the warning names the
+    limit, the flags and the values used."""
+    assert fit_to_descriptors(4096, 1024, 100_000) == Caps(4096, 1024)
+    assert fit_to_descriptors(4096, 1024, None) == Caps(4096, 1024)
+    caps = fit_to_descriptors(4096, 1024, 1024)
+    assert caps.max_connections + caps.max_worker_connections + 64 <= 1024
+    assert caps.max_connections == 768 and caps.max_worker_connections == 192
+    assert caps.warning is not None
+    for text in ("1024", "--max-connections 4096", "--max-worker-connections 1024", "768"):
+        assert text in caps.warning
+
+
+@needs_prlimit
+async def test_more_idle_sockets_than_descriptors_do_not_lock_new_clients_out(
+    spawn_controller: SpawnController, sockets: list[Conn]
+) -> None:
+    """The idle-socket attack (1,100 idle sockets at a limit of 1,024), scaled down: a
+    controller that may open only 300 descriptors says it runs with smaller caps, and with
+    350 idle connections opened against it (from three addresses, each under its
+    per-source cap) a client from a fourth address is still served."""
+    controller = await spawn_controller(prefix=("prlimit", "--nofile=300:300", "--"))
+    assert any("cannot hold --max-connections 4096" in line for line in controller.lines)
+    host, port = controller.url.removeprefix("http://").rsplit(":", 1)
+    for i in range(350):
+        local = (f"127.0.0.{1 + i % 3}", 0)
+        sockets.append(await asyncio.open_connection(host, int(port), local_addr=local))
+    other = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.9", 0))
+    sockets.append(other)
+    assert await ask(other) == 200
+    # The ones idle longest were closed to make room.
+    assert await closed(sockets[0][0]) == b""
 
 
 # -- the flags -----------------------------------------------------------------------------

@@ -1,34 +1,58 @@
 """What the standalone controller's listening socket needs before it opens: its TLS
-context, and a descriptor limit that can hold every connection the caps allow."""
+context, and connection caps that fit the descriptor limit."""
 
 from __future__ import annotations
 
 import ssl
 
+import attrs
+
 from ..config import ControllerConfig
 
-__all__ = ["descriptor_shortfall", "server_ssl_context"]
+__all__ = ["Caps", "fit_to_descriptors", "server_ssl_context", "soft_descriptor_limit"]
 
 #: descriptors kept for the listening socket, the state file, logs and DNS
 SPARE_DESCRIPTORS = 64
 
 
-def descriptor_shortfall(max_connections: int, max_worker_connections: int) -> str | None:
-    """A warning when the soft descriptor limit cannot hold every connection the caps
-    allow (then the kernel, not the caps, would refuse new clients); else ``None``."""
+def soft_descriptor_limit() -> int | None:
+    """This process's soft limit on open descriptors; ``None`` if unlimited or unknown."""
     try:
         import resource
     except ImportError:  # not on this platform
         return None
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+@attrs.frozen
+class Caps:
+    """The connection caps the controller runs with, and why they differ from the
+    configured ones (``warning``), if they do."""
+
+    max_connections: int
+    max_worker_connections: int
+    warning: str | None = None
+
+
+def fit_to_descriptors(max_connections: int, max_worker_connections: int, soft: int | None) -> Caps:
+    """The caps, shrunk in proportion when the descriptor limit ``soft`` cannot hold them
+    plus :data:`SPARE_DESCRIPTORS`: at a cap, idle clients are closed to make room, while
+    at the descriptor limit the kernel refuses new clients outright (1,100 idle sockets
+    at a limit of 1,024 locked everyone out)."""
     needed = max_connections + max_worker_connections + SPARE_DESCRIPTORS
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return None
-    return (
-        f"The descriptor limit ({soft}) is below --max-connections + --max-worker-connections "
-        f"+ {SPARE_DESCRIPTORS} ({needed}): near it, new clients fail to connect instead of "
-        "idle ones being closed to make room. Raise the limit (ulimit -n) or lower the caps"
+    if soft is None or soft >= needed:
+        return Caps(max_connections, max_worker_connections)
+    room = max(soft - SPARE_DESCRIPTORS, 3)
+    clients = max(1, room * max_connections // (max_connections + max_worker_connections))
+    workers = max(2, room - clients)
+    warning = (
+        f"The descriptor limit ({soft}) cannot hold --max-connections {max_connections} + "
+        f"--max-worker-connections {max_worker_connections} + {SPARE_DESCRIPTORS}: running "
+        f"with {clients} and {workers} instead, so that idle clients are closed to make room "
+        "before the kernel refuses anyone. Raise the limit (ulimit -n) for the caps asked for"
     )
+    return Caps(clients, workers, warning)
 
 
 def server_ssl_context(config: ControllerConfig) -> ssl.SSLContext | None:

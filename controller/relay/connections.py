@@ -62,7 +62,7 @@ class WorkerConnections:
         self.ssl_context: ssl.SSLContext | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool[Upstream] | None = None
-        #: the session's connections (status probes, load polls) open at once
+        #: the session's connections (status probes, load polls) open at once; made by open()
         self.probe_slots = asyncio.Semaphore(probe_share(max_connections))
 
     def open(self) -> None:
@@ -74,6 +74,7 @@ class WorkerConnections:
         # after its answer makes it a bound on every socket the session holds. A probe
         # waiting for one waits within its own timeout.
         share = probe_share(self.max_connections)
+        self.probe_slots = asyncio.Semaphore(share)
         connector = aiohttp.TCPConnector(
             limit=share,
             force_close=True,
