@@ -29,6 +29,15 @@ DEFAULT_MAX_CONTROL_BODY_SIZE = 1024 * 1024
 DEFAULT_MAX_MODELS_PER_WORKER = 1024
 DEFAULT_MAX_WORKERS = 10_000
 DEFAULT_MAX_WORKERS_PER_SOURCE = 1000
+# Client connections: a request head, a body and a keep-alive wait are each bounded in
+# time; connections are bounded in number, in all and from one source address.
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 256
+# Connections to workers, all together (relayed requests, status probes and load polls).
+DEFAULT_MAX_WORKER_CONNECTIONS = 1024
 # A worker's answer to a single-document call (/worker_generate, embeddings) and the bytes
 # all relays may hold at once.
 DEFAULT_MAX_WORKER_ANSWER_SIZE = 64 * 1024 * 1024
@@ -169,6 +178,22 @@ class ControllerConfig:
     )
     #: the listening socket's accept queue
     backlog: int = attrs.field(default=DEFAULT_BACKLOG, validator=_backlog)
+    #: a request head must be complete within this (from the connection's first byte of
+    #: it, or from the connection's start), a whole body within ``body_timeout`` of its
+    #: head, and a kept-alive connection may wait ``idle_timeout`` for its next request
+    header_timeout: float = attrs.field(default=DEFAULT_HEADER_TIMEOUT, validator=_positive)
+    body_timeout: float = attrs.field(default=DEFAULT_BODY_TIMEOUT, validator=_positive)
+    idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=_positive)
+    #: client connections held at once (idle ones are closed to make room), and from one
+    #: source address
+    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_integer(1))
+    max_connections_per_source: int = attrs.field(
+        default=DEFAULT_MAX_CONNECTIONS_PER_SOURCE, validator=_integer(1)
+    )
+    #: connections to workers held open at once, all together
+    max_worker_connections: int = attrs.field(
+        default=DEFAULT_MAX_WORKER_CONNECTIONS, validator=_integer(2)
+    )
     #: a worker's answer to a single-document call larger than this is refused
     max_worker_answer_size: int = attrs.field(
         default=DEFAULT_MAX_WORKER_ANSWER_SIZE, validator=_byte_count

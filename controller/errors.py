@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequestError",
+    "BodyTimeoutError",
     "ConfigError",
     "ControllerError",
     "ForbiddenError",
@@ -62,3 +63,12 @@ class RegistryFullError(ControllerError):
     def __init__(self, problem: str) -> None:
         self.problem = problem
         super().__init__(problem)
+
+
+class BodyTimeoutError(ControllerError, TimeoutError):
+    """A request body did not arrive whole within ``--body-timeout``.
+
+    Raised from the request's body stream to whatever is reading it; handlers answer HTTP
+    408 and the connection is closed. A ``TimeoutError``, so aiohttp's lingering read of an
+    unread body stops on it quietly.
+    """

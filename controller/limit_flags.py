@@ -1,18 +1,24 @@
-"""The flags of the controller's limits: sizes, counts and the accept queue."""
+"""The flags of the controller's limits: sizes, counts, time bounds and the accept queue."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
-from .arg_types import size, whole_number
+from .arg_types import seconds, size, whole_number
 from .config import (
     DEFAULT_BACKLOG,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
     DEFAULT_MAX_CONTROL_BODY_SIZE,
     DEFAULT_MAX_MODELS_PER_WORKER,
     DEFAULT_MAX_WORKER_ANSWER_SIZE,
+    DEFAULT_MAX_WORKER_CONNECTIONS,
     DEFAULT_MAX_WORKERS,
     DEFAULT_MAX_WORKERS_PER_SOURCE,
 )
@@ -20,7 +26,7 @@ from .config import (
 __all__ = ["add_limit_flags"]
 
 #: the limits' flags: (flag, value type, default, metavar, help)
-_LIMITS: tuple[tuple[str, Callable[[str], int], int, str, str], ...] = (
+_LIMITS: tuple[tuple[str, Callable[[str], float], float, str, str], ...] = (
     (
         "--max-control-body-size",
         size,
@@ -78,6 +84,57 @@ _LIMITS: tuple[tuple[str, Callable[[str], int], int, str, str], ...] = (
         "N",
         "registrations made from one source address; a new one past it gets HTTP 503 "
         f"(default: {DEFAULT_MAX_WORKERS_PER_SOURCE})",
+    ),
+    (
+        "--header-timeout",
+        seconds,
+        DEFAULT_HEADER_TIMEOUT,
+        "SECONDS",
+        "a client's request head (request line and headers) must be complete within this, "
+        "however slowly it trickles in; else the connection is closed "
+        f"(default: {DEFAULT_HEADER_TIMEOUT:g})",
+    ),
+    (
+        "--body-timeout",
+        seconds,
+        DEFAULT_BODY_TIMEOUT,
+        "SECONDS",
+        "a request body must arrive whole within this after its head; else HTTP 408 and "
+        f"the connection is closed (default: {DEFAULT_BODY_TIMEOUT:g})",
+    ),
+    (
+        "--idle-timeout",
+        seconds,
+        DEFAULT_IDLE_TIMEOUT,
+        "SECONDS",
+        "a kept-alive client connection waiting this long for its next request is closed "
+        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
+    ),
+    (
+        "--max-connections",
+        whole_number(1),
+        DEFAULT_MAX_CONNECTIONS,
+        "N",
+        "client connections held at once; at the cap the oldest idle one (or one still "
+        "sending its head) is closed to make room, and a new one is refused with HTTP 503 "
+        f"only when every one has a request in progress (default: {DEFAULT_MAX_CONNECTIONS})",
+    ),
+    (
+        "--max-connections-per-source",
+        whole_number(1),
+        DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        "N",
+        "client connections from one source address; a new one past it is refused with "
+        f"HTTP 503 and closed (default: {DEFAULT_MAX_CONNECTIONS_PER_SOURCE})",
+    ),
+    (
+        "--max-worker-connections",
+        whole_number(2),
+        DEFAULT_MAX_WORKER_CONNECTIONS,
+        "N",
+        "connections to workers held open at once, all together (an eighth of them for "
+        "status probes and load polls); past it a request waits for one, up to "
+        f"--status-probe-timeout (default: {DEFAULT_MAX_WORKER_CONNECTIONS})",
     ),
     (
         "--backlog",

@@ -9,18 +9,20 @@ import contextlib
 import functools
 import logging
 import random
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypedDict, Unpack
 
 import aiohttp
+import attrs
 from aiohttp import web
 
 from .config import ControllerConfig
 from .decisions.registry import Clock, Registry, Worker
 from .decisions.routing import Router
+from .edge import listening
 from .edge.access import exposure_warnings
+from .edge.client_connections import ClientConnections, ClientLimits
 from .edge.handlers import Limits, add_routes
 from .edge.metrics import Metrics
 from .errors import ConfigError, NotRunningError
@@ -120,6 +122,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             token=cfg.upstream_token,
             ca_certs=cfg.worker_ca_certs,
             guard=AddressGuard(cfg.worker_networks),
+            max_connections=cfg.max_worker_connections,
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
@@ -128,6 +131,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         self.relay.tally.stream_duration = self.metrics.stream_duration
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        #: a standalone controller's listening socket and client connections
+        self._clients: ClientConnections | None = None
         #: attached to a host application (True) or serving on its own (False)
         self._embedded = True
         self._parent: ParentLink | None = None
@@ -174,6 +179,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         Idempotent. For a controller attached to a host application, the host's cleanup does
         this; calling it earlier stops the controller's background work only.
         """
+        clients, self._clients = self._clients, None
+        if clients is not None:
+            clients.close()  # accept no more connections
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -191,17 +199,15 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     @property
     def url(self) -> str:
         """The base URL a standalone controller listens on (the real port if 0 was asked)."""
-        if self._runner is None:
+        if self._clients is None:
             raise NotRunningError("url is known only for a controller started with serve()")
-        port = self.config.port
-        for address in self._runner.addresses:
-            if isinstance(address, tuple) and len(address) >= 2:
-                port = address[1]
-                break
-        host = self.config.host or "0.0.0.0"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{self.config.scheme}://{host}:{port}"
+        return listening.listening_url(self.config, self._clients.addresses)
+
+    @property
+    def client_connections(self) -> ClientConnections | None:
+        """A standalone controller's client connections (``held`` counts them); ``None``
+        for one attached to a host application, whose runner accepts the connections."""
+        return self._clients
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -251,24 +257,34 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         largest = max(cfg.max_body_size, cfg.max_control_body_size)
         app = web.Application(client_max_size=largest, handler_args=handler_args)
         self._attach(app, embedded=False)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        # Standalone, every descriptor is this controller's: the caps must fit the limit.
+        caps = listening.fit_to_descriptors(
+            cfg.max_connections, cfg.max_worker_connections, listening.soft_descriptor_limit()
+        )
+        if caps.warning is not None:
+            log.warning("%s", caps.warning)
+        self.connections.max_connections = caps.max_worker_connections
+        # The client connections' time bounds are kept by ClientConnections; aiohttp's own
+        # keep-alive timer stays as a backstop that never fires first.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=cfg.idle_timeout + cfg.header_timeout,
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(
-                runner,
-                cfg.host,
-                cfg.port,
-                ssl_context=self._ssl_context(),
-                reuse_address=True,
-                backlog=cfg.backlog,
-            )
-            await site.start()
+            assert runner.server is not None, "set up above"
+            limits = attrs.evolve(ClientLimits.of(cfg), max_connections=caps.max_connections)
+            clients = ClientConnections(runner.server, limits)
+            tls = listening.server_ssl_context(cfg)
+            await clients.listen(cfg.host, cfg.port, ssl_context=tls, backlog=cfg.backlog)
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
+        self._runner, self._clients = runner, clients
         # A worker at this controller's own address would be a loop: refused.
-        self.connections.guard.add_own(runner.addresses)
+        self.connections.guard.add_own(clients.addresses)
         for warning in exposure_warnings(cfg):
             log.warning("%s", warning)
         # Standalone: the parent link starts once the (possibly OS-chosen) port is known.
@@ -279,18 +295,6 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     def _limits(self) -> Limits:
         cfg = self.config
         return Limits(cfg.max_control_body_size, cfg.max_body_size, cfg.max_models_per_worker)
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        cfg = self.config
-        if cfg.ssl_certfile is None or cfg.ssl_keyfile is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
-        if cfg.ssl_client_ca_certs is not None:
-            # Mutual TLS: no certificate signed by this CA, no handshake.
-            context.load_verify_locations(cafile=cfg.ssl_client_ca_certs)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
 
     async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
         self._open()

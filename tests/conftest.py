@@ -304,8 +304,12 @@ class ControllerProcess:
     _reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, *args: str, timeout: float = 20.0) -> ControllerProcess:
+    async def start(
+        cls, *args: str, timeout: float = 20.0, prefix: tuple[str, ...] = ()
+    ) -> ControllerProcess:
+        """Start one; ``prefix`` is a command to run it under (such as ``prlimit ...``)."""
         process = await asyncio.create_subprocess_exec(
+            *prefix,
             sys.executable,
             "-m",
             "controller",
@@ -380,8 +384,8 @@ async def spawn_controller() -> AsyncIterator[SpawnController]:
     """Factory for controller processes (flags as arguments); all are killed and waited."""
     processes: list[ControllerProcess] = []
 
-    async def spawn(*args: str) -> ControllerProcess:
-        process = await ControllerProcess.start(*args)
+    async def spawn(*args: str, prefix: tuple[str, ...] = ()) -> ControllerProcess:
+        process = await ControllerProcess.start(*args, prefix=prefix)
         processes.append(process)
         return process
 

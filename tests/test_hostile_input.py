@@ -430,7 +430,10 @@ async def test_a_thousand_status_calls_with_a_thousand_workers_probe_each_once(
     fleet = Fleet(1000)
     await fleet.server.start_server()
     try:
-        config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0)
+        # The 1,000 clients share one loopback address: past the per-source default of 256.
+        config = ControllerConfig(
+            host="127.0.0.1", port=0, load_poll_interval=0, max_connections_per_source=1000
+        )
         controller = await run_controller(config)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:

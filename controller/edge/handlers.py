@@ -17,7 +17,7 @@ from .. import protocol
 from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
-from ..errors import BadRequestError, ForbiddenError, RegistryFullError
+from ..errors import BadRequestError, BodyTimeoutError, ForbiddenError, RegistryFullError
 from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
@@ -110,6 +110,12 @@ async def _read(request: web.Request, limit: Limit) -> bytes:
         # aiohttp would make it a 500.
         message = "request body cannot be decoded as its Content-Encoding says"
         raise _refusal(web.HTTPBadRequest, message) from None
+    except BodyTimeoutError as e:
+        # --body-timeout: the rest of the body is never read, so the connection closes.
+        answer = {"error": "request_timeout", "field": None, "message": str(e)}
+        refusal = web.HTTPRequestTimeout(text=protocol.encode(answer).decode(), content_type=_JSON)
+        refusal.force_close()
+        raise refusal from None
     except ConnectionResetError:
         # The client left halfway through its body. Nobody reads the answer; raising an
         # HTTP error (rather than letting this through) keeps aiohttp from logging a

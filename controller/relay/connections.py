@@ -15,7 +15,13 @@ from .guard import AddressGuard
 from .pool import Pool
 from .upstream import Upstream
 
-__all__ = ["WorkerConnections"]
+__all__ = ["WorkerConnections", "probe_share"]
+
+
+def probe_share(max_connections: int) -> int:
+    """How many of ``max_connections`` the aiohttp session (status probes, load polls) may
+    hold; the relay's pool holds the rest."""
+    return max(1, max_connections // 8)
 
 
 class WorkerConnections:
@@ -28,6 +34,12 @@ class WorkerConnections:
     Both send ``token`` as a bearer token with every request, and verify https workers
     against the CA certificates in ``ca_certs`` when given. Both connect only to
     addresses ``guard`` (the worker address policy) allows, checked on every connection.
+
+    Together they hold at most ``max_connections`` connections open: the session an eighth
+    of them (:func:`probe_share`), each closed once its answer is read, so none sits idle
+    uncounted; the pool the rest, idle ones included (see :class:`Pool`). A probe takes
+    one of ``probe_slots`` before its timeout starts, so probes queued behind silent
+    workers wait their turn instead of failing.
     """
 
     def __init__(
@@ -38,8 +50,10 @@ class WorkerConnections:
         token: str | None = None,
         ca_certs: str | None = None,
         guard: AddressGuard | None = None,
+        max_connections: int = 1024,
     ) -> None:
         self._timeout = timeout
+        self.max_connections = max_connections
         self._clock = clock
         self._headers = authorization(token)
         self._ca_certs = ca_certs
@@ -48,14 +62,22 @@ class WorkerConnections:
         self.ssl_context: ssl.SSLContext | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool[Upstream] | None = None
+        #: the session's connections (status probes, load polls) open at once; made by open()
+        self.probe_slots = asyncio.Semaphore(probe_share(max_connections))
 
     def open(self) -> None:
         """Create the session and the pool (on the running loop)."""
         asyncio.get_running_loop()  # fail early outside a loop, as aiohttp would later
         if self._ca_certs is not None:
             self.ssl_context = ssl.create_default_context(cafile=self._ca_certs)
+        # aiohttp's limit counts connections in use, not idle kept-alive ones: closing each
+        # after its answer makes it a bound on every socket the session holds. A probe
+        # waiting for one waits within its own timeout.
+        share = probe_share(self.max_connections)
+        self.probe_slots = asyncio.Semaphore(share)
         connector = aiohttp.TCPConnector(
-            limit=0,
+            limit=share,
+            force_close=True,
             enable_cleanup_closed=False,
             ssl=self.ssl_context or True,
             socket_factory=self.guard.socket_factory,
@@ -66,7 +88,7 @@ class WorkerConnections:
             auto_decompress=False,
             headers=self._headers,
         )
-        pool: Pool[Upstream] = Pool(self._clock)
+        pool: Pool[Upstream] = Pool(self._clock, self.max_connections - share)
         self._pool = pool
         pool.ssl_context = self.ssl_context
         pool.guard = self.guard

@@ -43,7 +43,7 @@ async def relay_document(
         return None, Outcome.FAILED_BEFORE_START
     fresh = False
     while True:
-        upstream = reach.send(target, body, request, fresh=fresh, document_limit=answer_limit)
+        upstream = await reach.send(target, body, request, fresh=fresh, document_limit=answer_limit)
         try:
             while not upstream.ended:
                 await upstream.wait()

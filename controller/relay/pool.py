@@ -1,7 +1,9 @@
-"""Idle keep-alive connections to workers, shared by the relays."""
+"""Connections to workers, shared by the relays: the idle kept-alive ones, and how many are
+open at once (``--max-worker-connections``, less the status probes' share)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Callable
@@ -32,6 +34,8 @@ class Connection(Protocol):
 
 
 C = TypeVar("C", bound=Connection)
+#: a worker address, as connections to it are pooled: (host, port, tls)
+Key = tuple[str, int, bool]
 
 
 class Pool(Generic[C]):
@@ -40,12 +44,27 @@ class Pool(Generic[C]):
     A connection returns here only after a response that ended cleanly and that the worker
     did not mark ``Connection: close``. Connections idle longer than ``IDLE_TIMEOUT`` are
     closed by :meth:`prune` (the controller calls it every second) or when met.
+
+    At most ``max_open`` connections are open at once, idle ones included: a new one takes
+    a slot (:meth:`take_slot`) and its closing gives it back (:meth:`slot_freed`). When none
+    is free, an idle connection is closed to free one, and the request waits
+    (:meth:`wait`) for either a slot or a connection to its own worker coming back; a
+    waiter is served first come, first served.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_open: int = 1 << 30
+    ) -> None:
         #: ages idle connections (monotonic seconds; injected so tests can age them)
         self.clock = clock
-        self._idle: dict[tuple[str, int, bool], list[C]] = {}
+        self.max_open = max_open
+        #: connections open (or opening) now
+        self.open = 0
+        #: requests waiting for a connection, oldest first, and the same by worker address
+        #: (``None``: one that must have a new connection)
+        self._waiting: dict[asyncio.Future[C | bool], Key | None] = {}
+        self._waiting_for: dict[Key | None, dict[asyncio.Future[C | bool], None]] = {}
+        self._idle: dict[Key, list[C]] = {}
         self._targets: dict[tuple[str, str], Target | None] = {}
         #: verifies https workers; the default trust store unless replaced
         self.ssl_context: ssl.SSLContext | None = None
@@ -88,7 +107,16 @@ class Pool(Generic[C]):
                 connection.discard()
         return None
 
-    def release(self, connection: C, key: tuple[str, int, bool]) -> None:
+    def release(self, connection: C, key: Key) -> None:
+        if self._waiting:
+            waiters = self._waiting_for.get(key)
+            if waiters:
+                # Straight to a request waiting for this worker, never through the pool.
+                self._hand(next(iter(waiters)), connection)
+                return
+            # Requests wait for other workers: closing this one frees them a slot.
+            connection.discard()
+            return
         idle = self._idle.setdefault(key, [])
         if self.closed or len(idle) >= MAX_IDLE_PER_HOST:
             connection.discard()
@@ -114,11 +142,76 @@ class Pool(Generic[C]):
                 del self._idle[key]
         return pruned
 
+    # -- open connections, at most max_open -------------------------------------------------
+
+    def take_slot(self) -> bool:
+        """Count a new connection in if one more may open; if none may, close an idle one
+        (its slot goes to the first waiter) and say ``False``: then :meth:`wait`."""
+        if self.open < self.max_open:
+            self.open += 1
+            return True
+        while self._idle:
+            key, idle = next(iter(self._idle.items()))
+            connection = idle.pop(0)
+            if not idle:
+                del self._idle[key]
+            if connection.usable():
+                connection.discard()
+                break
+            # Closed already (its slot was given back then): forget it, try the next.
+        return False
+
+    def slot_freed(self) -> None:
+        """A connection closed (or failed to open): its slot goes to the first waiter."""
+        if self._waiting:
+            self._hand(next(iter(self._waiting)), True)
+        else:
+            self.open -= 1
+
+    def wait(self, key: Key | None) -> asyncio.Future[C | bool]:
+        """A future for a request waiting to reach ``key`` (``None``: on a new connection):
+        an idle connection to it, ``True`` for a slot to open one, ``False`` if the pool
+        closed. Give it to :meth:`stop_waiting` if it is no longer wanted."""
+        future: asyncio.Future[C | bool] = asyncio.get_running_loop().create_future()
+        self._waiting[future] = key
+        self._waiting_for.setdefault(key, {})[future] = None
+        return future
+
+    def stop_waiting(self, future: asyncio.Future[C | bool]) -> None:
+        """The waiter of ``future`` gave up (timed out, cancelled): whatever it was handed
+        goes to the next one."""
+        key = self._waiting.get(future, None)
+        if future in self._waiting:
+            self._unlist(future, key)
+        if future.done() and not future.cancelled():
+            got = future.result()
+            if got is True:
+                self.slot_freed()
+            elif not isinstance(got, bool):
+                got.discard()  # its closing frees the slot
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _hand(self, future: asyncio.Future[C | bool], what: C | bool) -> None:
+        self._unlist(future, self._waiting[future])
+        future.set_result(what)
+
+    def _unlist(self, future: asyncio.Future[C | bool], key: Key | None) -> None:
+        del self._waiting[future]
+        same = self._waiting_for[key]
+        del same[future]
+        if not same:
+            del self._waiting_for[key]
+
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> None:
         self.closed = True
+        for future in list(self._waiting):
+            self._hand(future, False)
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:

@@ -3,6 +3,9 @@ clients, and the timeouts; and sending one request through them."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import attrs
 from aiohttp import web
 
@@ -16,13 +19,19 @@ from .watch import DisconnectWatch
 
 __all__ = ["Reach"]
 
+log = logging.getLogger(__name__)
+
+#: a WARNING that requests wait for a connection to a worker is logged at most this often
+WAIT_WARNING_EVERY = 60.0
+
 
 @attrs.frozen
 class Reach:
     """Shared by every relay of one controller while it runs.
 
-    ``connect_timeout`` bounds connecting to a worker; ``read_timeout`` bounds its silence
-    (waiting for its answer included), never the length of the answer.
+    ``connect_timeout`` bounds connecting to a worker, waiting for a free connection slot
+    included (``--max-worker-connections``); ``read_timeout`` bounds its silence (waiting
+    for its answer included), never the length of the answer.
     """
 
     pool: Pool[Upstream]
@@ -35,7 +44,10 @@ class Reach:
     #: what the relays count (messages relayed, failovers, stream timings)
     tally: RelayTally = attrs.field(factory=RelayTally)
 
-    def send(
+    #: when the last WARNING about waiting for a connection was logged (loop time)
+    _warned_at: list[float] = attrs.field(factory=lambda: [-WAIT_WARNING_EVERY], init=False)
+
+    async def send(
         self,
         target: Target,
         body: bytes,
@@ -45,8 +57,19 @@ class Reach:
         document_limit: int = 0,
     ) -> Upstream:
         """Send ``body`` to ``target`` on a kept-alive connection (a new one if ``fresh``),
-        watching ``request``'s client; the answer arrives through the returned upstream."""
-        upstream = Upstream.for_request(self.pool, target, self.read_timeout, self.budget, fresh)
+        watching ``request``'s client; the answer arrives through the returned upstream.
+
+        Every connection slot taken, it waits for one up to ``connect_timeout``; then the
+        upstream comes back ``refused`` (the controller's limit, not the worker's fault)."""
+        pool = self.pool
+        upstream = None if fresh else pool.acquire(target, self.read_timeout)
+        if upstream is None:
+            if pool.take_slot():
+                upstream = Upstream.new(pool, self.read_timeout, self.budget, True)
+            else:
+                upstream = await self._wait(target, fresh)
+        if upstream.ended:  # refused: no slot came free
+            return upstream
         head = self.via.head(request.headers if request is not None else None)
         upstream.start(target, body, self.connect_timeout, document_limit, head)
         if request is not None:
@@ -58,3 +81,34 @@ class Reach:
         if request is not None:
             self.watch.discard(request)
         upstream.close()
+
+    async def _wait(self, target: Target, fresh: bool) -> Upstream:
+        pool = self.pool
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._warned_at[0] >= WAIT_WARNING_EVERY:
+            self._warned_at[0] = loop.time()
+            log.warning(
+                "Every connection to workers is in use (%d, max_worker_connections less the "
+                "probes' share): requests wait up to %g s for one",
+                pool.max_open,
+                self.connect_timeout,
+            )
+        waiter = pool.wait(None if fresh else target.key)
+        try:
+            # Shielded: the waiter stays pending (never cancelled) until stop_waiting, so
+            # what the pool hands it meanwhile is passed on, not lost.
+            async with asyncio.timeout(self.connect_timeout):
+                got = await asyncio.shield(waiter)
+        except TimeoutError:
+            pool.stop_waiting(waiter)
+            got = False
+        except asyncio.CancelledError:
+            pool.stop_waiting(waiter)
+            raise
+        if got is True:
+            return Upstream.new(pool, self.read_timeout, self.budget, True)
+        if got is False:
+            log.debug("no connection to %s free in %g s", target.host, self.connect_timeout)
+            return Upstream.new(pool, self.read_timeout, self.budget, False)
+        got.reuse(self.read_timeout)
+        return got

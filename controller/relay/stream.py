@@ -63,7 +63,7 @@ async def relay_stream(
         return _error_response(error_code), Outcome.FAILED_BEFORE_START
     fresh = False
     while True:
-        upstream = reach.send(target, body, request, fresh=fresh)
+        upstream = await reach.send(target, body, request, fresh=fresh)
         try:
             relayed = await _pump(request, upstream, worker_name, error_code, reach, timing)
         finally:
@@ -129,6 +129,11 @@ async def _pump(
         tail, outcome = protocol.stream_error(error_code), Outcome.ABORTED
     elif upstream.stale and response is None:
         return None
+    elif upstream.refused is not None and response is None:
+        # The controller's own limit (no connection to a worker came free): an in-band error
+        # as for a failed worker, without counting against the worker's health.
+        log.debug("stream to %s refused: %s", worker_name, upstream.refused)
+        return _error_response(error_code), Outcome.REFUSED
     elif upstream.failure is not None:
         log.debug("stream from %s failed: %r", worker_name, upstream.failure)
         if response is None:

@@ -58,6 +58,10 @@ class Upstream(Holding, asyncio.Protocol):
         #: in the pool, between requests
         self.idle = False
         self.idle_since = 0.0
+        #: holds one of the pool's slots (a new connection, until it closes)
+        self._slot = False
+        #: connection_made was called
+        self._made = False
         self._reset(timeout)
 
     def _reset(self, timeout: float) -> None:
@@ -99,12 +103,14 @@ class Upstream(Holding, asyncio.Protocol):
         self._dropped = False
 
     @classmethod
-    def for_request(
-        cls, pool: Pool[Upstream], target: Target, timeout: float, budget: Budget, fresh: bool
-    ) -> Upstream:
-        """An idle connection to ``target`` from ``pool`` (unless ``fresh``), or a new one."""
-        upstream = None if fresh else pool.acquire(target, timeout)
-        return upstream or cls(asyncio.get_running_loop(), timeout, pool, budget)
+    def new(cls, pool: Pool[Upstream], timeout: float, budget: Budget, slot: bool) -> Upstream:
+        """A new connection, holding one of ``pool``'s slots (given back when it closes), or
+        without one (``slot=False``) refused before it began: see ``refused``."""
+        upstream = cls(asyncio.get_running_loop(), timeout, pool, budget)
+        upstream._slot = slot
+        if not slot:
+            upstream._refuse("no connection to a worker came free in time (max_worker_connections)")
+        return upstream
 
     # -- driven by the pool --------------------------------------------------------------
 
@@ -163,6 +169,8 @@ class Upstream(Holding, asyncio.Protocol):
             self._start(target, body, connect_timeout, document_limit, head)
         except Exception as e:  # an address that cannot be encoded, say
             self._fail(e)
+            if self._connect is None:
+                self._free_slot()
 
     def _start(
         self, target: Target, body: bytes, timeout: float, document_limit: int, head: bytes
@@ -243,6 +251,7 @@ class Upstream(Holding, asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = transport = cast(asyncio.Transport, transport)
         if self.ended:  # stopped while connecting
@@ -310,6 +319,7 @@ class Upstream(Holding, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._free_slot()
         if self.ended:
             return
         framing = self._framing
@@ -321,20 +331,19 @@ class Upstream(Holding, asyncio.Protocol):
             self._dropped = True
         self._fail(UpstreamError(f"worker closed the connection: {exc or 'EOF'}"))
 
-    def pause_writing(self) -> None:  # the request is small; nothing to do
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- internals -----------------------------------------------------------------------
 
     def _connected(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
+        error = None if future.cancelled() else future.exception()
+        if not self._made and (error is not None or future.cancelled()):
+            self._free_slot()  # no connection: no connection_lost to give the slot back
         if error is not None and not self.ended:
             self._fail(error)
+
+    def _free_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            self._pool.slot_freed()
 
     def _connect_timed_out(self) -> None:
         self._timer = None

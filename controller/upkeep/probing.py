@@ -115,6 +115,11 @@ class Prober:
         limit = cfg.status_probe_timeout
         if poll:
             limit = min(limit, max(cfg.load_poll_interval, 0.5))
+        async with self.connections.probe_slots:  # --max-worker-connections
+            return await self._probe(worker_name, url, limit)
+
+    async def _probe(self, worker_name: str, url: str, limit: float) -> WorkerStatus | None:
+        cfg = self.config
         timeout = aiohttp.ClientTimeout(total=limit)
         try:
             # Never redirected: a worker's answer must not send the controller elsewhere.

@@ -1,0 +1,380 @@
+"""The standalone controller's listening socket and the client connections it accepts: how
+long a request head, a request body and a kept-alive wait may take, and how many
+connections are held, in all and from one source address.
+
+aiohttp bounds none of these (its keep-alive timer starts only after a response, and data
+trickling in never trips it), so the controller listens with a protocol factory of its own.
+Each accepted connection is a :class:`_Client` wrapped around the protocol aiohttp's
+low-level ``web.Server`` makes (a documented protocol factory); it forwards every event and
+adds one timer per connection, moved lazily: a deadline is a float stored on the
+connection, and the timer, when it fires early, only re-arms itself. The request's
+lifecycle comes from wrapping the server's public ``request_handler`` attribute (one
+coroutine frame per request), which aiohttp's protocol reads when it is made, so the wrap
+is in place before the first connection. Nothing here reaches below aiohttp's public API
+(``relay/sink.py`` stays the one place that does). On the hot path a read costs one
+attribute check before aiohttp gets it; a request, about a microsecond.
+
+A connection is, in turn:
+
+* ``HEAD``: opened, or sending the head of its next request: closed ``header_timeout``
+  after it opened or after the first byte of that head, whatever trickles in meanwhile;
+* ``BODY``: the head is in and the body is still arriving: ``body_timeout`` after the head,
+  the body's reader gets :class:`~controller.errors.BodyTimeoutError` (the handlers answer
+  408, and aiohttp closes the connection since the body was never read to its end);
+* ``BUSY``: a request in progress, however long its answer streams: never timed out here;
+* ``IDLE``: between requests: closed after ``idle_timeout`` unless a byte of the next
+  head comes.
+
+``HEAD`` and ``IDLE`` connections are *reusable*, oldest first: at ``max_connections`` a new
+connection closes the oldest reusable one to make room (as nginx does), and is refused only
+when every connection held has a request in progress. A source address past
+``max_connections_per_source`` is refused at once. A refusal is a canned HTTP 503 written
+as the connection opens, then a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import attrs
+from aiohttp import web
+
+from .. import protocol
+from ..config import ControllerConfig
+from ..errors import BodyTimeoutError
+
+__all__ = ["ClientConnections", "ClientLimits"]
+
+log = logging.getLogger(__name__)
+
+HEAD, BODY, BUSY, IDLE, CLOSED = range(5)
+#: a timer that fires this early counts as on time (uvloop's clock ticks in milliseconds)
+_SLACK = 0.001
+#: refusals and evictions are summed up in one WARNING at most this often (seconds)
+REPORT_EVERY = 10.0
+#: what a refused connection is told to wait (seconds)
+RETRY_AFTER = 1
+
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@attrs.frozen
+class ClientLimits:
+    """The bounds on client connections (the config's ``header_timeout`` and so on)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_source: int = 256
+
+    @classmethod
+    def of(cls, config: ControllerConfig) -> ClientLimits:
+        return cls(
+            config.header_timeout,
+            config.body_timeout,
+            config.idle_timeout,
+            config.max_connections,
+            config.max_connections_per_source,
+        )
+
+
+def _refusal(message: str) -> bytes:
+    body = protocol.encode({"error": "too_many_connections", "field": None, "message": message})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {RETRY_AFTER}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: aiohttp's protocol inside, and where its request is."""
+
+    __slots__ = (
+        "_inner",
+        "_owner",
+        "_timer",
+        "body",
+        "deadline",
+        "phase",
+        "source",
+        "timer_at",
+        "transport",
+    )
+
+    def __init__(self, owner: ClientConnections) -> None:
+        self._owner = owner
+        #: aiohttp's protocol once admitted; a refused connection keeps a silent stand-in
+        self._inner: asyncio.Protocol = _NOTHING
+        self.transport: asyncio.Transport | None = None
+        self.source = ""
+        self.phase = HEAD
+        #: when the current phase's time is up (loop time), or None
+        self.deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        #: when the timer fires (loop time), or None when there is none
+        self.timer_at: float | None = None
+        #: the body still arriving (in ``BODY``)
+        self.body: Any = None
+
+    # -- asyncio.Protocol: everything goes on to aiohttp's protocol ------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        inner = self._owner.admit(self)
+        if inner is not None:
+            self._inner = inner
+            inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == IDLE:
+            self._owner.head_begins(self)
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.forget(self)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    # -- the one timer ---------------------------------------------------------------------
+
+    def expire_at(self, deadline: float | None, loop: asyncio.AbstractEventLoop) -> None:
+        """Set the phase's deadline; the timer moves only when it would fire too late."""
+        self.deadline = deadline
+        if deadline is None:
+            return
+        timer = self._timer
+        if timer is None or self.timer_at is None or deadline < self.timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+            self.timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self._timer = self.timer_at = None
+        deadline = self.deadline
+        if deadline is None or self.phase == CLOSED:
+            return
+        loop = self._owner.loop
+        if loop.time() < deadline - _SLACK:
+            self._timer = loop.call_at(deadline, self._on_timer)
+            self.timer_at = deadline
+            return
+        self.deadline = None
+        self._owner.time_up(self)
+
+    def stop_timer(self) -> None:
+        self.deadline = self.timer_at = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+_NOTHING = asyncio.Protocol()
+
+
+class ClientConnections:
+    """The client connections of one listening socket, and their bounds.
+
+    Made from an ``AppRunner``'s (set up) low-level server, whose ``request_handler`` it
+    wraps; :meth:`listen` opens the socket. ``held`` counts the connections held now.
+    """
+
+    def __init__(self, server: web.Server, limits: ClientLimits) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limits = limits
+        self._idle_timeout = limits.idle_timeout
+        self._server = server
+        self._handler: _Handler = server.request_handler
+        server.request_handler = self._handle
+        self.held = 0
+        self._per_source: dict[str, int] = {}
+        #: connections idle or sending a head, the one longest so first
+        self._reusable: dict[_Client, None] = {}
+        self._listener: asyncio.Server | None = None
+        self._per_source_refusal = _refusal(
+            f"this address holds {limits.max_connections_per_source} connections already "
+            "(max_connections_per_source)"
+        )
+        self._full_refusal = _refusal(
+            f"the controller holds {limits.max_connections} connections, each with a request "
+            "in progress (max_connections)"
+        )
+        #: what happened since the last report, and when the next may be logged
+        self._events: dict[str, int] = {}
+        self._report_at = 0.0
+
+    async def listen(
+        self, host: str | None, port: int, *, ssl_context: ssl.SSLContext | None, backlog: int
+    ) -> asyncio.Server:
+        """Open the listening socket; its connections are this object's from now on. A TLS
+        handshake must end within ``header_timeout`` (it comes before the head)."""
+        self._listener = await self.loop.create_server(
+            lambda: _Client(self),
+            host or None,
+            port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=self.limits.header_timeout if ssl_context else None,
+            backlog=backlog,
+            reuse_address=True,
+        )
+        return self._listener
+
+    @property
+    def addresses(self) -> list[Any]:
+        """The listening socket's addresses (``getsockname()`` of each)."""
+        if self._listener is None:
+            return []
+        return [sock.getsockname() for sock in self._listener.sockets]
+
+    def close(self) -> None:
+        """Stop accepting connections (those held are the runner's to close)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+    # -- a connection's life ----------------------------------------------------------------
+
+    def admit(self, client: _Client) -> asyncio.Protocol | None:
+        """Count a new connection in, making room if need be; aiohttp's protocol for it, or
+        ``None`` when it is refused (answered 503 and closed)."""
+        transport = client.transport
+        assert transport is not None
+        peer = transport.get_extra_info("peername")
+        source = client.source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        limits = self.limits
+        per_source = self._per_source.get(source, 0)
+        if per_source >= limits.max_connections_per_source:
+            self._refuse(client, self._per_source_refusal, "refused past the per-source cap")
+            return None
+        if self.held >= limits.max_connections:
+            oldest = next(iter(self._reusable), None)
+            if oldest is None:
+                self._refuse(client, self._full_refusal, "refused, all busy")
+                return None
+            self._note("idle or slow closed to make room")
+            self.close_client(oldest)
+        self.held += 1
+        self._per_source[source] = per_source + 1
+        self._reusable[client] = None
+        client.expire_at(self.loop.time() + limits.header_timeout, self.loop)
+        return cast(asyncio.Protocol, self._server())
+
+    def head_begins(self, client: _Client) -> None:
+        """The first byte of an idle connection's next request: the head's time starts."""
+        client.phase = HEAD
+        client.expire_at(self.loop.time() + self.limits.header_timeout, self.loop)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's request handler, with the connection told when a request starts (its
+        head is complete) and when its handler is done. Every request passes here: kept
+        to a few attribute stores, the timer moved only when it would fire too late."""
+        transport = request.transport
+        client = transport.get_protocol() if transport is not None else None
+        if type(client) is not _Client or client.phase == CLOSED:
+            return await self._handler(request)
+        reusable = self._reusable
+        reusable.pop(client, None)
+        body = request.content
+        if body.is_eof():
+            client.phase = BUSY
+            client.deadline = None
+        else:
+            client.phase = BODY
+            client.body = body
+            client.expire_at(self.loop.time() + self.limits.body_timeout, self.loop)
+        try:
+            return await self._handler(request)
+        finally:
+            client.body = None
+            if client.phase != CLOSED:
+                client.phase = IDLE
+                reusable[client] = None
+                deadline = client.deadline = self.loop.time() + self._idle_timeout
+                if client.timer_at is None or deadline < client.timer_at:
+                    client.expire_at(deadline, self.loop)
+
+    def time_up(self, client: _Client) -> None:
+        """A connection's phase ran out of time."""
+        if client.phase == BODY:
+            body, client.body = client.body, None
+            client.phase = BUSY
+            if body is not None and not body.is_eof():
+                timeout = self.limits.body_timeout
+                log.debug("request body from %s not complete in %g s", client.source, timeout)
+                body.set_exception(
+                    BodyTimeoutError(
+                        f"the request body did not arrive within {timeout:g} s (body_timeout)"
+                    )
+                )
+            return
+        if client.phase == HEAD or client.phase == IDLE:
+            what = "request head" if client.phase == HEAD else "next request"
+            log.debug("closed a connection from %s: no %s in time", client.source, what)
+            self.close_client(client)
+
+    def close_client(self, client: _Client) -> None:
+        """Close a connection now; its place is free at once."""
+        self.forget(client)
+        if client.transport is not None:
+            client.transport.close()
+
+    def forget(self, client: _Client) -> None:
+        """The connection is gone (or going): uncount it. Idempotent."""
+        if client.phase == CLOSED:
+            return
+        client.phase = CLOSED
+        client.stop_timer()
+        client.body = None
+        self._reusable.pop(client, None)
+        self.held -= 1
+        source = client.source
+        left = self._per_source[source] - 1
+        if left:
+            self._per_source[source] = left
+        else:
+            del self._per_source[source]
+
+    def _refuse(self, client: _Client, answer: bytes, what: str) -> None:
+        client.phase = CLOSED
+        self._note(what)
+        transport = client.transport
+        if transport is not None:
+            transport.write(answer)
+            transport.close()
+
+    def _note(self, what: str) -> None:
+        """Count a refusal or an eviction, and say so now and then (never once per event:
+        an attack would flood the log)."""
+        events = self._events
+        events[what] = events.get(what, 0) + 1
+        now = self.loop.time()
+        if now < self._report_at:
+            return
+        self._report_at = now + REPORT_EVERY
+        self._events = {}
+        limits = self.limits
+        log.warning(
+            "Client connections at their limits (%d held; --max-connections %d, "
+            "--max-connections-per-source %d): %s",
+            self.held,
+            limits.max_connections,
+            limits.max_connections_per_source,
+            ", ".join(f"{n} {kind}" for kind, n in events.items()),
+        )

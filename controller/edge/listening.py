@@ -1,0 +1,89 @@
+"""What the standalone controller's listening socket needs before it opens: its TLS
+context, and connection caps that fit the descriptor limit."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from ..config import ControllerConfig
+
+__all__ = [
+    "Caps",
+    "fit_to_descriptors",
+    "listening_url",
+    "server_ssl_context",
+    "soft_descriptor_limit",
+]
+
+#: descriptors kept for the listening socket, the state file, logs and DNS
+SPARE_DESCRIPTORS = 64
+
+
+def soft_descriptor_limit() -> int | None:
+    """This process's soft limit on open descriptors; ``None`` if unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+@attrs.frozen
+class Caps:
+    """The connection caps the controller runs with, and why they differ from the
+    configured ones (``warning``), if they do."""
+
+    max_connections: int
+    max_worker_connections: int
+    warning: str | None = None
+
+
+def fit_to_descriptors(max_connections: int, max_worker_connections: int, soft: int | None) -> Caps:
+    """The caps, shrunk in proportion when the descriptor limit ``soft`` cannot hold them
+    plus :data:`SPARE_DESCRIPTORS`: at a cap, idle clients are closed to make room, while
+    at the descriptor limit the kernel refuses new clients outright (1,100 idle sockets
+    at a limit of 1,024 locked everyone out)."""
+    needed = max_connections + max_worker_connections + SPARE_DESCRIPTORS
+    if soft is None or soft >= needed:
+        return Caps(max_connections, max_worker_connections)
+    room = max(soft - SPARE_DESCRIPTORS, 3)
+    clients = max(1, room * max_connections // (max_connections + max_worker_connections))
+    workers = max(2, room - clients)
+    warning = (
+        f"The descriptor limit ({soft}) cannot hold --max-connections {max_connections} + "
+        f"--max-worker-connections {max_worker_connections} + {SPARE_DESCRIPTORS}: running "
+        f"with {clients} and {workers} instead, so that idle clients are closed to make room "
+        "before the kernel refuses anyone. Raise the limit (ulimit -n) for the caps asked for"
+    )
+    return Caps(clients, workers, warning)
+
+
+def server_ssl_context(config: ControllerConfig) -> ssl.SSLContext | None:
+    """The listening socket's TLS context, or ``None`` for plain HTTP."""
+    if config.ssl_certfile is None or config.ssl_keyfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    if config.ssl_client_ca_certs is not None:
+        # Mutual TLS: no certificate signed by this CA, no handshake.
+        context.load_verify_locations(cafile=config.ssl_client_ca_certs)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def listening_url(cfg: ControllerConfig, addresses: Iterable[Any]) -> str:
+    """The base URL of a listener bound to ``addresses`` (the real port if 0 was asked)."""
+    port = cfg.port
+    for address in addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            port = address[1]
+            break
+    host = cfg.host or "0.0.0.0"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{cfg.scheme}://{host}:{port}"
