@@ -23,6 +23,7 @@ from .decisions.routing import Router
 from .edge.access import exposure_warnings
 from .edge.handlers import Limits, add_routes
 from .errors import ConfigError, NotRunningError
+from .jsonbody import BodyReader
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
 from .relay.guard import AddressGuard
@@ -77,7 +78,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     The parts, each reachable as an attribute: ``registry`` (the workers, the one place
     where they change, and its change feed), ``router`` (which worker gets a request),
     ``relay`` (forwarding requests to workers, failover, draining), ``prober`` (status
-    probes, refresh, load polls) and ``connections`` (the session and pool to workers).
+    probes, refresh, load polls), ``connections`` (the session and pool to workers) and
+    ``bodies`` (reads request bodies within bounds, and counts how).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
+        self.bodies = BodyReader()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         #: attached to a host application (True) or serving on its own (False)
@@ -228,6 +231,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             prober=self.prober,
             access=self.config.access,
             limits=self._limits(),
+            bodies=self.bodies,
         )
         app.cleanup_ctx.append(self._app_context)
         app.on_shutdown.append(self._drain)

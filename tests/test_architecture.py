@@ -28,6 +28,8 @@ LAYERS: dict[str, int] = {
     "controller.sharing": 5,
     "controller.relay": 4,
     "controller.protocol": 3,
+    "controller.jsonbody": 3,
+    "controller.nesting": 3,
     "controller.config": 3,
     "controller.credentials": 3,
     "controller.decisions": 2,
