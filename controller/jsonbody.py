@@ -21,6 +21,7 @@ so other requests are served while it is checked.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -181,19 +182,33 @@ def _steps(
 def _check(
     decoder: msgspec.json.Decoder[Any], text: bytes
 ) -> Generator[None, None, tuple[Any, _Marks | None]]:
-    """``text`` decoded by ``decoder``, again with its tokens marked if msgspec refuses
+    """``text`` decoded by ``decoder``, again with its tokens marked if msgspec refused
     one of them; :class:`BadRequestError` if it is not JSON either way."""
     try:
         return decoder.decode(text), None
     except msgspec.DecodeError as e:
-        marks = _Marks.find(text)
-        if marks is None:
-            raise _not_json(e, None) from None
+        error = e
     except RecursionError:
         raise _too_deep() from None
-    if len(text) > INLINE:
+    large = len(text) > INLINE
+    if large:
+        yield
+    marks = (yield from _Marks.find(text)) if _maybe_token(error, text) else None
+    if marks is None:
+        raise _not_json(error, None)
+    if large:
         yield
     return _decode(decoder, marks), marks
+
+
+def _maybe_token(error: msgspec.DecodeError, text: bytes) -> bool:
+    """Whether msgspec may have refused ``text`` for a token only Python's json takes (the
+    search for them costs five scans of the body)."""
+    reason = str(error)
+    if "surrogate" in reason or "escape" in reason or "truncated" in reason:
+        return True
+    at = _OFFSET.search(reason)
+    return at is None or text[int(at[1]) : int(at[1]) + 1] in (b"N", b"I")
 
 
 def _fields(doc: Any, fields: Fields, marks: _Marks | None, path: str, max_items: int) -> Any:
@@ -293,6 +308,15 @@ def _restored(marked: bytes, marks: _Marks | None) -> bytes:
 _TOKENS = (b"-Infinity", b"Infinity", b"NaN")
 # The escapes of U+D000 to U+DFFF, lone surrogates among them.
 _ESCAPES = (b"\\ud", b"\\uD")
+#: what _Marks.find looks for, each with a shorter text it holds
+_SCANS: tuple[tuple[bytes, bytes | None], ...] = (
+    (b"NaN", None),
+    (b"Infinity", None),
+    (b"-Infinity", b"Infinity"),
+    (b"\\u", None),
+    (b"\\ud", b"\\u"),
+    (b"\\uD", b"\\u"),
+)
 
 
 @attrs.frozen
@@ -308,14 +332,25 @@ class _Marks:
     undo: tuple[tuple[bytes, bytes], ...] = ()
 
     @classmethod
-    def find(cls, text: bytes) -> _Marks | None:
-        """``text`` with its tokens marked; ``None`` if it has none."""
-        found = [t for t in (*_TOKENS, *_ESCAPES) if t in text]
-        if not found:
+    def find(cls, text: bytes) -> Generator[None, None, _Marks | None]:
+        """``text`` with its tokens marked; ``None`` if it has none. Yields between the
+        scans of a large ``text``."""
+        large = len(text) > INLINE
+        found: set[bytes] = set()
+        # Each scan only where the shorter text it holds was found.
+        for token, holds in _SCANS:
+            if (holds is None or holds in found) and token in text:
+                found.add(token)
+                if large:
+                    yield
+        tokens = [t for t in (*_TOKENS, *_ESCAPES) if t in found]
+        if not tokens:
             return None
         tag = _tag(text)
         undo: list[tuple[bytes, bytes]] = []
-        for token in found:
+        for token in tokens:
+            if large:
+                yield
             if token in _TOKENS:
                 mark = b"[%s%d]" % (tag, _TOKENS.index(token))
             else:
@@ -339,10 +374,17 @@ class _Marks:
 
 
 def _tag(text: bytes) -> bytes:
-    while True:
-        tag = b"%d" % (int.from_bytes(os.urandom(8)) | 1 << 63)
-        if tag not in text:
-            return tag
+    """Digits that no "[" or escaped "_" in ``text`` is followed by: then no placeholder
+    occurs in ``text``, nor across a placeholder's edge. As short as that allows, so a
+    body full of NaN grows little when marked: a longer tag is tried only when two random
+    ones of a length are taken, which takes a body ten times larger at each length."""
+    for digits in itertools.count(1):
+        for _ in range(2):
+            low = 10 ** (digits - 1)
+            tag = b"%d" % (low + int.from_bytes(os.urandom(8)) % (9 * low))
+            if b"[" + tag not in text and b"\\u005f" + tag not in text:
+                return tag
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 _OFFSET = re.compile(r"\(byte (\d+)\)")

@@ -81,29 +81,24 @@ def _outside_strings(brackets: bytes) -> Generator[None, None, bytes]:
 
 def _balanced_within(brackets: bytes, limit: int) -> Generator[None, None, bool]:
     """Whether the balanced ``brackets`` nest at most ``limit`` levels."""
-    opens = brackets.count(_OPEN)
-    if opens <= limit:
-        return True
-    # Every deepest point is an innermost pair "()". Without them the rest nests one level
-    # less and at most as deeply as it has opening brackets left.
-    innermost = brackets.count(b"()")
-    if innermost and 1 + opens - innermost <= limit:
-        return True
     depth = 0
     for start in range(0, len(brackets), SLICE):
         piece = brackets[start : start + SLICE]
-        yield
-        if not _piece_within(piece, depth, limit):
+        opens = piece.count(_OPEN)
+        if not _piece_within(piece, opens, depth, limit):
             return False
-        depth += piece.count(_OPEN) * 2 - len(piece)
+        depth += opens * 2 - len(piece)
+        yield
     return True
 
 
-def _piece_within(piece: bytes, depth: int, limit: int) -> bool:
-    """Whether a slice of balanced brackets, entered at ``depth``, stays within ``limit``."""
-    if depth + piece.count(_OPEN) <= limit:
+def _piece_within(piece: bytes, opens: int, depth: int, limit: int) -> bool:
+    """Whether a slice of balanced brackets with ``opens`` opening ones, entered at
+    ``depth``, stays within ``limit``."""
+    innermost = piece.count(b"()")
+    if _shallow(piece, opens, innermost, depth, limit):
         return True
-    if piece.count(b"()") * 32 <= len(piece):
+    if innermost * 32 <= len(piece):
         # Long runs (deep, narrow nesting): walk the runs, a few per hundred brackets.
         runs = [len(run) for run in _RUNS.findall(piece)]
         if piece.startswith(_CLOSE):
@@ -112,5 +107,22 @@ def _piece_within(piece: bytes, depth: int, limit: int) -> bool:
         return max(itertools.accumulate(runs, initial=depth)) <= limit
     # Short runs: one pass of a pattern that admits only what nests within the limit,
     # over the slice as it would read from the top of the document.
-    end = depth + piece.count(_OPEN) * 2 - len(piece)
+    end = depth + opens * 2 - len(piece)  # the depth after the slice
     return _bounded(limit).fullmatch(_OPEN * depth + piece + _CLOSE * end) is not None
+
+
+def _shallow(piece: bytes, opens: int, innermost: int, depth: int, limit: int) -> bool:
+    """Whether counting proves the slice within ``limit``. Taking out every innermost
+    pair "()" lowers its deepest point by one, and a slice nests at most one level deeper
+    than it has opening brackets left once its innermost pairs are out: bushy shapes are
+    settled in a pass or two."""
+    for level in range(4):
+        if depth + level + opens <= limit:
+            return True
+        if innermost and depth + level + 1 + opens - innermost <= limit:
+            return True
+        if innermost * 4 < len(piece):
+            return False  # a pass would take out little
+        piece = piece.replace(b"()", b"")
+        opens, innermost = piece.count(_OPEN), piece.count(b"()")
+    return False
