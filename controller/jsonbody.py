@@ -21,9 +21,7 @@ so other requests are served while it is checked.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
 import re
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, NoReturn
@@ -32,6 +30,7 @@ import attrs
 import msgspec
 
 from .errors import BadRequestError
+from .jsontokens import OFFSET, Marks, maybe_token
 from .nesting import within
 
 __all__ = ["INLINE", "MAX_DEPTH", "BodyReader", "Counts", "Fields", "read", "read_async"]
@@ -181,7 +180,7 @@ def _steps(
 
 def _check(
     decoder: msgspec.json.Decoder[Any], text: bytes
-) -> Generator[None, None, tuple[Any, _Marks | None]]:
+) -> Generator[None, None, tuple[Any, Marks | None]]:
     """``text`` decoded by ``decoder``, again with its tokens marked if msgspec refused
     one of them; :class:`BadRequestError` if it is not JSON either way."""
     try:
@@ -193,7 +192,7 @@ def _check(
     large = len(text) > INLINE
     if large:
         yield
-    marks = (yield from _Marks.find(text)) if _maybe_token(error, text) else None
+    marks = (yield from Marks.find(text, large)) if maybe_token(error, text) else None
     if marks is None:
         raise _not_json(error, None)
     if large:
@@ -201,17 +200,7 @@ def _check(
     return _decode(decoder, marks), marks
 
 
-def _maybe_token(error: msgspec.DecodeError, text: bytes) -> bool:
-    """Whether msgspec may have refused ``text`` for a token only Python's json takes (the
-    search for them costs five scans of the body)."""
-    reason = str(error)
-    if "surrogate" in reason or "escape" in reason or "truncated" in reason:
-        return True
-    at = _OFFSET.search(reason)
-    return at is None or text[int(at[1]) : int(at[1]) + 1] in (b"N", b"I")
-
-
-def _fields(doc: Any, fields: Fields, marks: _Marks | None, path: str, max_items: int) -> Any:
+def _fields(doc: Any, fields: Fields, marks: Marks | None, path: str, max_items: int) -> Any:
     found: dict[str, Any] = {}
     for name in fields.values:
         raw = getattr(doc, name)
@@ -223,7 +212,7 @@ def _fields(doc: Any, fields: Fields, marks: _Marks | None, path: str, max_items
             continue
         marked = bytes(raw)
         if _first(_restored(marked, marks)) == b"{":
-            value = _decode(inner.decoder, _Marks(marked))
+            value = _decode(inner.decoder, Marks(marked))
             found[name] = _fields(value, inner, marks, f"{path}{name}.", max_items)
         else:
             found[name] = _value(marked, marks, path + name)
@@ -235,7 +224,7 @@ def _fields(doc: Any, fields: Fields, marks: _Marks | None, path: str, max_items
         if _first(_restored(marked, marks)) != b"[":
             found[name] = _value(marked, marks, path + name)
             continue
-        items = _decode(_raw_list, _Marks(marked))
+        items = _decode(_raw_list, Marks(marked))
         if len(items) > max_items:
             # Refused by its length before any item is looked at.
             found[name] = [None] * len(items)
@@ -245,7 +234,7 @@ def _fields(doc: Any, fields: Fields, marks: _Marks | None, path: str, max_items
     return found
 
 
-def _value(marked: bytes, marks: _Marks | None, path: str | None) -> Any:
+def _value(marked: bytes, marks: Marks | None, path: str | None) -> Any:
     """One JSON value decoded as ``json.loads`` decodes it; a container only by its kind."""
     text = _restored(marked, marks)
     first = _first(text)
@@ -266,7 +255,7 @@ def _value(marked: bytes, marks: _Marks | None, path: str | None) -> Any:
         raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], marks: _Marks) -> Any:
+def _decode(decoder: msgspec.json.Decoder[Any], marks: Marks) -> Any:
     try:
         return decoder.decode(marks.text)
     except msgspec.DecodeError as e:
@@ -300,100 +289,14 @@ def _utf8(raw: bytes) -> bytes:
     return raw
 
 
-def _restored(marked: bytes, marks: _Marks | None) -> bytes:
+def _restored(marked: bytes, marks: Marks | None) -> bytes:
     return marked if marks is None else marks.restore(marked)
 
 
-# Python's json takes these; msgspec does not. Longest first: -Infinity holds Infinity.
-_TOKENS = (b"-Infinity", b"Infinity", b"NaN")
-# The escapes of U+D000 to U+DFFF, lone surrogates among them.
-_ESCAPES = (b"\\ud", b"\\uD")
-#: what _Marks.find looks for, each with a shorter text it holds
-_SCANS: tuple[tuple[bytes, bytes | None], ...] = (
-    (b"NaN", None),
-    (b"Infinity", None),
-    (b"-Infinity", b"Infinity"),
-    (b"\\u", None),
-    (b"\\ud", b"\\u"),
-    (b"\\uD", b"\\u"),
-)
-
-
-@attrs.frozen
-class _Marks:
-    """A document with what only Python's json takes replaced by placeholders: each token
-    by an array holding a number the document does not contain, each surrogate escape's
-    start by an escaped "_" and that number (``\\ud800`` becomes ``\\u005f<n>d800``).
-    Each is valid JSON where its token was valid and invalid where it was not, and inert
-    text inside a string, where it changes nothing of the document's structure."""
-
-    text: bytes
-    #: (placeholder, what it replaced)
-    undo: tuple[tuple[bytes, bytes], ...] = ()
-
-    @classmethod
-    def find(cls, text: bytes) -> Generator[None, None, _Marks | None]:
-        """``text`` with its tokens marked; ``None`` if it has none. Yields between the
-        scans of a large ``text``."""
-        large = len(text) > INLINE
-        found: set[bytes] = set()
-        # Each scan only where the shorter text it holds was found.
-        for token, holds in _SCANS:
-            if (holds is None or holds in found) and token in text:
-                found.add(token)
-                if large:
-                    yield
-        tokens = [t for t in (*_TOKENS, *_ESCAPES) if t in found]
-        if not tokens:
-            return None
-        tag = _tag(text)
-        undo: list[tuple[bytes, bytes]] = []
-        for token in tokens:
-            if large:
-                yield
-            if token in _TOKENS:
-                mark = b"[%s%d]" % (tag, _TOKENS.index(token))
-            else:
-                mark = b"\\u005f" + tag + token[-1:]
-            text = text.replace(token, mark)
-            undo.append((mark, token))
-        return cls(text, tuple(undo))
-
-    def restore(self, marked: bytes) -> bytes:
-        """A part of :attr:`text` as the original document had it."""
-        for mark, token in self.undo:
-            if mark in marked:
-                marked = marked.replace(mark, token)
-        return marked
-
-    def offset(self, marked: int) -> int:
-        """The offset in the original document of offset ``marked`` of :attr:`text`."""
-        return marked - sum(
-            self.text.count(mark, 0, marked) * (len(mark) - len(token)) for mark, token in self.undo
-        )
-
-
-def _tag(text: bytes) -> bytes:
-    """Digits that no "[" or escaped "_" in ``text`` is followed by: then no placeholder
-    occurs in ``text``, nor across a placeholder's edge. As short as that allows, so a
-    body full of NaN grows little when marked: a longer tag is tried only when two random
-    ones of a length are taken, which takes a body ten times larger at each length."""
-    for digits in itertools.count(1):
-        for _ in range(2):
-            low = 10 ** (digits - 1)
-            tag = b"%d" % (low + int.from_bytes(os.urandom(8)) % (9 * low))
-            if b"[" + tag not in text and b"\\u005f" + tag not in text:
-                return tag
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-_OFFSET = re.compile(r"\(byte (\d+)\)")
-
-
-def _not_json(error: msgspec.DecodeError, marks: _Marks | None) -> BadRequestError:
+def _not_json(error: msgspec.DecodeError, marks: Marks | None) -> BadRequestError:
     reason = str(error).removeprefix("JSON is malformed: ")
     if marks is not None:
-        reason = _OFFSET.sub(lambda m: f"(byte {marks.offset(int(m[1]))})", reason)
+        reason = OFFSET.sub(lambda m: f"(byte {marks.offset(int(m[1]))})", reason)
     reason = reason[:1].lower() + reason[1:]
     return BadRequestError(None, f"request body is not valid JSON: {reason}")
 

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "controller.relay": 4,
     "controller.protocol": 3,
     "controller.jsonbody": 3,
+    "controller.jsontokens": 3,
     "controller.nesting": 3,
     "controller.config": 3,
     "controller.credentials": 3,
