@@ -21,6 +21,8 @@ __all__ = ["OFFSET", "Marks", "maybe_token"]
 
 #: where msgspec's messages say an error is
 OFFSET = re.compile(r"\(byte (\d+)\)")
+
+
 def maybe_token(error: msgspec.DecodeError, text: bytes) -> bool:
     """Whether msgspec may have refused ``text`` for a token only Python's json takes (the
     search for them costs five scans of the body)."""
