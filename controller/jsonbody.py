@@ -269,6 +269,9 @@ _SPACE = re.compile(rb"[ \t\n\r]*")
 
 def _first(text: bytes) -> bytes:
     """The first byte of a JSON text after its leading whitespace."""
+    first = text[:1]
+    if first not in b" \t\n\r":
+        return first
     start = _SPACE.match(text).end()  # type: ignore[union-attr]  # matches even nothing
     return text[start : start + 1]
 

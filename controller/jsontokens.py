@@ -113,6 +113,3 @@ def _tag(text: bytes) -> bytes:
             if b"[" + tag not in text and b"\\u005f" + tag not in text:
                 return tag
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-OFFSET = re.compile(r"\(byte (\d+)\)")
