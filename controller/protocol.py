@@ -1,8 +1,10 @@
 """The wire contract: request JSON in, models out; models in, response bytes out.
 
-Every parse function raises :class:`~controller.errors.BadRequestError` naming the field and
-the problem, so handlers can answer 400 without having touched the registry. All JSON
-encoding of responses lives here too.
+Each parse function takes a body as :func:`controller.jsonbody.read` gives it, with the
+fields named here (``DISPATCH``, ``REGISTER``...) decoded, and raises
+:class:`~controller.errors.BadRequestError` naming the field and the problem, so handlers
+can answer 400 without having touched the registry. All JSON encoding of responses lives
+here too.
 """
 
 from __future__ import annotations
@@ -11,25 +13,29 @@ import ipaddress
 import json
 import re
 import urllib.parse
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 
 from .decisions.models import WorkerStatus
 from .errors import BadRequestError
+from .jsonbody import Fields
 from .worker.tokens import redact_urls
 
 __all__ = [
+    "DISPATCH",
+    "HEARTBEAT",
     "NULL",
+    "REGISTER",
     "SERVER_ERROR_MSG",
+    "STATUS",
     "SUCCESS",
+    "WORKER_NAME",
     "RegisterRequest",
-    "decode_body",
     "encode",
     "error_body",
     "error_message",
     "parse_dispatch",
-    "parse_generate",
     "parse_heartbeat",
     "parse_register",
     "parse_worker_name",
@@ -68,66 +74,20 @@ class RegisterRequest:
     multimodal: bool
 
 
-# -- decoding ---------------------------------------------------------------------------
+# -- what each request's parse function reads of its body (see controller.jsonbody) --------
 
-
-class _NotJSONNumber(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise _NotJSONNumber(f"{name} is not a JSON number")
-
-
-# One decoder for every request: json.loads would build a new one per call when given
-# parse_constant (which keeps NaN and Infinity, not JSON, out).
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-# Decodes NaN and Infinity to this marker, to find which field held one.
-_CONSTANT = object()
-_marking_decoder = json.JSONDecoder(parse_constant=lambda name: _CONSTANT)
-
-
-def decode_body(raw: bytes) -> Any:
-    """Decode a request body; an empty body (FastChat clients send some) decodes to ``None``."""
-    if not raw or raw.isspace():
-        return None
-    # Same encodings as json.loads(bytes): UTF-8 with or without a BOM, UTF-16, UTF-32.
-    # A body opening with "{" and no NUL after it is UTF-8 by json.detect_encoding's own
-    # rules; nearly every body is one, and the detection costs as much as the rest.
-    encoding = "utf-8" if raw[0] == 0x7B and raw[1:2] != b"\0" else json.detect_encoding(raw)
-    try:
-        text = raw.decode(encoding, "surrogatepass")
-        return _decoder.decode(text)
-    except RecursionError:
-        raise BadRequestError(None, "request body is nested too deeply") from None
-    except _NotJSONNumber as e:
-        raise BadRequestError(_constant_field(text), str(e)) from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
-
-
-def _constant_field(text: str) -> str | None:
-    """The field of the top-level object that holds the first NaN or Infinity of ``text``,
-    as the 400 names fields (``worker_status.speed``, ``stop_token_ids[1]``); ``None`` when
-    none does (a NaN outside any object, a duplicate key that overwrote it, bad JSON
-    further on)."""
-    try:
-        data = _marking_decoder.decode(text)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    # Depth first in document order, without recursion: the body may nest deeply.
-    stack: list[tuple[Any, str]] = [(v, k) for k, v in reversed(data.items())]
-    while stack:
-        value, path = stack.pop()
-        if value is _CONSTANT:
-            return path
-        if isinstance(value, dict):
-            stack += [(v, f"{path}.{k}") for k, v in reversed(value.items())]
-        elif isinstance(value, list):
-            stack += [(v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value)))]
-    return None
+#: /get_worker_address and every request relayed to a worker
+DISPATCH = Fields(values=("model", "affinity_key"))
+#: /receive_heart_beat
+HEARTBEAT = Fields(values=("worker_name", "queue_length"))
+#: /unregister_worker
+WORKER_NAME = Fields(values=("worker_name",))
+#: a worker's status: in a registration and in the answer to a status probe
+STATUS = Fields(values=("speed", "queue_length"), lists=("model_names",))
+#: /register_worker
+REGISTER = Fields(
+    values=("worker_name", "check_heart_beat", "multimodal"), objects={"worker_status": STATUS}
+)
 
 
 def _object(data: Any, field: str | None = None) -> dict[str, Any]:
@@ -357,11 +317,6 @@ def parse_dispatch(data: Any) -> tuple[str, str | None]:
             "affinity_key", f"must be at most {MAX_AFFINITY_KEY} characters, got {len(key)}"
         )
     return model, key
-
-
-def parse_generate(raw: bytes) -> tuple[str, str | None]:
-    """What a generation request asks for; the body itself is forwarded untouched."""
-    return parse_dispatch(decode_body(raw))
 
 
 # -- encoding ---------------------------------------------------------------------------

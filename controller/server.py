@@ -26,6 +26,7 @@ from .edge.client_connections import ClientConnections, ClientLimits
 from .edge.handlers import Limits, add_routes
 from .edge.metrics import Metrics
 from .errors import ConfigError, NotRunningError
+from .jsonbody import BodyReader
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
 from .relay.guard import AddressGuard
@@ -81,8 +82,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     The parts, each reachable as an attribute: ``registry`` (the workers, the one place
     where they change, and its change feed), ``router`` (which worker gets a request),
     ``relay`` (forwarding requests to workers, failover, draining), ``prober`` (status
-    probes, refresh, load polls), ``connections`` (the session and pool to workers) and
-    ``metrics`` (what ``GET /metrics`` shows, in a registry of this controller's own).
+    probes, refresh, load polls), ``connections`` (the session and pool to workers),
+    ``metrics`` (``GET /metrics``, a registry of its own), ``bodies`` (reads bodies).
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         self.metrics = Metrics(self.registry, self.router, self.relay.tally)
         self.relay.tally.ttfc = self.metrics.ttfc
         self.relay.tally.stream_duration = self.metrics.stream_duration
+        self.bodies = BodyReader()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         #: a standalone controller's listening socket and client connections
@@ -242,6 +244,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             access=self.config.access,
             limits=self._limits(),
             metrics=self.metrics,
+            bodies=self.bodies,
         )
         # Every response the application sends, the host's too when embedded.
         app.on_response_prepare.append(self.metrics.count_response)

@@ -197,7 +197,8 @@ class FakeWorker:
 
     async def start(self, port: int | None = None) -> FakeWorker:
         """Listen on a free loopback port, or on ``port`` (to come back after :meth:`stop`)."""
-        app = web.Application()
+        # Takes what the controller may relay (--max-body-size), not aiohttp's 1 MiB.
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/worker_get_status", self.handle_status)
         app.router.add_post("/worker_generate_stream", self.handle_stream)
         app.router.add_post("/model_details", self.handle_model_details)

@@ -169,13 +169,9 @@ CASES = [
     ("/worker_generate_stream", b'{"model": null}', "model", "string"),
     ("/worker_generate_stream", b"{", None, "JSON"),
     ("/get_worker_address", b'{"model": Infinity}', "model", "Infinity"),
-    ("/worker_generate_stream", b'{"model": "m", "temperature": NaN}', "temperature", "NaN"),
-    (
-        "/worker_generate_stream",
-        b'{"model": "m", "params": {"stop_token_ids": [2, -Infinity]}}',
-        "params.stop_token_ids[1]",
-        "Infinity",
-    ),
+    ("/worker_generate_stream", b'{"model": -Infinity, "temperature": NaN}', "model", "Infinity"),
+    # NaN or Infinity in a field the controller does not read is the worker's business, as
+    # with FastChat's controller: tests/test_json_bounds.py forwards such bodies.
     # -- our extension
     ("/unregister_worker", b"{}", "worker_name", "required"),
     ("/unregister_worker", b'{"worker_name": 7}', "worker_name", "string"),

@@ -18,6 +18,7 @@ from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
 from ..errors import BadRequestError, BodyTimeoutError, ForbiddenError, RegistryFullError
+from ..jsonbody import INLINE, BodyReader, Fields
 from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
@@ -149,10 +150,6 @@ def _too_large(limit: Limit) -> web.HTTPRequestEntityTooLarge:
     )
 
 
-async def _read_json(request: web.Request, limit: Limit) -> Any:
-    return protocol.decode_body(await _read(request, limit))
-
-
 @attrs.frozen
 class Limits:
     """The body limits of the two kinds of endpoint, in bytes (the config's defaults)."""
@@ -165,7 +162,13 @@ class Limits:
 
 class _Handlers:
     def __init__(
-        self, registry: Registry, router: Router, relay: Relay, prober: Prober, limits: Limits
+        self,
+        registry: Registry,
+        router: Router,
+        relay: Relay,
+        prober: Prober,
+        limits: Limits,
+        bodies: BodyReader,
     ) -> None:
         #: the body limit of the control endpoints, and of generations and worker calls
         self.limit: Limit = (limits.control, "max_control_body_size")
@@ -175,9 +178,17 @@ class _Handlers:
         self.router = router
         self.relay = relay
         self.prober = prober
+        self.bodies = bodies
+
+    async def _read_json(self, request: web.Request, fields: Fields) -> Any:
+        """The fields of a control request's body (:func:`controller.jsonbody.read`)."""
+        raw = await _read(request, self.limit)
+        return await self.bodies.read_async(raw, fields, self.max_models)
 
     async def register_worker(self, request: web.Request) -> web.StreamResponse:
-        parsed = protocol.parse_register(await _read_json(request, self.limit), self.max_models)
+        parsed = protocol.parse_register(
+            await self._read_json(request, protocol.REGISTER), self.max_models
+        )
         # The address this registration arrived on is the controller's own, whatever
         # the host application listens on.
         here = request.transport.get_extra_info("sockname") if request.transport else None
@@ -189,7 +200,7 @@ class _Handlers:
         return _json(protocol.NULL)
 
     async def unregister_worker(self, request: web.Request) -> web.StreamResponse:
-        name = protocol.parse_worker_name(await _read_json(request, self.limit))
+        name = protocol.parse_worker_name(await self._read_json(request, protocol.WORKER_NAME))
         caller = request[CALLER]
         removed = await self.prober.unregister(name, caller.owner, caller.admin)
         return _json(protocol.encode({"removed": removed}))
@@ -218,10 +229,15 @@ class _Handlers:
         return _json(protocol.encode({"models": self.registry.model_names(multimodal)}))
 
     async def get_worker_address(self, request: web.Request) -> web.StreamResponse:
-        # The busiest route: one coroutine frame fewer than _read_json.
+        # The busiest route: one coroutine frame fewer than _read_json, and a body of the
+        # usual size read without one.
         raw = await _read(request, self.limit)
         try:
-            model, affinity = protocol.parse_dispatch(protocol.decode_body(raw))
+            if len(raw) <= INLINE:
+                data = self.bodies.read(raw, protocol.DISPATCH)
+            else:
+                data = await self.bodies.read_async(raw, protocol.DISPATCH)
+            model, affinity = protocol.parse_dispatch(data)
         except BadRequestError as e:
             return _bad_request(e)
         worker = self.router.dispatch(model, by_address=True, affinity=affinity)
@@ -230,7 +246,8 @@ class _Handlers:
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
         try:
-            name, queue_length = protocol.parse_heartbeat(await _read_json(request, self.limit))
+            body = await self._read_json(request, protocol.HEARTBEAT)
+            name, queue_length = protocol.parse_heartbeat(body)
         except BadRequestError as e:
             return _bad_request(e)
         caller = request[CALLER]
@@ -255,7 +272,8 @@ class _Handlers:
             return _json(protocol.encode(body), status=508)
         raw = await _read(request, self.body_limit)
         try:
-            model, affinity = protocol.parse_generate(raw)
+            data = await self.bodies.read_async(raw, protocol.DISPATCH)
+            model, affinity = protocol.parse_dispatch(data)
         except BadRequestError as e:
             return _bad_request(e)
         return raw, model, affinity
@@ -309,11 +327,13 @@ def add_routes(
     access: Access | None = None,
     limits: Limits | None = None,
     metrics: Metrics | None = None,
+    bodies: BodyReader | None = None,
 ) -> None:
     """Add every route of the wire protocol to ``app`` (and ``GET /metrics`` given
     ``metrics``), each behind the access check for its role (open to all unless ``access``
-    says otherwise)."""
-    h = _Handlers(registry, router, relay, prober, limits or Limits())
+    says otherwise); ``bodies`` reads the request bodies (a reader of its own unless
+    given)."""
+    h = _Handlers(registry, router, relay, prober, limits or Limits(), bodies or BodyReader())
     gate = Gate(access if access is not None else Access())
     posts: dict[str, Handler] = {
         "/register_worker": _owned(h.register_worker),

@@ -24,6 +24,7 @@ from ..decisions.models import Owner, WorkerInfo, WorkerStatus
 from ..decisions.ownership import Standing
 from ..decisions.registry import Registry
 from ..errors import BadRequestError, ForbiddenError
+from ..jsonbody import read_async
 from ..logtext import brief_names
 from ..protocol import RegisterRequest, worker_url
 from ..relay.connections import WorkerConnections
@@ -134,7 +135,7 @@ class Prober:
                     "status probe of %s: answer over %d bytes", worker_name, MAX_STATUS_ANSWER
                 )
                 return None
-            answer = protocol.decode_body(body)
+            answer = await read_async(body, protocol.STATUS, cfg.max_models_per_worker)
             return protocol.parse_worker_status(
                 answer, "status", allow_zero_speed=True, max_models=cfg.max_models_per_worker
             )

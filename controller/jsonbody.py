@@ -1,0 +1,308 @@
+"""Request bodies read as JSON within bounds: only the fields the controller uses.
+
+A body the limits admit may be 64 MiB of anything. The controller needs a few fields of
+it, so msgspec checks the whole document at memory speed while decoding only those fields
+(each as its raw text), skipping the rest without building it; :mod:`controller.nesting`
+refuses documents nested deeper than :data:`MAX_DEPTH` levels the same way. The fields are
+then decoded one by one with Python's ``json``, so their values, and the errors they draw,
+are what a whole-body ``json.loads`` gave. The body itself is forwarded as it came.
+
+Python's ``json`` takes ``NaN``, ``Infinity``, ``-Infinity`` and lone surrogate escapes
+(``"\\ud800"``); msgspec refuses them, and FastChat clients may send them. A body that
+holds one is checked again with each such token replaced by a placeholder that is valid
+JSON where the token was and inert inside strings, and marked with a number the body does
+not contain, so the fields are turned back into their original text before decoding.
+Either way the whole document is read by msgspec, never by Python's ``json``.
+
+A large body is read in steps with pauses between them (:meth:`BodyReader.read_async`),
+so other requests are served while it is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Any, NoReturn
+
+import attrs
+import msgspec
+
+from .errors import BadRequestError
+from .jsontokens import OFFSET, Marks, maybe_token
+from .nesting import within
+
+__all__ = ["INLINE", "MAX_DEPTH", "BodyReader", "Counts", "Fields", "read", "read_async"]
+
+#: the deepest nesting a body may have: an object holding an array is two levels
+MAX_DEPTH = 64
+#: bodies up to this size are read in one go; larger ones pause between steps
+INLINE = 256 * 1024
+
+
+class _NotJSONNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _NotJSONNumber(f"{name} is not a JSON number")
+
+
+# For the fields: json.loads would build a new decoder per call when given parse_constant
+# (which keeps NaN and Infinity, not JSON numbers, out of the values the controller uses).
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_raw_document = msgspec.json.Decoder(msgspec.Raw)
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+@attrs.frozen
+class Fields:
+    """Which fields of a JSON object are decoded: ``values`` as JSON values (a container
+    there is only told apart from a scalar), ``objects`` by their own :class:`Fields`,
+    ``lists`` as lists of values (at most ``max_items`` of them decoded). Other fields
+    are checked, not decoded."""
+
+    values: tuple[str, ...] = ()
+    objects: Mapping[str, Fields] = attrs.field(factory=dict)
+    lists: tuple[str, ...] = ()
+    #: checks a whole object, decoding these fields as raw text
+    decoder: msgspec.json.Decoder[Any] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        names = [*self.values, *self.objects, *self.lists]
+        shape = msgspec.defstruct(
+            "Body", [(n, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET) for n in names]
+        )
+        object.__setattr__(self, "decoder", msgspec.json.Decoder(shape))
+
+
+@attrs.define
+class Counts:
+    """What a :class:`BodyReader` did, for tests and the curious."""
+
+    #: bodies msgspec checked as they came
+    plain: int = 0
+    #: bodies checked with NaN, Infinity and surrogate escapes replaced by placeholders
+    marked: int = 0
+    #: times a large body's reading let other work run
+    pauses: int = 0
+
+
+async def _next_turn() -> None:
+    await asyncio.sleep(0)
+
+
+@attrs.define
+class BodyReader:
+    """Reads request bodies with :func:`read`, pausing between the steps of a large one,
+    and counts what it did."""
+
+    #: what a pause awaits (the loop's next turn)
+    pause: Callable[[], Awaitable[None]] = _next_turn
+    counts: Counts = attrs.Factory(Counts)
+
+    def read(self, raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+        """:func:`read`, counted, in one go."""
+        return _finish(_steps(raw, fields, max_items, self.counts))
+
+    async def read_async(self, raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+        """:func:`read`, counted, pausing between its steps when ``raw`` is large."""
+        steps = _steps(raw, fields, max_items, self.counts)
+        return await _drive(steps, len(raw) > INLINE, self.pause, self.counts)
+
+
+def read(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+    """The request body ``raw`` as the parse functions of :mod:`controller.protocol` take
+    it: for an object, a dict of the ``fields`` it has, decoded as ``json.loads`` would
+    (a container where a single value belongs only as an empty or one-element stand-in:
+    its kind is all a refusal names; a list past ``max_items`` likewise); anything else
+    as ``json.loads`` would, an array as a stand-in; ``None`` for an empty body. Raises
+    :class:`BadRequestError` for a body that is not JSON or nests deeper than
+    :data:`MAX_DEPTH` levels."""
+    return _finish(_steps(raw, fields, max_items, None))
+
+
+async def read_async(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+    """:func:`read`, pausing between its steps when ``raw`` is large."""
+    return await _drive(_steps(raw, fields, max_items, None), len(raw) > INLINE, _next_turn, None)
+
+
+async def _drive(
+    steps: Generator[None, None, Any],
+    large: bool,
+    pause: Callable[[], Awaitable[None]],
+    counts: Counts | None,
+) -> Any:
+    if not large:
+        return _finish(steps)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        if counts is not None:
+            counts.pauses += 1
+        await pause()
+
+
+def _finish(steps: Generator[None, None, Any]) -> Any:
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _steps(
+    raw: bytes, fields: Fields, max_items: int, counts: Counts | None
+) -> Generator[None, None, Any]:
+    if not raw or raw.isspace():
+        # FastChat clients send some requests without a body.
+        return None
+    text = _utf8(raw)
+    large = len(text) > INLINE
+    first = _first(text)
+    if first not in (b"{", b"["):
+        # A scalar: decoded, it ends where its text does. The caller refuses it by kind.
+        return _value(text, None, None)
+    doc, marks = yield from _check(fields.decoder if first == b"{" else _raw_document, text)
+    if counts is not None:
+        counts.plain += marks is None
+        counts.marked += marks is not None
+    if large:
+        yield
+    if not (yield from within(text, MAX_DEPTH)):
+        raise _too_deep()
+    # An array stands in for itself: its kind is all a refusal names.
+    return _fields(doc, fields, marks, "", max_items) if first == b"{" else []
+
+
+def _check(
+    decoder: msgspec.json.Decoder[Any], text: bytes
+) -> Generator[None, None, tuple[Any, Marks | None]]:
+    """``text`` decoded by ``decoder``, again with its tokens marked if msgspec refused
+    one of them; :class:`BadRequestError` if it is not JSON either way."""
+    try:
+        return decoder.decode(text), None
+    except msgspec.DecodeError as e:
+        error = e
+    except RecursionError:
+        raise _too_deep() from None
+    large = len(text) > INLINE
+    if large:
+        yield
+    marks = (yield from Marks.find(text, large)) if maybe_token(error, text) else None
+    if marks is None:
+        raise _not_json(error, None)
+    if large:
+        yield
+    return _decode(decoder, marks), marks
+
+
+def _fields(doc: Any, fields: Fields, marks: Marks | None, path: str, max_items: int) -> Any:
+    found: dict[str, Any] = {}
+    for name in fields.values:
+        raw = getattr(doc, name)
+        if raw is not msgspec.UNSET:
+            found[name] = _value(bytes(raw), marks, path + name)
+    for name, inner in fields.objects.items():
+        raw = getattr(doc, name)
+        if raw is msgspec.UNSET:
+            continue
+        marked = bytes(raw)
+        if _first(_restored(marked, marks)) == b"{":
+            value = _decode(inner.decoder, Marks(marked))
+            found[name] = _fields(value, inner, marks, f"{path}{name}.", max_items)
+        else:
+            found[name] = _value(marked, marks, path + name)
+    for name in fields.lists:
+        raw = getattr(doc, name)
+        if raw is msgspec.UNSET:
+            continue
+        marked = bytes(raw)
+        if _first(_restored(marked, marks)) != b"[":
+            found[name] = _value(marked, marks, path + name)
+            continue
+        items = _decode(_raw_list, Marks(marked))
+        if len(items) > max_items:
+            # Refused by its length before any item is looked at.
+            found[name] = [None] * len(items)
+        else:
+            where = path + name
+            found[name] = [_value(bytes(v), marks, f"{where}[{i}]") for i, v in enumerate(items)]
+    return found
+
+
+def _value(marked: bytes, marks: Marks | None, path: str | None) -> Any:
+    """One JSON value decoded as ``json.loads`` decodes it; a container only by its kind."""
+    text = _restored(marked, marks)
+    first = _first(text)
+    if first in (b"[", b"{"):
+        empty = not text.strip()[1:-1].strip()
+        if first == b"[":
+            return [] if empty else [None]
+        return {} if empty else {"": None}
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        pass  # NaN, a lone surrogate, a number past a double: json's rules decide
+    try:
+        return _decoder.decode(text.decode("utf-8", "surrogatepass"))
+    except _NotJSONNumber as e:
+        raise BadRequestError(path, str(e)) from None
+    except (ValueError, RecursionError) as e:
+        raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], marks: Marks) -> Any:
+    try:
+        return decoder.decode(marks.text)
+    except msgspec.DecodeError as e:
+        raise _not_json(e, marks) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+_SPACE = re.compile(rb"[ \t\n\r]*")
+
+
+def _first(text: bytes) -> bytes:
+    """The first byte of a JSON text after its leading whitespace."""
+    first = text[:1]
+    if first not in b" \t\n\r":
+        return first
+    start = _SPACE.match(text).end()  # type: ignore[union-attr]  # matches even nothing
+    return text[start : start + 1]
+
+
+def _utf8(raw: bytes) -> bytes:
+    """``raw`` in UTF-8, read as ``json.loads(bytes)`` reads it: UTF-8 (lone surrogates
+    allowed, as Python's ``json`` allows them), with or without a BOM, UTF-16 or UTF-32."""
+    # A body opening with "{" and no NUL after it is UTF-8 by json.detect_encoding's own
+    # rules; nearly every body is one, and the detection costs as much as the rest.
+    encoding = "utf-8" if raw[0] == 0x7B and raw[1:2] != b"\0" else json.detect_encoding(raw)
+    try:
+        if encoding != "utf-8":
+            return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+        if not raw.isascii():
+            raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
+        raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
+    return raw
+
+
+def _restored(marked: bytes, marks: Marks | None) -> bytes:
+    return marked if marks is None else marks.restore(marked)
+
+
+def _not_json(error: msgspec.DecodeError, marks: Marks | None) -> BadRequestError:
+    reason = str(error).removeprefix("JSON is malformed: ")
+    if marks is not None:
+        reason = OFFSET.sub(lambda m: f"(byte {marks.offset(int(m[1]))})", reason)
+    reason = reason[:1].lower() + reason[1:]
+    return BadRequestError(None, f"request body is not valid JSON: {reason}")
+
+
+def _too_deep() -> BadRequestError:
+    return BadRequestError(None, f"request body is nested too deeply: more than {MAX_DEPTH} levels")
