@@ -22,6 +22,7 @@ from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
+from .request_ids import echo_request_id, with_request_id
 
 __all__ = ["add_routes"]
 
@@ -328,8 +329,10 @@ def add_routes(
         "/test_connection": h.test_connection,
         "/dispatch_decisions": h.dispatch_decisions,
     }
-    routes = [web.post(path, gate.guard(path, handler)) for path, handler in posts.items()]
+    # The request's id first: the access check's refusals are logged and answered with it.
+    routes = [web.post(p, with_request_id(gate.guard(p, h))) for p, h in posts.items()]
     routes += [
-        web.get(path, gate.guard(path, handler), allow_head=False) for path, handler in gets.items()
+        web.get(p, with_request_id(gate.guard(p, h)), allow_head=False) for p, h in gets.items()
     ]
     app.add_routes(routes)
+    app.on_response_prepare.append(echo_request_id)

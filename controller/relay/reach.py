@@ -6,6 +6,7 @@ from __future__ import annotations
 import attrs
 from aiohttp import web
 
+from ..requestid import HEADER, REQUEST_ID
 from .budget import Budget
 from .pool import Pool
 from .target import Target
@@ -14,6 +15,8 @@ from .via import Via
 from .watch import DisconnectWatch
 
 __all__ = ["Reach"]
+
+_ID_LINE = HEADER.encode("ascii") + b": "
 
 
 @attrs.frozen
@@ -45,6 +48,10 @@ class Reach:
         watching ``request``'s client; the answer arrives through the returned upstream."""
         upstream = Upstream.for_request(self.pool, target, self.read_timeout, self.budget, fresh)
         head = self.via.head(request.headers if request is not None else None)
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            # Only ids of letters, digits, '.', '_' and '-' are ever set: ASCII as it is.
+            head += _ID_LINE + request_id.encode("ascii") + b"\r\n"
         upstream.start(target, body, self.connect_timeout, document_limit, head)
         if request is not None:
             self.watch.add(request, upstream.stop)
