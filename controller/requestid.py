@@ -42,9 +42,14 @@ def accept(value: str | None) -> str:
 
 
 class RequestIdFilter(logging.Filter):
-    """Sets ``record.request_id`` to the id of the request being served (``None``
-    outside one), for formatters to show; add it to a log handler."""
+    """Sets ``record.request_id`` to the id of the request being served, or to
+    ``missing`` outside one, for formatters to show (``%(request_id)s``); add it to a log
+    handler."""
+
+    def __init__(self, missing: str | None = None) -> None:
+        super().__init__()
+        self.missing = missing
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
+        record.request_id = REQUEST_ID.get() or self.missing
         return True

@@ -22,6 +22,9 @@ LAYERS: dict[str, int] = {
     "controller.arg_types": 8,
     "controller.limit_flags": 8,
     "controller.access_flags": 8,
+    "controller.config_file": 8,
+    "controller.startup": 8,
+    "controller.settings_doc": 8,
     "controller.server": 7,
     "controller.edge": 6,
     "controller.upkeep": 5,
@@ -33,6 +36,7 @@ LAYERS: dict[str, int] = {
     "controller.decisions": 2,
     "controller.errors": 1,
     "controller.logtext": 1,
+    "controller.requestid": 1,
 }
 #: the worker side (and the old import paths kept for it): imports only itself
 WORKER_SIDE = ("controller.worker", "controller.client", "controller.demo_worker")
