@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .worker.ports import port
+
 __all__ = ["port", "seconds", "seconds_or_zero", "size", "whole_number"]
 
 
@@ -37,16 +39,6 @@ def seconds(text: str) -> float:
 def seconds_or_zero(text: str) -> float:
     """As :func:`seconds`, or 0."""
     return 0.0 if _duration(text) == 0 else seconds(text)
-
-
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
-    return value
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig
 from ..config import heart_beat_interval_from_environ as _interval_from_environ
 from ..logs import announce
+from ..ports import port
 from ..runtime import run_main, serve_until_signalled
 from ..tokens import check_token, read_token_file
 from .app import DemoWorker
@@ -35,13 +36,6 @@ def _count_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _port_arg(text: str) -> int:
-    value = _count_arg(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
     return value
 
 
@@ -89,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="localhost", help="address to listen on (default: %(default)s)")
     add(
         "--port",
-        type=_port_arg,
+        type=port,
         default=21002,
         help="port to listen on; 0 picks a free one (default: %(default)s)",
     )
