@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +20,7 @@ from controller.worker.demo.cli import build_parser as build_demo_parser
 from controller.worker.demo.cli import load_settings
 
 from .conftest import wait_until
+from .test_cli import controller_process, free_port, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,50 +71,14 @@ def test_a_parent_without_an_address_names_the_flag(capsys: pytest.CaptureFixtur
     assert "advertise_address" not in err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def program(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python ARGS`` from the repository; stopped and reaped on the way out."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=REPO,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-
-
-async def read_until(process: asyncio.subprocess.Process, text: str) -> list[str]:
-    """stderr's lines up to the first holding ``text``; fails if the process exits first."""
-    assert process.stderr is not None
-    lines: list[str] = []
-    async with asyncio.timeout(20):
-        while not lines or text not in lines[-1]:
-            raw = await process.stderr.readline()
-            assert raw, f"exited before writing {text!r}: {lines}"
-            lines.append(raw.decode(errors="replace"))
-    return lines
-
-
 async def test_the_embedding_example_logs(http: aiohttp.ClientSession) -> None:
     """examples/embed.py configures logging: a registration shows up on its stderr, with
     the request's id."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    async with program("examples/embed.py", "--host", "127.0.0.1", "--port", str(port)) as proc:
+    embed = ("examples/embed.py",)
+    args = ("--host", "127.0.0.1", "--port", str(port))
+    async with controller_process(*args, program=embed, environ=os.environ) as proc:
 
         async def answering() -> bool:
             with contextlib.suppress(aiohttp.ClientError):
@@ -132,23 +95,24 @@ async def test_the_embedding_example_logs(http: aiohttp.ClientSession) -> None:
         headers = {"X-Request-Id": "embed-1"}
         async with http.post(f"{url}/register_worker", json=body, headers=headers) as r:
             assert r.status == 200
-        lines = await read_until(proc, "Registered")
-        assert "| embed-1 |" in lines[-1]
+        line = await wait_for_line(proc, "Registered", timeout=20)
+        assert "| embed-1 |" in line
 
 
 async def test_a_worker_that_never_registered_does_not_say_it_leaves() -> None:
     """fc-demo-worker --no-register says it is stopping on SIGTERM, not that it is leaving
     a controller, and exits 0."""
-    args = ("-m", "controller.worker.demo", "--host", "127.0.0.1", "--port", "0")
-    async with program(*args, "--no-register") as process:
-        await read_until(process, "fc-demo-worker running on")
+    demo = ("-m", "controller.worker.demo")
+    args = ("--host", "127.0.0.1", "--port", "0", "--no-register")
+    async with controller_process(*args, program=demo, environ=os.environ) as process:
+        await wait_for_line(process, "fc-demo-worker running on", timeout=20)
         process.send_signal(signal.SIGTERM)
-        lines = await read_until(process, "Received SIGTERM")
-        assert lines[-1].rstrip().endswith("Received SIGTERM: stopping")
+        line = await wait_for_line(process, "Received SIGTERM", timeout=20)
+        assert line.rstrip().endswith("Received SIGTERM: stopping")
         assert process.stderr is not None
         rest = (await asyncio.wait_for(process.stderr.read(), 20)).decode()
         assert await asyncio.wait_for(process.wait(), 20) == 0
-    assert "leaving" not in "".join(lines) + rest
+    assert "leaving" not in line + rest
 
 
 def test_the_quickstart_says_how_to_reach_a_controller_elsewhere() -> None:
