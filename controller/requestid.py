@@ -15,9 +15,13 @@ import re
 import secrets
 from contextvars import ContextVar
 
+from multidict import istr
+
 __all__ = ["HEADER", "REQUEST_ID", "RequestIdFilter", "accept", "fresh"]
 
-HEADER = "X-Request-Id"
+#: the header's name, made case-insensitive once (a plain str key costs a conversion on
+#: every lookup in aiohttp's headers)
+HEADER = istr("X-Request-Id")
 #: the id of the request the current task serves (``None`` outside a request)
 REQUEST_ID: ContextVar[str | None] = ContextVar("fc_controller_request_id", default=None)
 
@@ -25,13 +29,13 @@ _VALID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 # Fresh ids are this process's random prefix and a counter: unique across restarts and
 # replicas, and cheaper than a uuid4 (no system call per request).
-_PREFIX = secrets.token_hex(6)
+_PREFIX = secrets.token_hex(6) + "-"
 _counter = itertools.count(1)
 
 
 def fresh() -> str:
     """A new id no other request of any controller is likely to carry."""
-    return f"{_PREFIX}-{next(_counter):x}"
+    return _PREFIX + format(next(_counter), "x")
 
 
 def accept(value: str | None) -> str:

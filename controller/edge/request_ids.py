@@ -36,5 +36,4 @@ async def echo_request_id(request: web.BaseRequest, response: web.StreamResponse
     if value is None:
         value = accept(request.headers.get(HEADER))
         REQUEST_ID.set(value)
-    if HEADER not in response.headers:
-        response.headers[HEADER] = value
+    response.headers.setdefault(HEADER, value)
