@@ -176,3 +176,35 @@ async def test_a_command_line_error_is_one_json_line(
     (entry,) = parse(err.decode().splitlines())
     assert entry["level"] == "ERROR"
     assert named in entry["message"]
+
+
+async def test_warnings_and_an_uncaught_exception_are_json_lines_too() -> None:
+    """In the JSON format, a warning, an error ignored in a destructor and the exception
+    that ends the program are JSON objects too, the traceback a field of one line."""
+    program = (
+        "import warnings\n"
+        "from controller.worker.logs import configure_logging\n"
+        "configure_logging('info', 'json')\n"
+        "warnings.warn('careful\\nnow')\n"
+        "class Leaky:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('in a destructor')\n"
+        "Leaky()\n"
+        "raise RuntimeError('the end\\nof it')\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        program,
+        cwd=REPO,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1
+    warned, ignored, ended = parse(err.decode().splitlines())
+    assert warned["logger"] == "py.warnings" and "careful\nnow" in warned["message"]
+    assert "in a destructor" in ignored["exception"]
+    assert ended["level"] == "CRITICAL"
+    assert "RuntimeError: the end\nof it" in ended["exception"]

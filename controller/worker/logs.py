@@ -120,6 +120,7 @@ def configure_logging(
     if log_format == "json":
         logging.captureWarnings(True)
         sys.excepthook = _log_uncaught
+        sys.unraisablehook = _log_unraisable
 
 
 def _log_uncaught(
@@ -127,6 +128,16 @@ def _log_uncaught(
 ) -> None:
     logging.getLogger("controller").critical(
         "Uncaught exception", exc_info=(kind, value, traceback)
+    )
+
+
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    # What Python would print as "Exception ignored in ...": a destructor's error, say.
+    log = logging.getLogger("controller")
+    value = unraisable.exc_value
+    exc_info = (unraisable.exc_type, value, unraisable.exc_traceback) if value else None
+    log.error(
+        "%s: %r", unraisable.err_msg or "Exception ignored in", unraisable.object, exc_info=exc_info
     )
 
 
