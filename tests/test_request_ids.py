@@ -4,6 +4,7 @@ line about the request."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -164,17 +165,20 @@ async def test_fresh_ids_differ_and_do_not_leak_into_the_next_request(
 
 
 async def test_every_answer_carries_the_id(send: Send, controller: Controller) -> None:
-    """Answers that relay nothing carry the id too: a dispatch, a 400, a 404, a 405."""
+    """Answers that relay nothing carry the id too: a dispatch, a 400, and the HTTP errors
+    raised while reading a body (413, 415)."""
     status, echoed, _ = await send("/get_worker_address", {"model": "m"}, "dispatch-1")
     assert (status, echoed) == (200, "dispatch-1")
     status, echoed, _ = await send("/get_worker_address", {"modle": "m"}, "bad-1")
     assert (status, echoed) == (400, "bad-1")
-    status, echoed, _ = await send("/no_such_endpoint", {}, "missing-1")
-    assert (status, echoed) == (404, "missing-1")
     async with aiohttp.ClientSession() as http:
-        headers = {"X-Request-Id": "method-1"}
-        async with http.get(f"{controller.url}/list_models", headers=headers) as r:
-            assert (r.status, r.headers["X-Request-Id"]) == (405, "method-1")
+        url = f"{controller.url}/get_worker_address"
+        headers = {"X-Request-Id": "large-1"}
+        async with http.post(url, data=io.BytesIO(b"x" * (2 * 1024 * 1024)), headers=headers) as r:
+            assert (r.status, r.headers["X-Request-Id"]) == (413, "large-1")
+        headers = {"X-Request-Id": "gzip-1", "Content-Encoding": "gzip"}
+        async with http.post(url, data=b"\x1f\x8b", headers=headers) as r:
+            assert (r.status, r.headers["X-Request-Id"]) == (415, "gzip-1")
 
 
 async def test_a_refused_caller_gets_the_id(run_controller: RunController) -> None:

@@ -28,15 +28,7 @@ from ..config import ControllerConfig
 from ..credentials import Access, Role, digest, host_identity, peer_address
 from ..decisions.models import Owner
 
-__all__ = [
-    "CALLER",
-    "Caller",
-    "Gate",
-    "Handler",
-    "coroutine_function",
-    "exposure_warnings",
-    "route_role",
-]
+__all__ = ["CALLER", "Caller", "Gate", "Handler", "exposure_warnings", "route_role"]
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +119,7 @@ class Gate:
             request[CALLER] = caller
             return handler(request)
 
-        return coroutine_function(guarded)
+        return _coroutine_function(guarded)
 
     def identify(self, request: web.Request, role: Role) -> Caller | web.Response:
         """The caller, if it may act in ``role``; else the 401 or 403 to answer."""
@@ -243,7 +235,7 @@ async def _answer(response: web.Response) -> web.StreamResponse:
     return response
 
 
-def coroutine_function(func: _F) -> _F:
+def _coroutine_function(func: _F) -> _F:
     """Mark ``func`` (which returns a coroutine) as a coroutine function for aiohttp's
     route check: ``inspect.markcoroutinefunction`` from Python 3.12, asyncio's own marker
     (what ``asyncio.iscoroutinefunction`` looks for) before."""

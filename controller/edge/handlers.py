@@ -22,7 +22,7 @@ from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
-from .request_ids import echo_request_id, with_request_id
+from .request_ids import with_request_id
 
 __all__ = ["add_routes"]
 
@@ -335,4 +335,3 @@ def add_routes(
         web.get(p, with_request_id(gate.guard(p, h)), allow_head=False) for p, h in gets.items()
     ]
     app.add_routes(routes)
-    app.on_response_prepare.append(echo_request_id)
