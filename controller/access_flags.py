@@ -19,7 +19,7 @@ from .credentials import Access, TokenTable, parse_networks
 from .errors import ConfigError
 from .worker.tokens import check_token, read_token_file, token_file_lines
 
-__all__ = ["SPECIAL_DESTS", "access_settings", "add_access_flags"]
+__all__ = ["SPECIAL_DESTS", "SPECIAL_VARIABLES", "access_settings", "add_access_flags"]
 
 ENV_SSL_KEYFILE = "SSL_KEYFILE"
 ENV_SSL_CERTFILE = "SSL_CERTFILE"
@@ -42,15 +42,27 @@ _NETWORK_HELP = {
     "trust_clients_from": "clients connecting from this network need no token (decided on "
     "the TCP peer address, never X-Forwarded-For)",
     "worker_networks": "every address a worker's name resolves to must fall inside one of "
-    "these networks (default: any but link-local, unspecified, multicast and broadcast)",
+    "these networks",
+}
+#: what each trusted-network flag means when it is not given
+_NETWORK_DEFAULT = {
+    "trust_workers_from": "none",
+    "trust_clients_from": "none",
+    "worker_networks": "any but link-local, unspecified, multicast and broadcast",
 }
 #: tokens this controller sends: destination -> (flag, variable holding the token)
 _OWN_TOKENS = {
     "upstream_token_file": ("--upstream-token-file", "FC_CONTROLLER_UPSTREAM_TOKEN"),
     "parent_token_file": ("--parent-token-file", "FC_PARENT_CONTROLLER_TOKEN"),
 }
-#: flags whose environment variables are read here, not by the generic mechanism
-SPECIAL_DESTS = frozenset({*_TOKEN_FILES, *_NETWORKS, *_OWN_TOKENS})
+#: flags whose environment variables are read here, not by the generic mechanism, and
+#: those variables
+SPECIAL_VARIABLES = {
+    dest: var
+    for table in (_TOKEN_FILES, _NETWORKS, _OWN_TOKENS)
+    for dest, (_, var) in table.items()
+}
+SPECIAL_DESTS = frozenset(SPECIAL_VARIABLES)
 
 _ROLE_HELP = {
     "worker_token_file": "tokens of the worker role (/register_worker, /receive_heart_beat, "
@@ -68,9 +80,9 @@ def add_access_flags(parser: argparse.ArgumentParser) -> None:
             dest=dest,
             default=None,
             metavar="PATH",
-            help=f"{_ROLE_HELP[dest]}: one NAME:TOKEN or TOKEN per line (env {var}, "
-            "comma-separated tokens; default: the role is open unless trusted networks "
-            "close it)",
+            help=f"{_ROLE_HELP[dest]}: one NAME:TOKEN or TOKEN per line; without any, the "
+            f"role is open unless trusted networks close it (env {var} holding "
+            "comma-separated tokens; default: none)",
         )
     for dest, (flag, var) in _NETWORKS.items():
         parser.add_argument(
@@ -79,21 +91,23 @@ def add_access_flags(parser: argparse.ArgumentParser) -> None:
             action="append",
             default=None,
             metavar="CIDR",
-            help=f"{_NETWORK_HELP[dest]} (repeatable; env {var}, comma-separated)",
+            help=f"{_NETWORK_HELP[dest]} (repeatable; env {var}, comma-separated; "
+            f"default: {_NETWORK_DEFAULT[dest]})",
         )
     parser.add_argument(
         "--upstream-token-file",
         default=None,
         metavar="PATH",
         help="send the token in PATH as a bearer token on every request to workers and "
-        "child controllers (env FC_CONTROLLER_UPSTREAM_TOKEN holding the token)",
+        "child controllers (env FC_CONTROLLER_UPSTREAM_TOKEN holding the token; "
+        "default: none)",
     )
     parser.add_argument(
         "--parent-token-file",
         default=None,
         metavar="PATH",
         help="send the token in PATH to the parent controller (env "
-        "FC_PARENT_CONTROLLER_TOKEN holding the token)",
+        "FC_PARENT_CONTROLLER_TOKEN holding the token; default: none)",
     )
     parser.add_argument(
         "--ssl-keyfile",
@@ -111,14 +125,15 @@ def add_access_flags(parser: argparse.ArgumentParser) -> None:
         "--ssl-client-ca-certs",
         default=None,
         metavar="PATH",
-        help="require client certificates signed by these CA certificates (mutual TLS; needs TLS)",
+        help="require client certificates signed by these CA certificates (mutual TLS; "
+        "needs TLS; default: none)",
     )
     parser.add_argument(
         "--worker-ca-certs",
         default=None,
         metavar="PATH",
-        help="verify https workers and the parent against these CA certificates instead of "
-        "the system's trust store",
+        help="verify https workers and the parent against these CA certificates "
+        "(default: the system's trust store)",
     )
 
 

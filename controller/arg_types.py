@@ -5,33 +5,40 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .worker.ports import port
+
 __all__ = ["port", "seconds", "seconds_or_zero", "size", "whole_number"]
 
 
-def seconds(text: str) -> float:
+#: units a duration may carry, longest first so that "ms" is not taken for "s"
+_TIME_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+
+
+def _duration(text: str) -> float:
+    number, factor = text.strip().lower(), 1.0
+    for unit, scale in _TIME_UNITS:
+        if number.endswith(unit):
+            number, factor = number.removesuffix(unit).strip(), scale
+            break
     try:
-        value = float(text)
+        return float(number) * factor
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds (or with a unit: 500ms, 30s, 5m, 1h), got {text!r}"
+        ) from None
+
+
+def seconds(text: str) -> float:
+    """A positive, finite duration: seconds, or a number with ``ms``, ``s``, ``m``, ``h``."""
+    value = _duration(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
 def seconds_or_zero(text: str) -> float:
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return seconds(text)
-
-
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
-    return value
+    """As :func:`seconds`, or 0."""
+    return 0.0 if _duration(text) == 0 else seconds(text)
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:

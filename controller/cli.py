@@ -1,15 +1,22 @@
-"""The ``fc-controller`` command: flags and environment in, a running controller out.
+"""The ``fc-controller`` command: flags, environment and configuration file in, a running
+controller out.
 
 This is the only module that reads ``sys.argv`` or ``os.environ``, configures logging or
-chooses the event loop. Precedence for every setting: flag, then environment, then default.
+chooses the event loop. Precedence for every setting: flag, then environment, then the
+configuration file, then default.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
+
+import attrs
 
 from . import status_cli
 from .access_flags import access_settings
@@ -19,6 +26,7 @@ from .config import (
     DEFAULT_WORKER_API_TIMEOUT,
     ControllerConfig,
 )
+from .config_file import apply_config_file
 from .decisions.models import ErrorProfile
 from .errors import ConfigError
 from .options import (
@@ -26,15 +34,21 @@ from .options import (
     ENV_EXPIRATION,
     ENV_WORKER_INTERVAL,
     TINYCHAT_HEART_BEAT_EXPIRATION,
+    Parser,
     build_parser,
+    env_name,
     from_env,
+    given_flags,
     own_environment,
     seconds,
 )
+from .requestid import RequestIdFilter
 from .server import Controller
+from .startup import startup_line
+from .worker.logs import announce
 from .worker.runtime import run_main, serve_until_signalled
 
-__all__ = ["build_parser", "load_config", "main"]
+__all__ = ["Loaded", "build_parser", "load", "load_config", "main"]
 
 log = logging.getLogger("controller")
 
@@ -68,17 +82,47 @@ _SAME_NAMED = (
 )
 
 
+@attrs.frozen
+class Loaded:
+    """What the command line, the environment and the configuration file decided."""
+
+    config: ControllerConfig
+    log_level: str
+    log_format: str
+    profile: str
+    #: the configuration file read, if any
+    config_file: str | None
+
+
 def load_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> tuple[ControllerConfig, str]:
-    """Build the configuration and the log level from flags and environment.
+    """The configuration and the log level (see :func:`load`)."""
+    loaded = load(argv, environ)
+    return loaded.config, loaded.log_level
 
-    Exits with status 2 and a message naming the flag or variable when one is invalid.
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Loaded:
+    """Build the configuration from flags, environment and configuration file.
+
+    Exits with status 2 and a message naming the flag, variable or file key when one is
+    invalid (one JSON line with ``--log-format json``).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
-    own_environment(parser, None if argv is None else list(argv), args, env)
+    words = sys.argv[1:] if argv is None else list(argv)
+    # Before parsing, the words themselves tell: JSON errors from the first one on.
+    parser.json_errors = "json" in (
+        env.get(env_name("log_format")),
+        *(b for a, b in itertools.pairwise(words) if a == "--log-format"),
+        *(a.removeprefix("--log-format=") for a in words if a.startswith("--log-format=")),
+    )
+    args = parser.parse_args(words)
+    given = given_flags(words)
+    _errors_as_wanted(parser, args, given, env)
+    config_file = apply_config_file(parser, args, given, env)
+    _errors_as_wanted(parser, args, given, env)
+    own_environment(parser, None, args, env, given)
     expiration = args.heart_beat_expiration
     if expiration is None:
         tinychat = args.profile == "tinychat"
@@ -111,12 +155,32 @@ def load_config(
             **access_settings(parser, args, env),
         )
     except ConfigError as e:
-        parser.error(str(e))
-    return config, args.log_level
+        parser.error(_as_flags(str(e), parser))
+    return Loaded(config, args.log_level, args.log_format, args.profile, config_file)
 
 
-async def _run(config: ControllerConfig) -> int:
-    def announce(controller: Controller) -> None:
+def _errors_as_wanted(
+    parser: Parser, args: argparse.Namespace, given: set[str], env: Mapping[str, str]
+) -> None:
+    """Make the parser's errors JSON if the log format is (flag, else environment, else
+    what ``args`` holds so far)."""
+    wanted = args.log_format
+    if "log_format" not in given:
+        wanted = env.get(env_name("log_format")) or wanted
+    parser.json_errors = wanted == "json"
+
+
+def _as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A configuration error as the command line says it: ``advertise_address`` is
+    ``--advertise-address`` (names with ``_`` only, so no ordinary word is taken)."""
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if "_" in a.dest}
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flags.get(m[0], m[0]), message)
+
+
+async def _run(loaded: Loaded) -> int:
+    config = loaded.config
+
+    def started(controller: Controller) -> None:
         log.info(
             "Dispatch %s, heartbeat expiration %g s, worker API timeout %g s",
             config.dispatch_method.value,
@@ -124,17 +188,13 @@ async def _run(config: ControllerConfig) -> int:
             config.worker_api_timeout,
         )
         # Deployment scripts wait for this line (FastChat's printed Uvicorn's equivalent).
-        print(
-            f"fc-controller running on {controller.url} (Press CTRL+C to quit)",
-            file=sys.stderr,
-            flush=True,
-        )
+        announce(log, startup_line(controller.url, config, loaded.profile, loaded.config_file))
 
     async def start() -> Controller:
         return await Controller.serve(config)
 
     where = f"{config.host}:{config.port}"
-    return await serve_until_signalled(start, announce, where, log, "shutting down")
+    return await serve_until_signalled(start, started, where, log, "shutting down")
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -146,7 +206,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["status"]:
         return status_cli.main(args[1:], environ)
-    config, level = load_config(args, environ)
+    loaded = load(args, environ)
     # aiohttp's own access log would be one line per request: never wanted at INFO here.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    return run_main(_run(config), level)
+    return run_main(_run(loaded), loaded.log_level, loaded.log_format, [RequestIdFilter()])

@@ -1,13 +1,23 @@
 """The command line's flags: the parser, the value types, and how a flag of ours is read
-from the environment (``FC_CONTROLLER_`` and the flag's name) when it is not given."""
+from the environment (``FC_CONTROLLER_`` and the flag's name) when it is not given.
+
+Every setting is a flag of this parser; its environment variable
+(:func:`environment_variable`) and configuration file key (:func:`file_key`) are derived
+from it, so a flag added here is all three at once."""
 
 from __future__ import annotations
 
 import argparse
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .access_flags import ENV_SSL_CERTFILE, ENV_SSL_KEYFILE, SPECIAL_DESTS, add_access_flags
+from .access_flags import (
+    ENV_SSL_CERTFILE,
+    ENV_SSL_KEYFILE,
+    SPECIAL_VARIABLES,
+    add_access_flags,
+)
 from .arg_types import port, seconds, seconds_or_zero, whole_number
 from .config import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -24,16 +34,23 @@ from .config import (
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
 from .version import __version__
+from .worker.logs import LOG_FORMATS, json_line
 
 __all__ = [
     "ENV_PREFIX",
     "ENV_SSL_CERTFILE",
     "ENV_SSL_KEYFILE",
+    "Parser",
     "build_parser",
+    "convert_text",
     "env_name",
+    "environment_variable",
+    "file_key",
     "from_env",
+    "given_flags",
     "own_environment",
     "seconds",
+    "settings",
 ]
 
 ENV_EXPIRATION = "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION"
@@ -47,20 +64,17 @@ TINYCHAT_HEART_BEAT_EXPIRATION = 30.0
 
 #: our own flags (those FastChat has no variable for) read ``FC_CONTROLLER_<FLAG>``
 ENV_PREFIX = "FC_CONTROLLER_"
+#: the flags that read FastChat's variables instead
+_FASTCHAT_VARIABLES = {
+    "heart_beat_expiration": ENV_EXPIRATION,
+    "worker_api_timeout": ENV_API_TIMEOUT,
+    "parent_heart_beat_interval": ENV_WORKER_INTERVAL,
+}
+#: what the command does rather than a setting
+_NOT_SETTINGS = frozenset({"help", "version"})
 #: flags read from FastChat's variables instead, from variables issue 15 names (see
 #: ``controller.access_flags``), or not from the environment at all
-_NOT_OURS = (
-    frozenset(
-        {
-            "heart_beat_expiration",
-            "worker_api_timeout",
-            "parent_heart_beat_interval",
-            "help",
-            "version",
-        }
-    )
-    | SPECIAL_DESTS
-)
+_NOT_OURS = frozenset(_FASTCHAT_VARIABLES) | _NOT_SETTINGS | frozenset(SPECIAL_VARIABLES)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -69,16 +83,39 @@ _attempts = whole_number(1, 100)
 _slots = whole_number(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors become one JSON line once ``json_errors`` is set
+    (``--log-format json``), so that nothing but JSON reaches a log pipeline."""
+
+    json_errors = False
+
+    def error(self, message: str) -> typing.NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        self.exit(2, json_line(f"{self.prog}: error: {message}", logger="controller.cli") + "\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="fc-controller",
         description=(
             "A fast, asyncio-native controller for FastChat and TinyChat model workers. "
-            "Flags take precedence over environment variables, which take precedence "
-            "over defaults."
+            "Each flag may also be set by its environment variable (FC_CONTROLLER_ and the "
+            "flag's name, or FastChat's variable where it has one) or by a key in the "
+            "--config file (the flag's name with '_' for '-'); a flag wins over the "
+            "environment, which wins over the file, which wins over the default."
         ),
-        epilog="fc-controller status [--controller-address URL] prints the models and "
+        epilog="Every setting, its variable, file key and default: docs/cli.md. "
+        "fc-controller status [--controller-address URL] prints the models and "
         "workers of a running controller instead (see fc-controller status --help).",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="read settings from this TOML file; its keys are the long flags' names with "
+        "'_' for '-', such as max_body_size = \"64MiB\" (env FC_CONTROLLER_CONFIG; "
+        "default: none)",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
@@ -112,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=seconds,
         default=None,
         metavar="SECONDS",
-        help=f"drop a worker silent for this long (env {ENV_EXPIRATION}; default "
+        help=f"drop a worker silent for this long (env {ENV_EXPIRATION}; default: "
         f"{DEFAULT_HEART_BEAT_EXPIRATION:g}, or {TINYCHAT_HEART_BEAT_EXPIRATION:g} with "
         "--profile tinychat)",
     )
@@ -122,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help=f"longest silence allowed between two reads of a worker's stream "
-        f"(env {ENV_API_TIMEOUT}; default {DEFAULT_WORKER_API_TIMEOUT:g})",
+        f"(env {ENV_API_TIMEOUT}; default: {DEFAULT_WORKER_API_TIMEOUT:g})",
     )
     parser.add_argument(
         "--status-probe-timeout",
@@ -165,15 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how many requests each worker runs at once (FastChat workers' "
         "--limit-worker-concurrency), so least_time and power_of_two can tell a worker "
-        "with a free slot from one that would queue the request (default: %(default)s, "
-        "FastChat's default)",
+        "with a free slot from one that would queue the request (FastChat's own default; "
+        "default: %(default)s)",
     )
     parser.add_argument(
         "--parent-controller",
         default=None,
         metavar="URL",
         help="register with this parent controller as one worker offering every model this "
-        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode)",
+        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode; "
+        "default: none)",
     )
     parser.add_argument(
         "--advertise-address",
@@ -188,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help=f"seconds between two heartbeats to the parent controller (env "
-        f"{ENV_WORKER_INTERVAL}; default {DEFAULT_PARENT_HEART_BEAT_INTERVAL:g})",
+        f"{ENV_WORKER_INTERVAL}; default: {DEFAULT_PARENT_HEART_BEAT_INTERVAL:g})",
     )
     parser.add_argument(
         "--state-file",
@@ -203,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         default="info",
         help="how much to log to stderr (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="'text' for people, or 'json': one JSON object a line (time, level, logger, "
+        "message, request_id, exception) for log pipelines (default: %(default)s)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -229,18 +274,41 @@ def env_name(dest: str) -> str:
     return ENV_PREFIX + dest.upper()
 
 
+def environment_variable(dest: str) -> str:
+    """The environment variable a setting is read from when its flag is not given."""
+    return _FASTCHAT_VARIABLES.get(dest) or SPECIAL_VARIABLES.get(dest) or env_name(dest)
+
+
+def settings(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The parser's settings: every flag but ``--help`` and ``--version``, in order."""
+    return [a for a in parser._actions if a.option_strings and a.dest not in _NOT_SETTINGS]
+
+
+def file_key(action: argparse.Action) -> str | None:
+    """A setting's key in the configuration file: its long flag's name with ``_`` for
+    ``-`` (``--max-body-size``: ``max_body_size``); ``None`` for ``--config`` itself."""
+    if action.dest == "config":
+        return None
+    flag = next(o for o in action.option_strings if o.startswith("--"))
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def own_environment(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
     args: argparse.Namespace,
     environ: Mapping[str, str],
+    given: set[str] | None = None,
 ) -> None:
     """Fill each flag of ours not given on the command line from ``FC_CONTROLLER_<FLAG>``.
 
     Precedence is flag, then environment, then default; an empty variable counts as unset.
     A bad value exits with status 2 naming the variable, as a bad flag names the flag.
+    ``given`` (the destinations given on the command line) is worked out from ``argv``
+    unless passed.
     """
-    given = _given(argv)
+    if given is None:
+        given = given_flags(argv)
     for action in parser._actions:
         dest = action.dest
         if not action.option_strings or dest in _NOT_OURS or dest in given:
@@ -249,10 +317,10 @@ def own_environment(
         raw = environ.get(name)
         if raw is None or raw == "":
             continue
-        setattr(args, dest, _convert(parser, action, name, raw))
+        setattr(args, dest, convert_text(parser, action, f"environment variable {name}", raw))
 
 
-def _given(argv: list[str] | None) -> set[str]:
+def given_flags(argv: list[str] | None) -> set[str]:
     """The destinations of the flags that appear on the command line."""
     quiet = build_parser()
     for action in quiet._actions:
@@ -260,20 +328,24 @@ def _given(argv: list[str] | None) -> set[str]:
     return set(vars(quiet.parse_known_args(argv)[0]))
 
 
-def _convert(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str) -> Any:
+def convert_text(
+    parser: argparse.ArgumentParser, action: argparse.Action, where: str, raw: str
+) -> Any:
+    """``raw`` as ``action``'s value, from the environment or the configuration file; a bad
+    one exits with status 2, the message starting with ``where`` (what holds it)."""
     if action.nargs == 0:  # a switch such as --ssl
         if raw.lower() in _TRUE:
             return True
         if raw.lower() in _FALSE:
             return False
-        parser.error(f"environment variable {name}: expected true or false, got {raw!r}")
+        parser.error(f"{where}: expected true or false, got {raw!r}")
     value: Any = raw
     if action.type is not None:
         try:
             value = action.type(raw)  # type: ignore[operator]
         except (argparse.ArgumentTypeError, ValueError) as e:
-            parser.error(f"environment variable {name}: {e}")
+            parser.error(f"{where}: {e}")
     if action.choices is not None and value not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        parser.error(f"environment variable {name}: expected one of {choices}, got {raw!r}")
+        parser.error(f"{where}: expected one of {choices}, got {raw!r}")
     return value

@@ -10,10 +10,12 @@ Run it with ``python examples/embed.py --port 21001`` and point FastChat workers
 from __future__ import annotations
 
 import argparse
+import logging
 
 from aiohttp import web
 
 from controller import CONTROLLER_KEY, Controller, ControllerConfig
+from controller.requestid import RequestIdFilter
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -43,7 +45,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=21001)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     args = parser.parse_args()
+    # The controller logs through the standard logging module, as any library: the host
+    # application decides where lines go. Without this it would say nothing at all.
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s | %(levelname)s | %(name)s | %(request_id)s | %(message)s",
+    )
+    for handler in logging.getLogger().handlers:
+        # Fills %(request_id)s: the X-Request-Id of the request a line is about, else "-".
+        handler.addFilter(RequestIdFilter("-"))
     web.run_app(
         make_app(ControllerConfig(host=args.host, port=args.port)), host=args.host, port=args.port
     )

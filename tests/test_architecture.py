@@ -23,6 +23,9 @@ LAYERS: dict[str, int] = {
     "controller.limit_flags": 8,
     "controller.access_flags": 8,
     "controller.status_cli": 8,
+    "controller.config_file": 8,
+    "controller.startup": 8,
+    "controller.settings_doc": 8,
     "controller.server": 7,
     "controller.edge": 6,
     "controller.upkeep": 5,
@@ -39,6 +42,7 @@ LAYERS: dict[str, int] = {
     "controller.errors": 1,
     "controller.logtext": 1,
     "controller.version": 1,
+    "controller.requestid": 1,
 }
 #: the worker side (and the old import paths kept for it): imports only itself
 WORKER_SIDE = ("controller.worker", "controller.client", "controller.demo_worker")

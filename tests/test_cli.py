@@ -224,13 +224,15 @@ def clean_environ(**extra: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def controller_process(
-    *args: str, environ: Mapping[str, str] | None = None
+    *args: str,
+    environ: Mapping[str, str] | None = None,
+    program: tuple[str, ...] = ("-m", "controller"),
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m controller ARGS``; killed and reaped on the way out if still running."""
+    """``python -m controller ARGS`` (or ``python PROGRAM ARGS``); killed and reaped on the
+    way out if still running."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "controller",
+        *program,
         *args,
         cwd=REPO,
         env=dict(environ) if environ is not None else clean_environ(),

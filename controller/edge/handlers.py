@@ -24,6 +24,7 @@ from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
 from .metrics import Metrics
+from .request_ids import with_request_id
 from .status import StatusRoutes
 
 __all__ = ["add_routes"]
@@ -363,8 +364,9 @@ def add_routes(
     }
     if metrics is not None:
         gets["/metrics"] = metrics.handle
-    routes = [web.post(path, gate.guard(path, handler)) for path, handler in posts.items()]
+    # The request's id first: the access check's refusals are logged and answered with it.
+    routes = [web.post(p, with_request_id(gate.guard(p, h))) for p, h in posts.items()]
     routes += [
-        web.get(path, gate.guard(path, handler), allow_head=False) for path, handler in gets.items()
+        web.get(p, with_request_id(gate.guard(p, h)), allow_head=False) for p, h in gets.items()
     ]
     app.add_routes(routes)

@@ -9,6 +9,7 @@ import logging
 import attrs
 from aiohttp import web
 
+from ..requestid import HEADER, REQUEST_ID
 from .budget import Budget
 from .pool import Pool
 from .tally import RelayTally
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 #: a WARNING that requests wait for a connection to a worker is logged at most this often
 WAIT_WARNING_EVERY = 60.0
+_ID_LINE = HEADER.encode("ascii") + b": "
 
 
 @attrs.frozen
@@ -71,6 +73,10 @@ class Reach:
         if upstream.ended:  # refused: no slot came free
             return upstream
         head = self.via.head(request.headers if request is not None else None)
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            # Only ids of letters, digits, '.', '_' and '-' are ever set: ASCII as it is.
+            head += _ID_LINE + request_id.encode("ascii") + b"\r\n"
         upstream.start(target, body, self.connect_timeout, document_limit, head)
         if request is not None:
             self.watch.add(request, upstream.stop)

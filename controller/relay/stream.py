@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from .. import protocol
+from ..requestid import HEADER, REQUEST_ID
 from .reach import Reach
 from .sink import ClientSink
 from .tally import RelayTally, StreamTiming
@@ -96,6 +97,10 @@ async def _pump(
         try:
             if upstream.has_staged and response is None:
                 response = web.StreamResponse()
+                request_id = REQUEST_ID.get()
+                if request_id is not None:
+                    # Prepared here, so the edge cannot add it to the answer afterwards.
+                    response.headers[HEADER] = request_id
                 if request.version >= aiohttp.HttpVersion11:
                     # Chunked framing, which the upstream then writes for each message.
                     response.enable_chunked_encoding()

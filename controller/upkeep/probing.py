@@ -29,6 +29,7 @@ from ..logtext import brief_names
 from ..protocol import RegisterRequest, worker_url
 from ..relay.connections import WorkerConnections
 from ..relay.guard import RefusedAddress
+from ..requestid import HEADER, REQUEST_ID
 
 __all__ = ["NameLocks", "Prober"]
 
@@ -124,7 +125,13 @@ class Prober:
         timeout = aiohttp.ClientTimeout(total=limit)
         try:
             # Never redirected: a worker's answer must not send the controller elsewhere.
-            post = self.connections.session.post(url, timeout=timeout, allow_redirects=False)
+            # A probe made for a request (a registration without a status, a refresh)
+            # carries that request's id to the worker.
+            request_id = REQUEST_ID.get()
+            headers = {HEADER: request_id} if request_id is not None else None
+            post = self.connections.session.post(
+                url, timeout=timeout, allow_redirects=False, headers=headers
+            )
             async with post as response:
                 if response.status != 200:
                     log.debug("status probe of %s: HTTP %d", worker_name, response.status)

@@ -12,14 +12,14 @@ import asyncio
 import logging
 import os
 import signal
-import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol, Self, TypeVar
 
-from .tokens import redact_urls
+from .logs import RedactUrls, configure_logging
 
 __all__ = [
     "AsyncLifecycle",
+    "RedactUrls",
     "loop_factory",
     "raise_descriptor_limit",
     "run_main",
@@ -152,31 +152,17 @@ def raise_descriptor_limit(log: logging.Logger) -> int:
     return int(soft)
 
 
-class RedactUrls(logging.Filter):
-    """Redacts credentials inside URLs (``http://user:password@host``) from every line a
-    handler writes, whichever library logged it, tracebacks included."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if "@" in message or (record.exc_text and "@" in record.exc_text):
-            record.msg, record.args = redact_urls(message), None
-            record.exc_text = record.exc_text and redact_urls(record.exc_text)
-        return True
-
-
-def run_main(main: Coroutine[Any, Any, int], level: str) -> int:
-    """Configure logging to stderr at ``level``, raise the descriptor limit, and run
+def run_main(
+    main: Coroutine[Any, Any, int],
+    level: str,
+    log_format: str = "text",
+    log_filters: Iterable[logging.Filter] = (),
+) -> int:
+    """Configure logging to stderr at ``level`` in ``log_format`` (see
+    :func:`~controller.worker.logs.configure_logging`), raise the descriptor limit, and run
     ``main`` on uvloop (when installed) until it returns the process exit status. For
     entry points only."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        stream=sys.stderr,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactUrls())
+    configure_logging(level, log_format, log_filters)
     raise_descriptor_limit(logging.getLogger(__name__))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)

@@ -10,11 +10,12 @@ import argparse
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig
 from ..config import heart_beat_interval_from_environ as _interval_from_environ
+from ..logs import announce
+from ..ports import port
 from ..runtime import run_main, serve_until_signalled
 from ..tokens import check_token, read_token_file
 from .app import DemoWorker
@@ -80,19 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--host", default="localhost", help="address to listen on (default: %(default)s)")
-    add("--port", type=_count_arg, default=21002, help="port to listen on (default: %(default)s)")
+    add(
+        "--port",
+        type=port,
+        default=21002,
+        help="port to listen on; 0 picks a free one (default: %(default)s)",
+    )
     add(
         "--backlog",
         type=_positive_int_arg,
         default=2048,
+        metavar="N",
         help="the listening socket's accept queue (default: %(default)s)",
     )
     add(
         "--worker-address",
         default=None,
+        metavar="URL",
         help="the URL the controller uses to reach this worker (default: http://HOST:PORT)",
     )
-    add("--controller-address", default="http://localhost:21001", help="(default: %(default)s)")
+    add(
+        "--controller-address",
+        default="http://localhost:21001",
+        metavar="URL",
+        help="the controller to register with and send heartbeats to; give it for a "
+        "controller on another host or port (default: %(default)s)",
+    )
     add(
         "--controller-token-file",
         default=None,
@@ -104,59 +118,94 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-names",
         type=_names_arg,
         default=["demo-model"],
+        metavar="NAMES",
         help="comma-separated model names to serve (default: demo-model)",
     )
-    add("--conv-template", default="demo", help="name of the conversation template it reports")
-    add("--limit-worker-concurrency", type=_positive_int_arg, default=5, help="(default: 5)")
-    add("--stream-interval", type=_positive_int_arg, default=1, help="tokens per message")
+    add(
+        "--conv-template",
+        default="demo",
+        metavar="NAME",
+        help="name of the conversation template it reports (default: %(default)s)",
+    )
+    add(
+        "--limit-worker-concurrency",
+        type=_positive_int_arg,
+        default=5,
+        metavar="N",
+        help="generations run at once; more wait in its queue (default: %(default)s)",
+    )
+    add(
+        "--stream-interval",
+        type=_positive_int_arg,
+        default=1,
+        metavar="N",
+        help="tokens per message (default: %(default)s)",
+    )
     add("--no-register", action="store_true", help="do not register with the controller")
     add("--multimodal", action="store_true", help="register as a multimodal worker")
-    add("--seed", type=int, default=None, help="seed for --error-rate")
+    add(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed for --error-rate (default: none, a different choice every run)",
+    )
     knobs = parser.add_argument_group("misbehaviour")
     knobs.add_argument(
-        "--token-delay", type=_seconds_arg, default=0.05, help="seconds per token (default: 0.05)"
+        "--token-delay",
+        type=_seconds_arg,
+        metavar="SECONDS",
+        default=0.05,
+        help="seconds per token (default: 0.05)",
     )
     knobs.add_argument(
         "--first-token-delay",
         type=_seconds_arg,
         default=0.0,
+        metavar="SECONDS",
         help="extra seconds before the first token (default: 0)",
     )
     knobs.add_argument(
         "--max-new-tokens-limit",
         type=_count_arg,
         default=1024,
+        metavar="N",
         help="cap on a request's max_new_tokens (default: 1024)",
     )
     knobs.add_argument(
-        "--context-length", type=_positive_int_arg, default=4096, help="(default: 4096)"
+        "--context-length",
+        type=_positive_int_arg,
+        default=4096,
+        metavar="N",
+        help="the context length /model_details reports (default: %(default)s)",
     )
     knobs.add_argument(
         "--hang-after",
         type=_count_arg,
         default=None,
         metavar="N",
-        help="after N tokens stop sending but keep the connection open",
+        help="after N tokens stop sending but keep the connection open (default: never)",
     )
     knobs.add_argument(
         "--fail-after",
         type=_count_arg,
         default=None,
         metavar="N",
-        help="after N tokens drop the connection",
+        help="after N tokens drop the connection (default: never)",
     )
     knobs.add_argument(
         "--error-rate",
         type=_rate_arg,
         default=0.0,
         metavar="P",
-        help="answer this share of generations with an in-band error (0 to 1)",
+        help="answer this share of generations with an in-band error, from 0 to 1 "
+        "(default: %(default)g)",
     )
     add(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="(default: %(default)s)",
+        help="how much to log to stderr (default: %(default)s)",
     )
     return parser
 
@@ -214,12 +263,8 @@ def _controller_token(path: str | None, environ: Mapping[str, str]) -> str | Non
 
 
 async def _run(settings: DemoSettings) -> int:
-    def announce(worker: DemoWorker) -> None:
-        print(
-            f"fc-demo-worker running on {worker.url} (Press CTRL+C to quit)",
-            file=sys.stderr,
-            flush=True,
-        )
+    def started(worker: DemoWorker) -> None:
+        announce(log, f"fc-demo-worker running on {worker.url} (Press CTRL+C to quit)")
         log.info(
             "Serving %s as %s; %s",
             ", ".join(settings.model_names),
@@ -232,8 +277,10 @@ async def _run(settings: DemoSettings) -> int:
         await worker.start()
         return worker
 
-    where, stopping = f"{settings.host}:{settings.port}", "leaving the controller and stopping"
-    return await serve_until_signalled(start, announce, where, log, stopping)
+    where = f"{settings.host}:{settings.port}"
+    # Only a registered worker has a controller to leave.
+    stopping = "leaving the controller and stopping" if settings.register else "stopping"
+    return await serve_until_signalled(start, started, where, log, stopping)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
