@@ -24,6 +24,7 @@ from .config import (
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
 from .version import __version__
+from .worker.config import controller_addresses
 
 __all__ = [
     "ENV_PREFIX",
@@ -67,6 +68,14 @@ _FALSE = ("0", "false", "no", "off")
 
 _attempts = whole_number(1, 100)
 _slots = whole_number(1)
+
+
+def _controllers(text: str) -> str:
+    """One controller URL or several separated by commas, each checked; the bad one named."""
+    try:
+        return ",".join(controller_addresses(text, "parent controller"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,10 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--parent-controller",
+        type=_controllers,
         default=None,
-        metavar="URL",
+        metavar="URL[,URL...]",
         help="register with this parent controller as one worker offering every model this "
-        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode)",
+        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode); given "
+        "several comma-separated URLs (replicas of one parent), use the first that answers "
+        "and move to the next when it cannot be reached (default: off)",
     )
     parser.add_argument(
         "--advertise-address",

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig
+from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig, controller_addresses
 from ..config import heart_beat_interval_from_environ as _interval_from_environ
 from ..runtime import run_main, serve_until_signalled
 from ..tokens import check_token, read_token_file
@@ -92,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the URL the controller uses to reach this worker (default: http://HOST:PORT)",
     )
-    add("--controller-address", default="http://localhost:21001", help="(default: %(default)s)")
+    add(
+        "--controller-address",
+        default="http://localhost:21001",
+        metavar="URL[,URL...]",
+        help="the controller to register with; several comma-separated URLs (replicas): "
+        "the first that answers, the next when it cannot be reached (default: %(default)s)",
+    )
     add(
         "--controller-token-file",
         default=None,
@@ -196,6 +202,7 @@ def load_settings(
         )
         if settings.register:
             # Fail at start-up, not in the background, on a malformed address.
+            controller_addresses(settings.controller_address, "--controller-address")
             HeartbeatConfig(
                 controller_address=settings.controller_address,
                 worker_address=settings.worker_address or "http://localhost",
