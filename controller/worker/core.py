@@ -215,6 +215,7 @@ class Core:
             return self._on_failure(wire.describe(error, 0), now, error)
         reason = wire.describe(error, self.config.request_timeout)
         if not (self.rotation.several and wire.unreachable(error)):
+            self.rotation.answered()  # a controller answered, or there is no other
             return self._on_failure(reason, now)
         # The registration carries over to the next controller: one sharing the registry
         # knows the worker; any other answers the heartbeat exist: false and gets a fresh
@@ -227,16 +228,12 @@ class Core:
             self._last_error = reason
             return 0.0
         reason = f"{reason}; no other controller answers either, {self.where} is next"
-        return self._on_failure(reason, now, where=where)
+        return self._down(where, reason, now, None)
 
-    def _on_failure(
-        self,
-        reason: str,
-        now: float,
-        error: BaseException | None = None,
-        *,
-        where: str | None = None,
-    ) -> float:
+    def _on_failure(self, reason: str, now: float, error: BaseException | None = None) -> float:
+        return self._down(self.where, reason, now, error)
+
+    def _down(self, where: str, reason: str, now: float, error: BaseException | None) -> float:
         # The first failure after a success is logged once at WARNING (with a traceback
         # for errors nobody expected); the rest stay at DEBUG until the controller answers.
         self._failures += 1
@@ -248,7 +245,7 @@ class Core:
             self._down_since = now
             log.warning(
                 "Cannot reach controller %s (%s); retrying every %g s at most until it answers",
-                where or self.where,
+                where,
                 reason,
                 self.config.max_backoff,
                 exc_info=error,
@@ -256,7 +253,7 @@ class Core:
         else:
             log.debug(
                 "Controller %s still unreachable (%s); attempt %d, next in %.2f s",
-                where or self.where,
+                where,
                 reason,
                 self._consecutive_failures,
                 delay,
