@@ -19,7 +19,14 @@ from controller.worker import HeartbeatClient, HeartbeatConfig, HeartbeatStats
 from controller.worker.demo import DemoWorker
 from controller.worker.demo.cli import load_settings
 
-from .conftest import MakeWorker, RunController, register_body, split_stream, wait_until
+from .conftest import (
+    MakeWorker,
+    RunController,
+    SpawnController,
+    register_body,
+    split_stream,
+    wait_until,
+)
 from .test_client import FakeClock, FakeController, free_port, make_config
 from .test_client_sync import Servers, servers  # noqa: F401  (the fixture)
 
@@ -35,13 +42,17 @@ async def stats_when(
         return await client.wait_until(predicate)
 
 
-async def address_at(controller: Controller, model: str = "m") -> str:
+async def address_at_url(url: str, model: str = "m") -> str:
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{controller.url}/get_worker_address", json={"model": model}) as response,
+        http.post(f"{url}/get_worker_address", json={"model": model}) as response,
     ):
         address: str = (await response.json())["address"]
         return address
+
+
+async def address_at(controller: Controller, model: str = "m") -> str:
+    return await address_at_url(controller.url, model)
 
 
 def switch_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -216,6 +227,23 @@ async def test_the_rotation_wraps_and_an_outage_logs_once(
             )
             assert stats.registered
             assert await address_at(a) == "http://127.0.0.1:9001"
+
+
+async def test_a_controller_process_killed_outright_loses_no_worker(
+    spawn_controller: SpawnController,
+) -> None:
+    """Two controller processes; the one in use dies by SIGKILL (no goodbye, connections
+    cut): the worker's next heartbeat goes to the other, which then routes to it."""
+    a, b = await spawn_controller(), await spawn_controller()
+    async with HeartbeatClient(make_config(f"{a.url},{b.url}", interval=0.3)) as client:
+        await stats_when(client, lambda s: s.registered and s.heartbeats >= 1)
+        await a.kill()
+        stats = await stats_when(
+            client, lambda s: s.controller == b.url and s.registered and s.registrations == 2
+        )
+        assert stats.switches == 1
+        assert await address_at_url(b.url) == "http://127.0.0.1:9001"
+    assert await address_at_url(b.url) == ""
 
 
 # -- the thread client, the demo worker, the parent link ----------------------------------
