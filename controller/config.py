@@ -11,6 +11,7 @@ import attrs
 from .credentials import Access, IPNetwork, parse_networks
 from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
+from .worker.config import controller_addresses
 
 __all__ = ["ControllerConfig"]
 
@@ -90,6 +91,16 @@ def _optional_url(inst: Any, attribute: attrs.Attribute[str | None], value: str 
         raise ConfigError(
             f"{attribute.name} must be a URL such as 'http://10.0.0.1:21001', got {value!r}"
         )
+
+
+def _parent_urls(inst: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    # One parent, or several (replicas of one logical parent) separated by commas.
+    if value is None:
+        return
+    try:
+        controller_addresses(value, attribute.name)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _optional_slots(inst: Any, attribute: attrs.Attribute[int | None], value: int | None) -> None:
@@ -218,8 +229,9 @@ class ControllerConfig:
     worker_slots: int | None = attrs.field(default=_DEFAULT_SLOTS, validator=_optional_slots)
     #: how many recent dispatch decisions /dispatch_decisions can show
     decision_log_size: int = attrs.field(default=DEFAULT_DECISION_LOG_SIZE, validator=_log_size)
-    #: register with this parent controller as one worker (hierarchical mode)
-    parent_controller: str | None = attrs.field(default=None, validator=_optional_url)
+    #: register with this parent controller as one worker (hierarchical mode); several
+    #: addresses separated by commas: the first that answers, the next when it cannot be reached
+    parent_controller: str | None = attrs.field(default=None, validator=_parent_urls)
     #: the URL the parent reaches this controller at; by default ``http(s)://host:port``
     #: (required when embedded, or when listening on every interface)
     advertise_address: str | None = attrs.field(default=None, validator=_optional_url)

@@ -34,6 +34,7 @@ from .config import (
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
 from .version import __version__
+from .worker.config import controller_addresses
 from .worker.logs import LOG_FORMATS, json_line
 
 __all__ = [
@@ -81,6 +82,14 @@ _FALSE = ("0", "false", "no", "off")
 
 _attempts = whole_number(1, 100)
 _slots = whole_number(1)
+
+
+def _controllers(text: str) -> str:
+    """One controller URL or several separated by commas, each checked; the bad one named."""
+    try:
+        return ",".join(controller_addresses(text, "parent controller"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -207,11 +216,13 @@ def build_parser() -> Parser:
     )
     parser.add_argument(
         "--parent-controller",
+        type=_controllers,
         default=None,
-        metavar="URL",
+        metavar="URL[,URL...]",
         help="register with this parent controller as one worker offering every model this "
-        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode; "
-        "default: none)",
+        "controller serves, heartbeat, and withdraw on shutdown (hierarchical mode); given "
+        "several comma-separated URLs (replicas of one parent), use the first that answers "
+        "and move to the next when it cannot be reached (default: none)",
     )
     parser.add_argument(
         "--advertise-address",

@@ -4,6 +4,10 @@ The link uses the worker-side heartbeat client, so a child controller behaves to
 parent exactly like a well-behaved worker: it registers with the sorted union of its live
 workers' models, their summed speed and summed queue length; heartbeats with the summed
 queue length; registers again when the parent forgets it; and says goodbye on shutdown.
+
+Given several parent addresses (replicas of one logical parent), it talks to one at a time
+and moves on to the next when that one cannot be reached, as the heartbeat client does;
+each new offer and the goodbye go to the parent in use.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..logtext import brief_names
 from ..protocol import MAX_SPEED, worker_url
 from ..upkeep.supervision import supervise
 from ..worker import HeartbeatClient, HeartbeatConfig
+from ..worker.config import controller_addresses
 from ..worker.tokens import authorization, redact_urls
 
 __all__ = ["ParentLink"]
@@ -45,6 +50,8 @@ class ParentLink:
     or the total speed makes a fresh registration, replacing the old one at the parent.
     A child with no live worker withdraws until it has one again.
 
+    ``parent_address`` is one URL or several separated by commas.
+
     The link has a session of its own: the one to workers carries the upstream token,
     which is not the parent's business. It sends ``token`` (if any) to the parent and
     verifies an https parent with ``ssl_context`` (the system's trust store if ``None``).
@@ -65,15 +72,21 @@ class ParentLink:
         self.token = token
         self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
-        self.parent_address = parent_address.rstrip("/")
-        #: the parent's address as logs show it: credentials in it redacted
-        self.where = redact_urls(self.parent_address)
+        #: the parents to register with; ``ValueError`` names a bad one
+        self.parent_addresses = controller_addresses(parent_address, "parent_controller")
+        #: the parent in use: the next client starts there, and the goodbye goes there
+        self.parent_address = self.parent_addresses[0]
         self.advertise_address = advertise_address.rstrip("/")
         self.interval = interval
         self.goodbye_timeout = goodbye_timeout
         self.client: HeartbeatClient | None = None
         self._offer: tuple[tuple[str, ...], float] | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def where(self) -> str:
+        """The parent in use as logs show it: credentials in its URL redacted."""
+        return redact_urls(self.parent_address)
 
     def start(self) -> None:
         connector = aiohttp.TCPConnector(ssl=self.ssl_context or True)
@@ -130,8 +143,10 @@ class ParentLink:
             self.where,
             self.advertise_address,
         )
+        # The new client starts at the parent in use and moves on from there.
+        at = self.parent_addresses.index(self.parent_address)
         config = HeartbeatConfig(
-            controller_address=self.parent_address,
+            controller_address=self.parent_addresses[at:] + self.parent_addresses[:at],
             worker_address=self.advertise_address,
             model_names=names,
             speed=speed,
@@ -148,6 +163,7 @@ class ParentLink:
         client, self.client = self.client, None
         if client is not None:
             await client.aclose()
+            self.parent_address = client.controller_in_use
 
     async def _goodbye(self) -> None:
         url = worker_url(self.parent_address, "/unregister_worker")

@@ -56,8 +56,39 @@ def _base_url(name: str, value: str) -> str:
     return value.strip().rstrip("/")
 
 
-def _controller_address(value: str) -> str:
-    return _base_url("controller_address", value)
+def controller_addresses(
+    value: str | Iterable[str], name: str = "controller_address"
+) -> tuple[str, ...]:
+    """The controller addresses in ``value``: one URL, several separated by commas, or a
+    sequence of URLs; each checked and without its trailing slash, in the order given.
+
+    A bad entry raises ``ValueError`` (``TypeError`` for a non-string) naming ``name`` and
+    the entry; so do an empty entry and an address listed twice. A comma inside an address
+    must be written ``%2C``.
+    """
+    if isinstance(value, str):
+        entries = value.split(",")
+    elif isinstance(value, Iterable):
+        entries = list(value)
+    else:
+        raise TypeError(f"{name} must be a string such as 'http://host:port', got {value!r}")
+    count = len(entries)
+    addresses: list[str] = []
+    for position, entry in enumerate(entries, 1):
+        where = f"{name} (address {position} of {count} in {value!r})" if count > 1 else name
+        if isinstance(entry, str) and not entry.strip():
+            raise ValueError(
+                f"{where} is empty: separate controller addresses with single commas"
+                if count > 1
+                else f"{name} must be an http(s) URL such as 'http://host:port', got {value!r}"
+            )
+        address = _base_url(where, entry)
+        if address in addresses:
+            raise ValueError(f"{name} lists {address!r} twice, in {value!r}")
+        addresses.append(address)
+    if not addresses:
+        raise ValueError(f"{name} must name at least one controller, got {value!r}")
+    return tuple(addresses)
 
 
 def _worker_address(value: str) -> str:
@@ -99,12 +130,20 @@ class HeartbeatConfig:
     ``worker_address`` is the worker's public base URL; the controller knows the worker by
     it (FastChat calls it ``worker_name``) and sends requests to it. Times are in seconds.
 
+    ``controller_address`` may name several controllers (``"http://a:21001,http://b:21001"``,
+    replicas of one logical controller): the client registers with the first that answers
+    and, when the one in use cannot be reached, moves on to the next.
+
     After a failed call the client waits ``backoff_base``, then twice that, and so on, up to
     ``backoff_cap`` (never more than ``interval``, so a controller that comes back gets its
     workers within one interval); each wait is jittered down by up to half.
     """
 
-    controller_address: str = attrs.field(converter=_controller_address)
+    #: the controllers to register with, in order of preference; given as
+    #: ``controller_address``: one URL, several separated by commas, or a sequence
+    controller_addresses: tuple[str, ...] = attrs.field(
+        converter=controller_addresses, alias="controller_address"
+    )
     worker_address: str = attrs.field(converter=_worker_address)
     model_names: tuple[str, ...] = attrs.field(converter=_model_names)
     speed: float = attrs.field(default=1.0, validator=_speed)
@@ -146,6 +185,11 @@ class HeartbeatConfig:
             if interval is not None:
                 settings["interval"] = interval
         return cls(**settings)
+
+    @property
+    def controller_address(self) -> str:
+        """The controller addresses as given, comma-separated (one address: that URL)."""
+        return ",".join(self.controller_addresses)
 
     @property
     def max_backoff(self) -> float:

@@ -17,7 +17,7 @@ import attrs
 
 from . import wire
 from .config import HeartbeatConfig
-from .tokens import redact_urls
+from .rotation import Rotation
 
 __all__ = [
     "Backoff",
@@ -81,6 +81,10 @@ class HeartbeatStats:
     queue_length: int
     last_error: str | None
     closed: bool
+    #: the controller in use (credentials in its URL redacted)
+    controller: str = ""
+    #: how many times the client moved on to the next controller address
+    switches: int = 0
 
 
 @attrs.define
@@ -116,8 +120,8 @@ class Core:
 
     def __init__(self, config: HeartbeatConfig, rng: random.Random | None = None) -> None:
         self.config = config
-        #: the controller's address as logs show it: credentials in it redacted
-        self.where = redact_urls(config.controller_address)
+        #: the controller in use, and the others to move on to
+        self.rotation = Rotation(config.controller_addresses)
         jitter = rng if rng is not None else random.Random()
         self.backoff = Backoff(config.backoff_base, config.max_backoff, jitter)
         self.registered = False
@@ -135,19 +139,24 @@ class Core:
         self._queue_error_logged = False
         self._refusal_logged = False
 
+    @property
+    def where(self) -> str:
+        """The controller in use as logs show it: credentials in its URL redacted."""
+        return self.rotation.where
+
     # requests
 
     def register_request(self, queue_length: int) -> tuple[str, bytes]:
         self.register_attempted = True
         self._queue_length = queue_length
-        return wire.register_request(self.config, queue_length)
+        return wire.register_request(self.config, self.rotation.address, queue_length)
 
     def heartbeat_request(self, queue_length: int) -> tuple[str, bytes]:
         self._queue_length = queue_length
-        return wire.heartbeat_request(self.config, queue_length)
+        return wire.heartbeat_request(self.config, self.rotation.address, queue_length)
 
     def unregister_request(self) -> tuple[str, bytes]:
-        return wire.unregister_request(self.config)
+        return wire.unregister_request(self.config, self.rotation.address)
 
     # answers
 
@@ -202,11 +211,29 @@ class Core:
             return max(0.0, started + self.config.interval - now)
         if isinstance(error, wire.Refused):
             return self._on_refusal(error, now)
-        if expected:
-            return self._on_failure(wire.describe(error, self.config.request_timeout), now)
-        return self._on_failure(wire.describe(error, 0), now, error)
+        if not expected:
+            return self._on_failure(wire.describe(error, 0), now, error)
+        reason = wire.describe(error, self.config.request_timeout)
+        if not (self.rotation.several and wire.unreachable(error)):
+            self.rotation.answered()  # a controller answered, or there is no other
+            return self._on_failure(reason, now)
+        # The registration carries over to the next controller: one sharing the registry
+        # knows the worker; any other answers the heartbeat exist: false and gets a fresh
+        # registration. Untried controllers are tried at once; after a round of failures
+        # the backoff spaces the rounds.
+        where = self.where
+        if self.rotation.move_on(reason, quiet=self._connected is False):
+            self._failures += 1
+            self._consecutive_failures += 1
+            self._last_error = reason
+            return 0.0
+        reason = f"{reason}; no other controller answers either, {self.where} is next"
+        return self._down(where, reason, now, None)
 
     def _on_failure(self, reason: str, now: float, error: BaseException | None = None) -> float:
+        return self._down(self.where, reason, now, error)
+
+    def _down(self, where: str, reason: str, now: float, error: BaseException | None) -> float:
         # The first failure after a success is logged once at WARNING (with a traceback
         # for errors nobody expected); the rest stay at DEBUG until the controller answers.
         self._failures += 1
@@ -218,7 +245,7 @@ class Core:
             self._down_since = now
             log.warning(
                 "Cannot reach controller %s (%s); retrying every %g s at most until it answers",
-                self.where,
+                where,
                 reason,
                 self.config.max_backoff,
                 exc_info=error,
@@ -226,7 +253,7 @@ class Core:
         else:
             log.debug(
                 "Controller %s still unreachable (%s); attempt %d, next in %.2f s",
-                self.where,
+                where,
                 reason,
                 self._consecutive_failures,
                 delay,
@@ -238,6 +265,7 @@ class Core:
         # keep trying (a new token file may be deployed while the worker runs).
         first = not self._refusal_logged
         self._refusal_logged = True
+        self.rotation.answered()
         self._connected = True
         self._failures += 1
         self._consecutive_failures += 1
@@ -265,6 +293,7 @@ class Core:
 
     def _answered(self, now: float) -> None:
         self._refusal_logged = False
+        self.rotation.answered()
         if self._connected is False:
             log.info(
                 "Controller %s answers again after %d failed attempts over %.1f s",
@@ -338,6 +367,8 @@ class Core:
             queue_length=self._queue_length,
             last_error=self._last_error,
             closed=self.closed,
+            controller=self.where,
+            switches=self.rotation.switches,
         )
 
 
@@ -356,3 +387,9 @@ class ClientBase(Generic[T]):
         self._queue_length = queue_length
         self._core = Core(config, rng)
         self._clock = clock
+
+    @property
+    def controller_in_use(self) -> str:
+        """The address of the controller the client talks to now (the first of
+        ``config.controller_addresses`` until one cannot be reached)."""
+        return self._core.rotation.address

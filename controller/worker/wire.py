@@ -16,6 +16,7 @@ __all__ = [
     "JSON_HEADERS",
     "BadAnswer",
     "Refused",
+    "Unavailable",
     "check_register_answer",
     "describe",
     "headers",
@@ -23,6 +24,7 @@ __all__ = [
     "parse_heartbeat_answer",
     "parse_unregister_answer",
     "register_request",
+    "unreachable",
     "unregister_request",
 ]
 
@@ -37,6 +39,11 @@ class Refused(BadAnswer):
     """The controller refused the worker's credentials (HTTP 401 or 403)."""
 
 
+class Unavailable(BadAnswer):
+    """The controller, or a proxy in front of it, failed to serve (HTTP 5xx): another
+    controller may do better, where a 4xx would be the same anywhere."""
+
+
 def headers(config: HeartbeatConfig) -> dict[str, str]:
     """The headers of every call to the controller: JSON, and the token if there is one."""
     return {**JSON_HEADERS, **authorization(config.token)}
@@ -46,8 +53,9 @@ def _encode(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
-def register_request(config: HeartbeatConfig, queue_length: int) -> tuple[str, bytes]:
-    """The URL and body of a ``/register_worker`` call, as FastChat's workers send it."""
+def register_request(config: HeartbeatConfig, address: str, queue_length: int) -> tuple[str, bytes]:
+    """The URL and body of a ``/register_worker`` call to the controller at ``address``,
+    as FastChat's workers send it."""
     body = {
         "worker_name": config.worker_address,
         "check_heart_beat": True,
@@ -59,19 +67,22 @@ def register_request(config: HeartbeatConfig, queue_length: int) -> tuple[str, b
         },
         "multimodal": config.multimodal,
     }
-    return f"{config.controller_address}/register_worker", _encode(body)
+    return f"{address}/register_worker", _encode(body)
 
 
-def heartbeat_request(config: HeartbeatConfig, queue_length: int) -> tuple[str, bytes]:
-    """The URL and body of a ``/receive_heart_beat`` call."""
+def heartbeat_request(
+    config: HeartbeatConfig, address: str, queue_length: int
+) -> tuple[str, bytes]:
+    """The URL and body of a ``/receive_heart_beat`` call to the controller at ``address``."""
     body = {"worker_name": config.worker_address, "queue_length": queue_length}
-    return f"{config.controller_address}/receive_heart_beat", _encode(body)
+    return f"{address}/receive_heart_beat", _encode(body)
 
 
-def unregister_request(config: HeartbeatConfig) -> tuple[str, bytes]:
-    """The URL and body of the goodbye, ``/unregister_worker``."""
+def unregister_request(config: HeartbeatConfig, address: str) -> tuple[str, bytes]:
+    """The URL and body of the goodbye, ``/unregister_worker``, to the controller at
+    ``address``."""
     body = {"worker_name": config.worker_address}
-    return f"{config.controller_address}/unregister_worker", _encode(body)
+    return f"{address}/unregister_worker", _encode(body)
 
 
 def _preview(body: bytes) -> str:
@@ -82,6 +93,8 @@ def _preview(body: bytes) -> str:
 def _decode(status: int, body: bytes) -> Any:
     if status in (401, 403):
         raise Refused(f"HTTP {status}: {_preview(body)}")
+    if 500 <= status <= 599:
+        raise Unavailable(f"HTTP {status}: {_preview(body)}")
     if status != 200:
         raise BadAnswer(f"HTTP {status}: {_preview(body)}")
     try:
@@ -119,3 +132,11 @@ def describe(error: BaseException, timeout: float) -> str:
     if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
         return f"no answer within {timeout:g} s"
     return str(error) or type(error).__name__
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a call that failed with ``error`` (one the clients expect: no connection, a
+    reset, a timeout, an answer) failed for want of this controller, so that another one
+    may answer: anything but an answer, or an answer saying it cannot serve now. A refusal
+    (401/403) or another bad answer would be the same anywhere: it is not."""
+    return isinstance(error, Unavailable) or not isinstance(error, BadAnswer)

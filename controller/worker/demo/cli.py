@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
-from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig
+from ..config import DEFAULT_HEART_BEAT_INTERVAL, HeartbeatConfig, controller_addresses
 from ..config import heart_beat_interval_from_environ as _interval_from_environ
 from ..logs import announce
 from ..ports import port
@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--controller-address",
         default="http://localhost:21001",
-        metavar="URL",
+        metavar="URL[,URL...]",
         help="the controller to register with and send heartbeats to; give it for a "
-        "controller on another host or port (default: %(default)s)",
+        "controller on another host or port; several comma-separated URLs (replicas): the "
+        "first that answers, the next when it cannot be reached (default: %(default)s)",
     )
     add(
         "--controller-token-file",
@@ -245,6 +246,7 @@ def load_settings(
         )
         if settings.register:
             # Fail at start-up, not in the background, on a malformed address.
+            controller_addresses(settings.controller_address, "--controller-address")
             HeartbeatConfig(
                 controller_address=settings.controller_address,
                 worker_address=settings.worker_address or "http://localhost",

@@ -47,6 +47,7 @@ class DemoSettings:
     #: the URL the controller and clients use to reach this worker; by default
     #: ``http://{host}:{port}`` (``localhost`` for a wildcard host)
     worker_address: str | None = None
+    #: the controller to register with, or several separated by commas (see HeartbeatConfig)
     controller_address: str = "http://localhost:21001"
     #: the bearer token sent to a controller that closes its worker role (never shown)
     controller_token: str | None = attrs.field(default=None, repr=False)
