@@ -136,7 +136,13 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase == IDLE:
-            self._owner.head_begins(self)
+            # The first byte of the next request: the head's time starts. The timer,
+            # armed when the connection went idle, fires by then already (see _handle).
+            owner = self._owner
+            self.phase = HEAD
+            deadline = self.deadline = owner.loop.time() + owner.header_timeout
+            if self.timer_at is None or deadline < self.timer_at:
+                self.arm(deadline, owner.loop)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -157,27 +163,31 @@ class _Client(asyncio.Protocol):
     def expire_at(self, deadline: float | None, loop: asyncio.AbstractEventLoop) -> None:
         """Set the phase's deadline; the timer moves only when it would fire too late."""
         self.deadline = deadline
-        if deadline is None:
-            return
-        timer = self._timer
-        if timer is None or self.timer_at is None or deadline < self.timer_at:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer)
-            self.timer_at = deadline
+        if deadline is not None:
+            self.arm(deadline, loop)
+
+    def arm(self, at: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the timer fire at ``at`` (no later than the deadline), if it would fire
+        later or not at all."""
+        if self.timer_at is None or at < self.timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(at, self._on_timer)
+            self.timer_at = at
 
     def _on_timer(self) -> None:
         self._timer = self.timer_at = None
         deadline = self.deadline
         if deadline is None or self.phase == CLOSED:
             return
-        loop = self._owner.loop
-        if loop.time() < deadline - _SLACK:
-            self._timer = loop.call_at(deadline, self._on_timer)
-            self.timer_at = deadline
+        owner = self._owner
+        loop = owner.loop
+        now = loop.time()
+        if now < deadline - _SLACK:
+            self.arm(owner.next_check(self, now), loop)
             return
         self.deadline = None
-        self._owner.time_up(self)
+        owner.time_up(self)
 
     def stop_timer(self) -> None:
         self.deadline = self.timer_at = None
@@ -200,6 +210,9 @@ class ClientConnections:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
         self._idle_timeout = limits.idle_timeout
+        self.header_timeout = limits.header_timeout
+        #: the soonest an idle connection's deadline can fall: its idle time, or a head's
+        self._first_deadline = min(limits.idle_timeout, limits.header_timeout)
         self._server = server
         self._handler: _Handler = server.request_handler
         server.request_handler = self._handle
@@ -276,11 +289,6 @@ class ClientConnections:
         client.expire_at(self.loop.time() + limits.header_timeout, self.loop)
         return cast(asyncio.Protocol, self._server())
 
-    def head_begins(self, client: _Client) -> None:
-        """The first byte of an idle connection's next request: the head's time starts."""
-        client.phase = HEAD
-        client.expire_at(self.loop.time() + self.limits.header_timeout, self.loop)
-
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp's request handler, with the connection told when a request starts (its
         head is complete) and when its handler is done. Every request passes here: kept
@@ -306,9 +314,14 @@ class ClientConnections:
             if client.phase != CLOSED:
                 client.phase = IDLE
                 reusable[client] = None
-                deadline = client.deadline = self.loop.time() + self._idle_timeout
-                if client.timer_at is None or deadline < client.timer_at:
-                    client.expire_at(deadline, self.loop)
+                now = self.loop.time()
+                client.deadline = now + self._idle_timeout
+                # Armed no later than a next head's deadline could be, so the head's
+                # beginning (nearly every request on a kept-alive connection) never moves
+                # the timer: the timer fires early at most once a header_timeout instead.
+                at = now + self._first_deadline
+                if client.timer_at is None or at < client.timer_at:
+                    client.arm(at, self.loop)
 
     def time_up(self, client: _Client) -> None:
         """A connection's phase ran out of time."""
@@ -328,6 +341,15 @@ class ClientConnections:
             what = "request head" if client.phase == HEAD else "next request"
             log.debug("closed a connection from %s: no %s in time", client.source, what)
             self.close_client(client)
+
+    def next_check(self, client: _Client, now: float) -> float:
+        """When a connection's timer, fired early, should fire next: its deadline, or for
+        an idle one, no later than the deadline of a head that began now."""
+        deadline = client.deadline
+        assert deadline is not None, "checked by the timer"
+        if client.phase == IDLE:
+            return min(deadline, now + self._first_deadline)
+        return deadline
 
     def close_client(self, client: _Client) -> None:
         """Close a connection now; its place is free at once."""
