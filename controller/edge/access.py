@@ -18,7 +18,7 @@ import inspect
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from hashlib import sha256
+from hashlib import blake2s
 from hmac import compare_digest
 from typing import Any, TypeVar, cast
 
@@ -133,7 +133,7 @@ class Gate:
             if header is not None and header.startswith("Bearer "):
                 # The usual case with tokens on, inline: a valid token in the usual
                 # spelling. Anything else goes through _identify's full rules.
-                hashed = sha256(header[7:].encode()).digest()
+                hashed = blake2s(header[7:].encode()).digest()  # credentials.digest, inline
                 found: Caller | None = None
                 # Every entry compared, in constant time, whichever matches: no early exit.
                 for candidate, known in table:
