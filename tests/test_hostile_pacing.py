@@ -1,0 +1,139 @@
+"""Issue 16's benchmark rows, as structural properties: one client's bulk cannot take the
+event loop's turns from the others.
+
+Each test counts the loop's turns with a task that does nothing but yield (one turn per
+wake-up) and records, through a hook, what the controller did in each turn. The
+production loop is uvloop, which behaves differently from asyncio's own here (it reads a
+readable socket up to 32 times in a row), so these tests run on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+
+from controller import ControllerConfig
+from controller.relay.upstream import Upstream
+from controller.server import Controller
+
+from .conftest import SERVER_ERROR_MSG, register_body
+
+MIB = 1 << 20
+STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
+#: a read this large is bulk (controller.relay.holding.BULK_READ)
+BULK_READ = 64 * 1024
+
+
+class Turns:
+    """Counts the event loop's turns while running."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def __enter__(self) -> Turns:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def on_uvloop(test: Callable[[], Awaitable[None]]) -> None:
+    """Run ``test`` on a uvloop event loop, as ``python -m controller`` does."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test())
+
+
+async def bulk_worker(size: int) -> tuple[asyncio.Server, str]:
+    """A worker (a raw socket server) answering every request at once with a chunked
+    document of ``size`` bytes, written in 4 MiB chunks as fast as the socket takes them."""
+    chunk = b" " * (4 * MIB)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        body = b'"' + b" " * (size - 2) + b'"'
+        for i in range(0, len(body), len(chunk)):
+            piece = body[i : i + len(chunk)]
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        pytest.param(12 * MIB, "whole", id="within-the-answer-limit"),
+        pytest.param(64 * MIB, "refused", id="past-the-answer-limit"),
+    ],
+)
+def test_a_bulk_answer_is_read_one_read_a_turn(
+    monkeypatch: pytest.MonkeyPatch, size: int, expected: str
+) -> None:
+    """A worker pouring a document into its connection: the controller reads at most one
+    bulk read (64 KiB or more) from it per turn of the loop, so other clients get turns
+    between, and the answer is still relayed whole (within --max-worker-answer-size) or
+    refused with the worker error document (past it). uvloop alone would read up to 32
+    reads of 256 KiB in one turn."""
+    reads: Counter[int] = Counter()
+    received = Upstream.data_received
+
+    def counted(self: Upstream, data: bytes) -> None:
+        if len(data) >= BULK_READ:
+            reads[turns.count] += 1
+        received(self, data)
+
+    monkeypatch.setattr(Upstream, "data_received", counted)
+    turns = Turns()
+    answers: list[Any] = []
+
+    async def scenario() -> None:
+        server, url = await bulk_worker(size)
+        config = ControllerConfig(
+            host="127.0.0.1", port=0, load_poll_interval=0, max_worker_answer_size=16 * MIB
+        )
+        controller = await Controller.serve(config)
+        try:
+            async with aiohttp.ClientSession() as http:
+                body = register_body(url, worker_status=STATUS, check_heart_beat=False)
+                async with http.post(f"{controller.url}/register_worker", json=body) as r:
+                    assert r.status == 200
+                with turns:
+                    async with http.post(
+                        f"{controller.url}/worker_generate", json={"model": "m"}
+                    ) as r:
+                        answers.append((r.status, await r.read()))
+        finally:
+            await controller.aclose()
+            server.close()
+
+    on_uvloop(scenario)
+    [(status, answer)] = answers
+    assert status == 200
+    if expected == "whole":
+        assert len(answer) == size
+    else:
+        assert json.loads(answer) == {"text": SERVER_ERROR_MSG, "error_code": 50006}
+    assert sum(reads.values()) > 8  # read in many pieces, each counted
+    assert max(reads.values()) == 1
