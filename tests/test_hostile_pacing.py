@@ -137,3 +137,32 @@ def test_a_bulk_answer_is_read_one_read_a_turn(
         assert json.loads(answer) == {"text": SERVER_ERROR_MSG, "error_code": 50006}
     assert sum(reads.values()) > 8  # read in many pieces, each counted
     assert max(reads.values()) == 1
+
+
+async def test_a_literal_ip_address_registers_without_the_resolver(
+    run_controller: Any, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker named by a literal IP address is checked without a name lookup (the
+    resolver runs in a thread: it capped registrations at a few hundred a second on a busy
+    machine); a host name, or an address spelled short (``127.1``), is still resolved and
+    judged by what it resolves to."""
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    resolve = loop.getaddrinfo
+
+    async def counted(host: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(str(host))
+        return await resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counted)
+    controller = await run_controller()
+    for name in ("http://127.0.0.1:9", "http://[::1]:9", "http://10.1.2.3:21002/x"):
+        body = register_body(name, worker_status=STATUS, check_heart_beat=False)
+        async with http.post(f"{controller.url}/register_worker", json=body) as r:
+            assert r.status == 200, await r.text()
+    assert lookups == []
+    for name in ("http://localhost:9", "http://127.1:9"):
+        body = register_body(name, worker_status=STATUS, check_heart_beat=False)
+        async with http.post(f"{controller.url}/register_worker", json=body) as r:
+            assert r.status == 200, await r.text()
+    assert lookups == ["localhost", "127.1"]
