@@ -18,10 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 import uvloop
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from controller import ControllerConfig
 from controller.relay.upstream import Upstream
 from controller.server import Controller
+from controller.upkeep.probing import PROBES_PER_TURN, Prober
 
 from .conftest import SERVER_ERROR_MSG, register_body
 
@@ -178,3 +181,87 @@ async def test_start_up_objects_are_set_aside_from_full_collections(
     line = await controller.wait_for_line("start-up objects set aside")
     frozen = int(line.split("start-up objects")[0].split()[-1])
     assert frozen > 10_000
+
+
+class CountingFleet:
+    """``size`` workers behind one loopback server (worker ``i`` is ``BASE/w{i}``); it
+    counts the status probes each gets and the most it had in progress at once. A probe
+    stays in progress for a few turns of the loop, so overlapping ones are seen."""
+
+    def __init__(self, size: int) -> None:
+        self.calls = [0] * size
+        self.in_flight = 0
+        self.most_in_flight = 0
+        app = web.Application()
+        app.router.add_post("/w{i:[0-9]+}/worker_get_status", self.handle)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    def name(self, i: int) -> str:
+        return str(self.server.make_url(f"/w{i}"))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls[int(request.match_info["i"])] += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        for _ in range(5):
+            await asyncio.sleep(0)  # yield a few turns: others may arrive meanwhile
+        self.in_flight -= 1
+        return web.json_response(STATUS)
+
+
+async def test_status_probes_and_their_callers_go_a_slice_per_turn(
+    run_controller: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 concurrent /worker_get_status calls with 300 workers and
+    --max-worker-connections 80: one probe per worker; never more probes in progress than
+    the probes' share of the connections (80 / 8 = 10); at most PROBES_PER_TURN probes
+    start, and at most PROBES_PER_TURN callers are answered, in one turn of the loop. Before,
+    every probe started and every caller was answered in the same turn."""
+    probes_at: Counter[int] = Counter()
+    answers_at: Counter[int] = Counter()
+    probe, aggregate = Prober.probe, Prober.aggregate_status
+
+    async def counted_probe(self: Prober, name: str, *, poll: bool = False) -> Any:
+        probes_at[turns.count] += 1
+        return await probe(self, name, poll=poll)
+
+    async def counted_aggregate(self: Prober) -> Any:
+        status = await aggregate(self)
+        answers_at[turns.count] += 1
+        return status
+
+    monkeypatch.setattr(Prober, "probe", counted_probe)
+    monkeypatch.setattr(Prober, "aggregate_status", counted_aggregate)
+    fleet = CountingFleet(300)
+    await fleet.server.start_server()
+    turns = Turns()
+    try:
+        config = ControllerConfig(
+            host="127.0.0.1",
+            port=0,
+            load_poll_interval=0,
+            max_worker_connections=80,
+            max_connections_per_source=1000,
+        )
+        controller = await run_controller(config)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for i in range(300):
+                body = register_body(fleet.name(i), worker_status=STATUS)
+                async with http.post(f"{controller.url}/register_worker", json=body) as r:
+                    assert r.status == 200
+
+            async def ask() -> Any:
+                async with http.post(f"{controller.url}/worker_get_status") as r:
+                    assert r.status == 200
+                    return await r.json()
+
+            with turns:
+                answers = await asyncio.gather(*(ask() for _ in range(300)))
+    finally:
+        await fleet.server.close()
+    assert all(a == {"model_names": ["m"], "speed": 300, "queue_length": 0} for a in answers)
+    assert fleet.calls == [1] * 300
+    assert 1 < fleet.most_in_flight <= 10
+    assert sum(probes_at.values()) == 300 and max(probes_at.values()) <= PROBES_PER_TURN
+    assert sum(answers_at.values()) == 300 and max(answers_at.values()) <= PROBES_PER_TURN
