@@ -35,11 +35,18 @@ class Pacer:
         """Whether a caller may go on in this turn without waiting."""
         return self._passed < self.per_turn and not self._waiting
 
+    def try_pass(self) -> bool:
+        """Go on in this turn if the slice has room (``True``); else call :meth:`turn`."""
+        if self._passed < self.per_turn and not self._waiting:
+            self._passed += 1
+            if not self._scheduled:
+                self._schedule()
+            return True
+        return False
+
     async def turn(self) -> None:
         """Return in this turn if the slice has room, else in a later one."""
-        if self.free:
-            self._passed += 1
-            self._schedule()
+        if self.try_pass():
             return
         loop = self._loop = self._loop or asyncio.get_running_loop()
         waiter = loop.create_future()
