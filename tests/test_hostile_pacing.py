@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from controller import ControllerConfig
 from controller.relay.upstream import Upstream
 from controller.server import Controller
-from controller.upkeep.probing import PROBES_PER_TURN, Prober
+from controller.upkeep.probing import ANSWERS_PER_TURN, PROBES_PER_TURN, Prober
 
 from .conftest import SERVER_ERROR_MSG, register_body
 
@@ -215,7 +215,7 @@ async def test_status_probes_and_their_callers_go_a_slice_per_turn(
     """300 concurrent /worker_get_status calls with 300 workers and
     --max-worker-connections 80: one probe per worker; never more probes in progress than
     the probes' share of the connections (80 / 8 = 10); at most PROBES_PER_TURN probes
-    start, and at most PROBES_PER_TURN callers are answered, in one turn of the loop. Before,
+    start, and at most ANSWERS_PER_TURN callers are answered, in one turn of the loop. Before,
     every probe started and every caller was answered in the same turn."""
     probes_at: Counter[int] = Counter()
     answers_at: Counter[int] = Counter()
@@ -264,4 +264,4 @@ async def test_status_probes_and_their_callers_go_a_slice_per_turn(
     assert fleet.calls == [1] * 300
     assert 1 < fleet.most_in_flight <= 10
     assert sum(probes_at.values()) == 300 and max(probes_at.values()) <= PROBES_PER_TURN
-    assert sum(answers_at.values()) == 300 and max(answers_at.values()) <= PROBES_PER_TURN
+    assert sum(answers_at.values()) == 300 and max(answers_at.values()) <= ANSWERS_PER_TURN

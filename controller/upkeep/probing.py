@@ -44,8 +44,12 @@ MAX_STATUS_ANSWER = 1024 * 1024
 STATUS_REUSE = 1.0
 # The longest wait between two load polls of a worker that keeps failing them.
 MAX_POLL_BACKOFF = 60.0
-# Probes started, and /worker_get_status callers answered, in one turn of the event loop.
-PROBES_PER_TURN = 32
+# Probes started in one turn of the event loop: each costs about half a millisecond of the
+# loop (a connection opened, a request written, an answer read), so a round of a thousand
+# goes on a few at a time, between everything else the loop has to do.
+PROBES_PER_TURN = 8
+# /worker_get_status callers answered in one turn of the event loop.
+ANSWERS_PER_TURN = 32
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
@@ -109,8 +113,9 @@ class Prober:
         #: count then, and the answer; and the round under way, if any
         self._status: tuple[float, int, WorkerStatus] | None = None
         self._status_round: asyncio.Future[WorkerStatus] | None = None
-        #: paces the starts of a round's probes and the answers to its callers
+        #: pace the starts of probes and the answers to a round's callers
         self.pacer = Pacer(PROBES_PER_TURN)
+        self.answers = Pacer(ANSWERS_PER_TURN)
 
     async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
         """Ask a worker for its status; ``None`` if it fails to answer well in time.
@@ -307,7 +312,7 @@ class Prober:
             self._status_round = asyncio.ensure_future(self._aggregate())
         status = await asyncio.shield(self._status_round)
         # The callers go on a slice at a time, not a thousand answers in one turn.
-        await self.pacer.turn()
+        await self.answers.turn()
         return status
 
     async def _aggregate(self) -> WorkerStatus:
