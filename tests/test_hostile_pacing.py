@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,8 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from controller import ControllerConfig
+from controller import ControllerConfig, nesting, protocol
+from controller.jsonbody import BodyReader
 from controller.relay.upstream import Upstream
 from controller.server import Controller
 from controller.upkeep.probing import ANSWERS_PER_TURN, PROBES_PER_TURN, Prober
@@ -30,6 +32,8 @@ from .conftest import SERVER_ERROR_MSG, register_body
 
 MIB = 1 << 20
 STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
+#: what controller.nesting reduces between two pauses (its TEXT_SLICE)
+TEXT_SLICE = 2 * MIB
 #: a read this large is bulk (controller.relay.holding.BULK_READ)
 BULK_READ = 64 * 1024
 
@@ -265,3 +269,74 @@ async def test_status_probes_and_their_callers_go_a_slice_per_turn(
     assert 1 < fleet.most_in_flight <= 10
     assert sum(probes_at.values()) == 300 and max(probes_at.values()) <= PROBES_PER_TURN
     assert sum(answers_at.values()) == 300 and max(answers_at.values()) <= ANSWERS_PER_TURN
+
+
+def _depth(text: str) -> int:
+    """How deeply a JSON text nests, the slow way: a character at a time."""
+    depth = deepest = 0
+    inside = escaped = False
+    for char in text:
+        if inside:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                inside = False
+        elif char == '"':
+            inside = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _drive(steps: Generator[None, None, bool]) -> bool:
+    """A generator of steps driven to its end without pausing: its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return bool(done.value)
+
+
+def _random_value(rng: random.Random, level: int) -> Any:
+    kind = rng.randrange(4 if level < 12 else 1)
+    if kind == 0:
+        return "".join(rng.choice(["\\", '"', "[", "]", "{", "}", "a", " "]) for _ in range(9))
+    if kind == 1:
+        return [_random_value(rng, level + 1) for _ in range(rng.randrange(4))]
+    if kind == 2:
+        return {f"k{i}\\[": _random_value(rng, level + 1) for i in range(rng.randrange(3))}
+    return [[_random_value(rng, level + 2)]]
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 7, 64])
+def test_nesting_is_measured_alike_however_the_document_is_cut(
+    monkeypatch: pytest.MonkeyPatch, slice_size: int
+) -> None:
+    """A large body is reduced to its brackets a slice at a time (the loop free between
+    slices, not 60 MiB in one go); strings full of backslashes, escaped quotes and
+    brackets give the same verdict for every cut as measured a character at a time."""
+    monkeypatch.setattr(nesting, "TEXT_SLICE", slice_size)
+    monkeypatch.setattr(nesting, "SLICE", slice_size)
+    rng = random.Random(slice_size)
+    for _ in range(150):
+        text = json.dumps(_random_value(rng, 0))
+        deepest = _depth(text)
+        for limit in (max(deepest - 1, 1), max(deepest, 1)):
+            assert _drive(nesting.within(text.encode(), limit)) is (deepest <= limit)
+
+
+def test_a_huge_body_is_reduced_to_its_brackets_a_slice_at_a_time() -> None:
+    """A 63 MiB body of tiny objects (the benchmark's huge-json): counting its brackets and
+    reducing it to them pause at least once per TEXT_SLICE bytes each, instead of one
+    step per pass over the whole body (one pass held the loop up to 190 ms)."""
+    head = b'{"model": "m", "junk": ['
+    count = (63 * MIB - len(head) - 2) // 4
+    body = head + b"{}, " * (count - 1) + b"{}]}"
+    reader = BodyReader()
+    assert asyncio.run(reader.read_async(body, protocol.DISPATCH)) == {"model": "m"}
+    assert reader.counts.pauses >= 2 * (len(body) // TEXT_SLICE)
