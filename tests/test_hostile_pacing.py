@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import resource
+import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any
 
 import aiohttp
@@ -23,19 +25,42 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from controller import ControllerConfig, nesting, protocol
+from controller.edge import client_connections
 from controller.jsonbody import BodyReader
 from controller.relay.upstream import Upstream
 from controller.server import Controller
 from controller.upkeep.probing import ANSWERS_PER_TURN, PROBES_PER_TURN, Prober
 
-from .conftest import SERVER_ERROR_MSG, register_body
+from .conftest import SERVER_ERROR_MSG, register_body, wait_until
 
 MIB = 1 << 20
 STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
+#: client reads handed to aiohttp in one turn (controller.edge.client_connections')
+READS_PER_TURN = 32
 #: what controller.nesting reduces between two pauses (its TEXT_SLICE)
 TEXT_SLICE = 2 * MIB
 #: a read this large is bulk (controller.relay.holding.BULK_READ)
 BULK_READ = 64 * 1024
+
+
+@pytest.fixture
+def many_descriptors() -> Iterator[None]:
+    """This process's descriptor limit raised for a test holding hundreds of sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"needs {wanted} descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def controller_holds(controller: Controller, connections: int) -> bool:
+    """Whether the controller's listener holds ``connections`` client connections."""
+    clients = controller.client_connections
+    assert clients is not None
+    return clients.held == connections
 
 
 class Turns:
@@ -340,3 +365,63 @@ def test_a_huge_body_is_reduced_to_its_brackets_a_slice_at_a_time() -> None:
     reader = BodyReader()
     assert asyncio.run(reader.read_async(body, protocol.DISPATCH)) == {"model": "m"}
     assert reader.counts.pauses >= 2 * (len(body) // TEXT_SLICE)
+
+
+async def test_a_burst_of_requests_is_read_a_slice_per_turn_fairly_between_sources(
+    run_controller: Any, monkeypatch: pytest.MonkeyPatch, many_descriptors: None
+) -> None:
+    """300 requests from one address arrive at once, then one from another address: at
+    most READS_PER_TURN reads are handed to aiohttp in one turn of the loop, and the other
+    address's request is handed on at the latest in the turn after the burst's first
+    slice, not behind the whole burst. Every request is answered. Before, all 301 were
+    parsed in one turn and made 301 tasks that ran in the next."""
+    delivered: list[tuple[int, str]] = []
+    deliver = client_connections._Client.deliver
+
+    def counted(self: Any, data: bytes) -> None:
+        delivered.append((turns.count, self.source))
+        deliver(self, data)
+
+    monkeypatch.setattr(client_connections._Client, "deliver", counted)
+    config = ControllerConfig(host="127.0.0.1", port=0, max_connections_per_source=1000)
+    controller = await run_controller(config)
+    port = int(controller.url.rsplit(":", 1)[1])
+    loop = asyncio.get_running_loop()
+
+    async def connect(source: str) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        return sock
+
+    burst = [await connect("127.0.0.1") for _ in range(300)]
+    other = await connect("127.0.0.2")
+    request = b"GET /test_connection HTTP/1.1\r\nHost: c\r\n\r\n"
+    await wait_until(lambda: controller_holds(controller, 301))
+    turns = Turns()
+    try:
+        with turns:
+            for sock in [*burst, other]:
+                sock.send(request)  # all sent before the controller's next turn
+
+            async def answer(sock: socket.socket) -> bytes:
+                data = b""
+                while not data.endswith(b'"success"'):
+                    piece = await loop.sock_recv(sock, 4096)
+                    if not piece:
+                        break
+                    data += piece
+                return data
+
+            answers = await asyncio.gather(*(answer(s) for s in [*burst, other]))
+    finally:
+        for sock in [*burst, other]:
+            sock.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+    per_turn = Counter(turn for turn, _ in delivered)
+    assert len(delivered) == 301 and max(per_turn.values()) <= READS_PER_TURN
+    first = min(per_turn)
+    [other_turn] = [turn for turn, source in delivered if source == "127.0.0.2"]
+    assert other_turn <= first + 1
+    assert max(per_turn) - first >= 300 // READS_PER_TURN - 1  # the burst took turns

@@ -46,6 +46,7 @@ from aiohttp import web
 from .. import protocol
 from ..config import ControllerConfig
 from ..errors import BodyTimeoutError
+from .fair_reads import FairReads
 
 __all__ = ["ClientConnections", "ClientLimits"]
 
@@ -58,6 +59,8 @@ _SLACK = 0.001
 REPORT_EVERY = 10.0
 #: what a refused connection is told to wait (seconds)
 RETRY_AFTER = 1
+#: client reads handed to aiohttp in one turn of the loop (see fair_reads.py)
+READS_PER_TURN = 32
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -104,6 +107,8 @@ class _Client(asyncio.Protocol):
         "_timer",
         "body",
         "deadline",
+        "held",
+        "held_paused",
         "phase",
         "source",
         "timer_at",
@@ -124,6 +129,9 @@ class _Client(asyncio.Protocol):
         self.timer_at: float | None = None
         #: the body still arriving (in ``BODY``)
         self.body: Any = None
+        #: reads waiting for their turn (see FairReads)
+        self.held: list[bytes] | None = None
+        self.held_paused = False
 
     # -- asyncio.Protocol: everything goes on to aiohttp's protocol ------------------------
 
@@ -137,12 +145,17 @@ class _Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase == IDLE:
             self._owner.head_begins(self)
+        self._owner.reads.received(self, data)
+
+    def deliver(self, data: bytes) -> None:
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        self._owner.reads.flush(self)
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.reads.flush(self, deliver=False)
         self._owner.forget(self)
         self._inner.connection_lost(exc)
 
@@ -204,6 +217,8 @@ class ClientConnections:
         self._handler: _Handler = server.request_handler
         server.request_handler = self._handle
         self.held = 0
+        #: reads handed to aiohttp a slice per loop turn, fairly between source addresses
+        self.reads = FairReads(self.loop, READS_PER_TURN)
         self._per_source: dict[str, int] = {}
         #: connections idle or sending a head, the one longest so first
         self._reusable: dict[_Client, None] = {}
