@@ -36,7 +36,7 @@ from .conftest import SERVER_ERROR_MSG, register_body, wait_until
 MIB = 1 << 20
 STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
 #: client reads handed to aiohttp in one turn (controller.edge.client_connections')
-READS_PER_TURN = 32
+READS_PER_TURN = 64
 #: what controller.nesting reduces between two pauses (its TEXT_SLICE)
 TEXT_SLICE = 2 * MIB
 #: a read this large is bulk (controller.relay.holding.BULK_READ)
