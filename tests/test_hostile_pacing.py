@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import resource
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import aiohttp
@@ -27,11 +26,13 @@ from aiohttp.test_utils import TestServer
 from controller import ControllerConfig, nesting, protocol
 from controller.edge import client_connections
 from controller.jsonbody import BodyReader
+from controller.pacing import Pacer
 from controller.relay.upstream import Upstream
 from controller.server import Controller
 from controller.upkeep.probing import ANSWERS_PER_TURN, PROBES_PER_TURN, Prober
 
 from .conftest import SERVER_ERROR_MSG, register_body, wait_until
+from .test_json_bounds import reference_depth
 
 MIB = 1 << 20
 STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
@@ -41,19 +42,6 @@ READS_PER_TURN = 64
 TEXT_SLICE = 2 * MIB
 #: a read this large is bulk (controller.relay.holding.BULK_READ)
 BULK_READ = 64 * 1024
-
-
-@pytest.fixture
-def many_descriptors() -> Iterator[None]:
-    """This process's descriptor limit raised for a test holding hundreds of sockets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 4096
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        if hard != resource.RLIM_INFINITY and hard < wanted:
-            pytest.skip(f"needs {wanted} descriptors, the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def controller_holds(controller: Controller, connections: int) -> bool:
@@ -84,7 +72,7 @@ class Turns:
         self._task.cancel()
 
 
-def on_uvloop(test: Callable[[], Awaitable[None]]) -> None:
+def on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run ``test`` on a uvloop event loop, as ``python -m controller`` does."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test())
@@ -296,28 +284,6 @@ async def test_status_probes_and_their_callers_go_a_slice_per_turn(
     assert sum(answers_at.values()) == 300 and max(answers_at.values()) <= ANSWERS_PER_TURN
 
 
-def _depth(text: str) -> int:
-    """How deeply a JSON text nests, the slow way: a character at a time."""
-    depth = deepest = 0
-    inside = escaped = False
-    for char in text:
-        if inside:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                inside = False
-        elif char == '"':
-            inside = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
 def _drive(steps: Generator[None, None, bool]) -> bool:
     """A generator of steps driven to its end without pausing: its value."""
     while True:
@@ -350,7 +316,7 @@ def test_nesting_is_measured_alike_however_the_document_is_cut(
     rng = random.Random(slice_size)
     for _ in range(150):
         text = json.dumps(_random_value(rng, 0))
-        deepest = _depth(text)
+        deepest = reference_depth(text.encode())
         for limit in (max(deepest - 1, 1), max(deepest, 1)):
             assert _drive(nesting.within(text.encode(), limit)) is (deepest <= limit)
 
@@ -425,3 +391,26 @@ async def test_a_burst_of_requests_is_read_a_slice_per_turn_fairly_between_sourc
     [other_turn] = [turn for turn, source in delivered if source == "127.0.0.2"]
     assert other_turn <= first + 1
     assert max(per_turn) - first >= 300 // READS_PER_TURN - 1  # the burst took turns
+
+
+async def test_a_pacer_lets_a_slice_through_per_turn_and_skips_those_who_left() -> None:
+    """Eleven callers of a pacer of 3 per turn, one of them cancelled while it waits: the
+    other ten go on 3, 3, 3 and 1 per turn, in the order they came; the one that left
+    takes no place in its slice."""
+    pacer = Pacer(3)
+    went: list[tuple[int, int]] = []
+
+    async def caller(i: int) -> None:
+        await pacer.turn()
+        went.append((turns.count, i))
+
+    turns = Turns()
+    with turns:
+        tasks = [asyncio.ensure_future(caller(i)) for i in range(11)]
+        await asyncio.sleep(0)  # every caller has asked once
+        tasks[4].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    order = [i for _, i in went]
+    assert order == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
+    per_turn = Counter(turn for turn, _ in went)
+    assert sorted(per_turn.values(), reverse=True) == [3, 3, 3, 1]
