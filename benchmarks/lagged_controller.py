@@ -9,14 +9,17 @@ CLOCK_MONOTONIC, so the orchestrator can place each sample on its own clock). A 
 late by ``REPORTED`` or more is appended to the file as ``lag START END SECONDS`` (START
 when the sleep began, END when it woke: the loop was held somewhere in between), and a
 line ``alive NOW`` follows at least every ``ALIVE`` seconds, so a reader knows every stall
-before NOW is in the file. Cost: 50 wake-ups a second of a few microseconds each, and a
-line written only when something held the loop; it lives in the benchmark, not in the
-controller, so it works with any revision ``compare.py`` installs.
+before NOW is in the file. Garbage collections that take ``REPORTED`` or more are appended
+as ``gc START END SECONDS GENERATION`` (the hostile scenario ignores them; they tell a
+stall the collector caused from others). Cost: 50 wake-ups a second of a few microseconds
+each, and a line written only when something held the loop; it lives in the benchmark, not
+in the controller, so it works with any revision ``compare.py`` installs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -45,6 +48,21 @@ async def sample_lag(path: str) -> None:
                 said_alive = end
 
 
+def log_collections(path: str) -> None:
+    """Append the garbage collections of ``REPORTED`` or more to ``path``."""
+    out = open(path, "a", buffering=1)  # noqa: SIM115  # open for the process's life
+    began = [0.0]
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            began[0] = now
+        elif now - began[0] >= REPORTED:
+            out.write(f"gc {began[0]:.6f} {now:.6f} {now - began[0]:.6f} {info['generation']}\n")
+
+    gc.callbacks.append(note)
+
+
 def with_sampler(
     make_loop: Callable[[], asyncio.AbstractEventLoop], path: str
 ) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -56,6 +74,7 @@ def with_sampler(
 
         def start() -> None:
             tasks.append(loop.create_task(sample_lag(path), name="bench-lag-sampler"))
+            log_collections(path)
 
         loop.call_soon(start)
         return loop

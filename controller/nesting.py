@@ -19,12 +19,14 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 
-__all__ = ["SLICE", "within"]
+__all__ = ["SLICE", "TEXT_SLICE", "within"]
 
 #: bytes of brackets measured between two pauses (a few milliseconds of work)
 SLICE = 1 << 20
+#: bytes of a document reduced to its brackets between two pauses (a few milliseconds)
+TEXT_SLICE = 2 << 20
 
 _OPEN = b"("
 _CLOSE = b")"
@@ -50,21 +52,48 @@ def within(text: bytes, limit: int) -> Generator[None, None, bool]:
     """Whether the valid JSON document ``text`` nests at most ``limit`` levels (an object
     or array at the top is one level). Yields between steps that each take a few
     milliseconds of a 16 MiB document."""
-    if text.count(b"[") + text.count(b"{") <= limit:
+    opens = 0
+    for start, end in _cuts(text):
+        opens += text.count(b"[", start, end) + text.count(b"{", start, end)
+        yield
+    if opens <= limit:
         return True
-    if b"\\" in text:
-        # Outside strings JSON has no backslash; inside, an escaped backslash goes first,
-        # then an escaped quote, and every quote left delimits a string.
-        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
-    brackets = text.translate(_BRACKETS, _NOT_STRUCTURE)
-    yield
-    # A string without brackets is left as "": dropping every "" also merges strings that
-    # had only commas, colons or scalars between them, which keeps their brackets inside.
-    brackets = brackets.replace(b'""', b"")
+    escapes = b"\\" in text
+    kept: list[bytes] = []
+    for start, end in _cuts(text):
+        piece = text[start:end]
+        if escapes:
+            # Outside strings JSON has no backslash; inside, an escaped backslash goes
+            # first, then an escaped quote, and every quote left delimits a string.
+            piece = piece.replace(b"\\\\", b"").replace(b'\\"', b"")
+        # A string without brackets is left as "": dropping every "" also merges strings
+        # that had only commas, colons or scalars between them, which keeps their brackets
+        # inside. (A pair split between two pieces stays: it is an empty string.)
+        kept.append(piece.translate(_BRACKETS, _NOT_STRUCTURE).replace(b'""', b""))
+        yield
+    brackets = b"".join(kept)
+    del kept
     if b'"' in brackets:
         brackets = yield from _outside_strings(brackets)
     yield
     return (yield from _balanced_within(brackets, limit))
+
+
+_BACKSLASHES = re.compile(rb"\\*")
+
+
+def _cuts(text: bytes) -> Iterator[tuple[int, int]]:
+    """``text`` in slices of about ``TEXT_SLICE`` bytes, as (start, end) pairs, never cut
+    inside or right after a run of backslashes, so that each slice's escapes are its own."""
+    start, size = 0, len(text)
+    while start < size:
+        end = start + TEXT_SLICE
+        if end < size and text[end - 1] == 0x5C:
+            # Past the run and the byte that ends it (which no backslash escapes then).
+            end = _BACKSLASHES.match(text, end).end() + 1  # type: ignore[union-attr]
+        end = min(end, size)
+        yield start, end
+        start = end
 
 
 def _outside_strings(brackets: bytes) -> Generator[None, None, bytes]:

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "controller.logtext": 1,
     "controller.version": 1,
     "controller.requestid": 1,
+    "controller.pacing": 1,
 }
 #: the worker side (and the old import paths kept for it): imports only itself
 WORKER_SIDE = ("controller.worker", "controller.client", "controller.demo_worker")

@@ -12,11 +12,10 @@ import asyncio
 import io
 import json
 import logging
-import resource
 import signal
 import socket
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -327,19 +326,6 @@ async def test_a_16_mib_worker_name_gets_400_and_a_short_log_line(
 
 
 # -- many clients at once ------------------------------------------------------------------
-
-
-@pytest.fixture
-def many_descriptors() -> Iterator[None]:
-    """This process's descriptor limit raised for a test holding thousands of sockets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 8192
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        if hard != resource.RLIM_INFINITY and hard < wanted:
-            pytest.skip(f"needs {wanted} descriptors, the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def connect(port: int) -> socket.socket:

@@ -40,12 +40,12 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-import attrs
 from aiohttp import web
 
-from .. import protocol
-from ..config import ControllerConfig
 from ..errors import BodyTimeoutError
+from .fair_reads import FairReads
+from .listening import ClientLimits
+from .listening import refusal as _refusal
 
 __all__ = ["ClientConnections", "ClientLimits"]
 
@@ -56,43 +56,11 @@ HEAD, BODY, BUSY, IDLE, CLOSED = range(5)
 _SLACK = 0.001
 #: refusals and evictions are summed up in one WARNING at most this often (seconds)
 REPORT_EVERY = 10.0
-#: what a refused connection is told to wait (seconds)
-RETRY_AFTER = 1
+#: client reads handed to aiohttp in one turn of the loop (see fair_reads.py): as many as
+#: connections the dispatch benchmark keeps busy (wrk, 64), so steady traffic is rarely held
+READS_PER_TURN = 64
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-
-@attrs.frozen
-class ClientLimits:
-    """The bounds on client connections (the config's ``header_timeout`` and so on)."""
-
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    idle_timeout: float = 30.0
-    max_connections: int = 4096
-    max_connections_per_source: int = 256
-
-    @classmethod
-    def of(cls, config: ControllerConfig) -> ClientLimits:
-        return cls(
-            config.header_timeout,
-            config.body_timeout,
-            config.idle_timeout,
-            config.max_connections,
-            config.max_connections_per_source,
-        )
-
-
-def _refusal(message: str) -> bytes:
-    body = protocol.encode({"error": "too_many_connections", "field": None, "message": message})
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f"Retry-After: {RETRY_AFTER}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
 
 
 class _Client(asyncio.Protocol):
@@ -104,6 +72,8 @@ class _Client(asyncio.Protocol):
         "_timer",
         "body",
         "deadline",
+        "held",
+        "held_paused",
         "phase",
         "source",
         "timer_at",
@@ -124,6 +94,9 @@ class _Client(asyncio.Protocol):
         self.timer_at: float | None = None
         #: the body still arriving (in ``BODY``)
         self.body: Any = None
+        #: reads waiting for their turn (see FairReads)
+        self.held: list[bytes] | None = None
+        self.held_paused = False
 
     # -- asyncio.Protocol: everything goes on to aiohttp's protocol ------------------------
 
@@ -143,12 +116,17 @@ class _Client(asyncio.Protocol):
             deadline = self.deadline = owner.loop.time() + owner.header_timeout
             if self.timer_at is None or deadline < self.timer_at:
                 self.arm(deadline, owner.loop)
+        self._owner.reads.received(self, data)
+
+    def deliver(self, data: bytes) -> None:
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        self._owner.reads.flush(self)
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.reads.flush(self, deliver=False)
         self._owner.forget(self)
         self._inner.connection_lost(exc)
 
@@ -217,6 +195,8 @@ class ClientConnections:
         self._handler: _Handler = server.request_handler
         server.request_handler = self._handle
         self.held = 0
+        #: reads handed to aiohttp a slice per loop turn, fairly between source addresses
+        self.reads = FairReads(self.loop, READS_PER_TURN)
         self._per_source: dict[str, int] = {}
         #: connections idle or sending a head, the one longest so first
         self._reusable: dict[_Client, None] = {}

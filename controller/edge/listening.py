@@ -9,12 +9,16 @@ from typing import Any
 
 import attrs
 
+from .. import protocol
 from ..config import ControllerConfig
 
 __all__ = [
+    "RETRY_AFTER",
     "Caps",
+    "ClientLimits",
     "fit_to_descriptors",
     "listening_url",
+    "refusal",
     "server_ssl_context",
     "soft_descriptor_limit",
 ]
@@ -87,3 +91,42 @@ def listening_url(cfg: ControllerConfig, addresses: Iterable[Any]) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{cfg.scheme}://{host}:{port}"
+
+
+#: what a refused connection is told to wait (seconds)
+RETRY_AFTER = 1
+
+
+@attrs.frozen
+class ClientLimits:
+    """The bounds on client connections (the config's ``header_timeout`` and so on)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_source: int = 256
+
+    @classmethod
+    def of(cls, config: ControllerConfig) -> ClientLimits:
+        return cls(
+            config.header_timeout,
+            config.body_timeout,
+            config.idle_timeout,
+            config.max_connections,
+            config.max_connections_per_source,
+        )
+
+
+def refusal(message: str) -> bytes:
+    """The canned answer written to a connection refused as it opens: a 503 naming the
+    limit, then a close."""
+    body = protocol.encode({"error": "too_many_connections", "field": None, "message": message})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {RETRY_AFTER}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body

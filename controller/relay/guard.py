@@ -22,7 +22,7 @@ import attrs
 
 from ..credentials import IPAddress, IPNetwork
 
-__all__ = ["AddressGuard", "RefusedAddress"]
+__all__ = ["AddressGuard", "RefusedAddress", "is_ip_literal"]
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -155,7 +155,21 @@ def _host_port(url: str) -> tuple[str, int]:
     return (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
 
 
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IP address written out in full (``127.0.0.1``, ``::1``), which
+    needs no resolver; short forms such as ``127.1`` are left to the resolver."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
 async def _lookup(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to; a literal one as it is, without the resolver
+    (which runs in a thread: a registration of ``http://10.0.0.7:21002`` needs no thread)."""
+    if is_ip_literal(host):
+        return [host]
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))

@@ -14,10 +14,13 @@ from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
 from .sink import GONE, ClientSink
 
-__all__ = ["MAX_MESSAGE_SIZE", "Holding"]
+__all__ = ["BULK_READ", "MAX_MESSAGE_SIZE", "Holding"]
 
 #: a worker that sends this much without a single NUL is not speaking the protocol
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: a read at least this large means the worker is sending in bulk: the connection reads
+#: no more until the loop's next turn (see :meth:`Holding._yield_turn`)
+BULK_READ = 64 * 1024
 
 
 class Holding:
@@ -38,6 +41,9 @@ class Holding:
     _sink: ClientSink | None
     _document_limit: int
     _reserved: bool
+    _loop: asyncio.AbstractEventLoop
+    #: reading stopped until the loop's next turn (kept across requests, unlike the rest)
+    _yielding: bool = False
 
     def _fail(self, error: BaseException) -> None:
         raise NotImplementedError
@@ -137,6 +143,27 @@ class Holding:
             self.draining = True
             self.transport.pause_reading()
             self._wake()
+
+    def _yield_turn(self) -> None:
+        """Read nothing more until the loop's next turn: uvloop reads a readable socket up
+        to 32 times in a row (256 KiB each) before it looks at anything else, so a worker
+        sending in bulk (a huge answer) would hold the loop for every other client."""
+        transport = self.transport
+        if not self._yielding and transport is not None:
+            self._yielding = True
+            transport.pause_reading()
+            self._loop.call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        self._yielding = False
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not self.draining
+            and not self._parked
+        ):
+            transport.resume_reading()
 
     def _hold(self, size: int) -> None:
         """Count bytes this stream holds; over the budget, stop reading until it frees."""

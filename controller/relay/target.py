@@ -7,7 +7,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from .guard import AddressGuard
+from .guard import AddressGuard, is_ip_literal
 
 __all__ = ["DNS_TTL", "Target", "parse_target"]
 
@@ -67,7 +67,7 @@ class Target:
         if self._addresses and time.monotonic() - self._resolved_at <= DNS_TTL:
             return self._addresses
         now = time.monotonic()
-        if _is_ip(self.host):
+        if is_ip_literal(self.host):
             found = [self.host]
         else:
             infos = await loop.getaddrinfo(
@@ -91,11 +91,3 @@ def parse_target(worker_name: str, path: str, guard: AddressGuard | None = None)
     except ValueError:  # a port out of range, say, or a UnicodeEncodeError
         pass
     return None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return False
-    return True

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
-from .holding import MAX_MESSAGE_SIZE, Holding
+from .holding import BULK_READ, MAX_MESSAGE_SIZE, Holding
 from .pool import Pool
 from .sink import ClientSink
 from .target import Target
@@ -276,6 +276,8 @@ class Upstream(Holding, asyncio.Protocol):
             return
         self._received = True
         self._last_data = self._loop.time()
+        if len(data) >= BULK_READ:
+            self._yield_turn()
         framing = self._framing
         # Exactly one chunk of whole messages, from a chunk boundary: forwarded as it came
         # (it is byte for byte what the relay would write) once llhttp has accepted it.

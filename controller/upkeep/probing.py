@@ -26,8 +26,9 @@ from ..decisions.registry import Registry
 from ..errors import BadRequestError, ForbiddenError
 from ..jsonbody import read_async
 from ..logtext import brief_names
+from ..pacing import Pacer
 from ..protocol import RegisterRequest, worker_url
-from ..relay.connections import WorkerConnections
+from ..relay.connections import WorkerConnections, probe_share
 from ..relay.guard import RefusedAddress
 from ..requestid import HEADER, REQUEST_ID
 
@@ -43,6 +44,12 @@ MAX_STATUS_ANSWER = 1024 * 1024
 STATUS_REUSE = 1.0
 # The longest wait between two load polls of a worker that keeps failing them.
 MAX_POLL_BACKOFF = 60.0
+# Probes started in one turn of the event loop: each costs about half a millisecond of the
+# loop (a connection opened, a request written, an answer read), so a round of a thousand
+# goes on a few at a time, between everything else the loop has to do.
+PROBES_PER_TURN = 8
+# /worker_get_status callers answered in one turn of the event loop.
+ANSWERS_PER_TURN = 32
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
@@ -106,6 +113,9 @@ class Prober:
         #: count then, and the answer; and the round under way, if any
         self._status: tuple[float, int, WorkerStatus] | None = None
         self._status_round: asyncio.Future[WorkerStatus] | None = None
+        #: pace the starts of probes and the answers to a round's callers
+        self.pacer = Pacer(PROBES_PER_TURN)
+        self.answers = Pacer(ANSWERS_PER_TURN)
 
     async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
         """Ask a worker for its status; ``None`` if it fails to answer well in time.
@@ -119,6 +129,25 @@ class Prober:
             limit = min(limit, max(cfg.load_poll_interval, 0.5))
         async with self.connections.probe_slots:  # --max-worker-connections
             return await self._probe(worker_name, url, limit)
+
+    async def probe_all(
+        self, worker_names: list[str], *, poll: bool = False
+    ) -> list[WorkerStatus | None]:
+        """:meth:`probe` each worker; the answers in the same order. As many probes run at
+        once as the session has connections (``probe_slots``), carried by that many tasks
+        at most, and they start ``PROBES_PER_TURN`` per turn of the loop: a thousand
+        workers are never a thousand tasks started in one turn."""
+        statuses: list[WorkerStatus | None] = [None] * len(worker_names)
+        queue = iter(enumerate(worker_names))
+
+        async def runner() -> None:
+            for i, name in queue:
+                await self.pacer.turn()
+                statuses[i] = await self.probe(name, poll=poll)
+
+        runners = min(len(worker_names), probe_share(self.connections.max_connections))
+        await asyncio.gather(*(runner() for _ in range(runners)))
+        return statuses
 
     async def _probe(self, worker_name: str, url: str, limit: float) -> WorkerStatus | None:
         cfg = self.config
@@ -252,7 +281,7 @@ class Prober:
 
     async def _refresh(self) -> None:
         entries = [(w, w.generation) for w in self.registry]
-        statuses = await asyncio.gather(*(self.probe(w.info.name) for w, _ in entries))
+        statuses = await self.probe_all([w.info.name for w, _ in entries])
         for (worker, generation), status in zip(entries, statuses, strict=True):
             if status is not None:
                 self.registry.update(worker, generation, status)
@@ -281,14 +310,17 @@ class Prober:
             # A task, not a coroutine awaited by its first caller: a caller that gives up
             # (its client left) must not cancel the round the others wait for.
             self._status_round = asyncio.ensure_future(self._aggregate())
-        return await asyncio.shield(self._status_round)
+        status = await asyncio.shield(self._status_round)
+        # The callers go on a slice at a time, not a thousand answers in one turn.
+        await self.answers.turn()
+        return status
 
     async def _aggregate(self) -> WorkerStatus:
         registry = self.registry
         try:
             started, membership = registry.clock(), registry.membership
             workers = list(registry)
-            statuses = await asyncio.gather(*(self.probe(w.info.name) for w in workers))
+            statuses = await self.probe_all([w.info.name for w in workers])
             names: set[str] = set()
             speed: float = 0
             queue = 0
@@ -328,7 +360,7 @@ class Prober:
         ]
         if not due:
             return 0
-        statuses = await asyncio.gather(*(self.probe(w.info.name, poll=True) for w, _ in due))
+        statuses = await self.probe_all([w.info.name for w, _ in due], poll=True)
         answered = 0
         now = registry.clock()
         for (worker, generation), status in zip(due, statuses, strict=True):

@@ -1,0 +1,118 @@
+"""Client reads handed to aiohttp a slice per turn of the event loop, fairly between source
+addresses.
+
+When a thousand requests arrive at once (a thousand clients calling ``/worker_get_status``
+together), uvloop hands every read to aiohttp in one turn of the loop, aiohttp parses them
+all and makes a thousand tasks, which all run in the next turn: other clients' requests
+wait behind every one of them. :class:`FairReads` lets ``per_turn`` reads through in one
+turn; past that, a connection's read waits (its socket no longer read meanwhile) in a queue
+of its source address, and the queues are served in rotation, one read each, in the next
+turns. A client sending its first request in a while is served in the next turn, however
+many reads another address has waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol
+
+__all__ = ["FairReads", "Reader"]
+
+
+class Reader(Protocol):
+    """A client connection as :class:`FairReads` sees it."""
+
+    source: str
+    #: reads held back, oldest first (``None`` when none are)
+    held: list[bytes] | None
+    #: this object stopped the transport's reading while reads are held
+    held_paused: bool
+    transport: asyncio.Transport | None
+
+    def deliver(self, data: bytes) -> None:
+        """Hand ``data`` to aiohttp's protocol."""
+
+
+class FairReads:
+    """At most ``per_turn`` client reads handed on in one turn of ``loop``; the others in
+    later turns, a source address at a time in rotation. ``held_back`` counts the reads
+    that had to wait (for tests and the curious)."""
+
+    __slots__ = ("_loop", "_passed", "_queues", "_scheduled", "held_back", "per_turn")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int) -> None:
+        self._loop = loop
+        self.per_turn = max(1, per_turn)
+        self._passed = 0
+        self._scheduled = False
+        #: connections with reads held, per source address, in the order they are served
+        self._queues: dict[str, deque[Reader]] = {}
+        self.held_back = 0
+
+    def received(self, reader: Reader, data: bytes) -> None:
+        """A read from ``reader``'s socket: handed on now, or held for a later turn."""
+        if reader.held is None and not self._queues and self._passed < self.per_turn:
+            self._passed += 1
+            if not self._scheduled:
+                self._schedule()
+            reader.deliver(data)
+            return
+        self.held_back += 1
+        if reader.held is None:
+            reader.held = [data]
+            self._queues.setdefault(reader.source, deque()).append(reader)
+        else:
+            reader.held.append(data)
+        transport = reader.transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+            reader.held_paused = True
+        if not self._scheduled:
+            self._schedule()
+
+    def flush(self, reader: Reader, *, deliver: bool = True) -> None:
+        """Hand on ``reader``'s held reads now (its client sent its last byte: they go
+        before the end), or drop them (``deliver=False``: the connection is lost)."""
+        if reader.held is not None:
+            queue = self._queues.get(reader.source)
+            if queue is not None:
+                queue.remove(reader)
+                if not queue:
+                    del self._queues[reader.source]
+            if deliver:
+                self._hand_on(reader)
+            else:
+                reader.held = None
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._scheduled = False
+        self._passed = 0
+        queues = self._queues
+        while queues and self._passed < self.per_turn:
+            source = next(iter(queues))
+            queue = queues.pop(source)
+            reader = queue.popleft()
+            if queue:
+                queues[source] = queue  # to the end of the rotation
+            self._passed += 1
+            self._hand_on(reader)
+        if queues or self._passed:
+            self._schedule()
+
+    @staticmethod
+    def _hand_on(reader: Reader) -> None:
+        held, reader.held = reader.held, None
+        if reader.held_paused:
+            # Reading resumes before aiohttp sees the data, so that a pause it asks for
+            # now (its buffer full) stands.
+            reader.held_paused = False
+            transport = reader.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+        if held:
+            reader.deliver(held[0] if len(held) == 1 else b"".join(held))

@@ -1,0 +1,416 @@
+"""Issue 16's benchmark rows, as structural properties: one client's bulk cannot take the
+event loop's turns from the others.
+
+Each test counts the loop's turns with a task that does nothing but yield (one turn per
+wake-up) and records, through a hook, what the controller did in each turn. The
+production loop is uvloop, which behaves differently from asyncio's own here (it reads a
+readable socket up to 32 times in a row), so these tests run on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+from collections import Counter
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from controller import ControllerConfig, nesting, protocol
+from controller.edge import client_connections
+from controller.jsonbody import BodyReader
+from controller.pacing import Pacer
+from controller.relay.upstream import Upstream
+from controller.server import Controller
+from controller.upkeep.probing import ANSWERS_PER_TURN, PROBES_PER_TURN, Prober
+
+from .conftest import SERVER_ERROR_MSG, register_body, wait_until
+from .test_json_bounds import reference_depth
+
+MIB = 1 << 20
+STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
+#: client reads handed to aiohttp in one turn (controller.edge.client_connections')
+READS_PER_TURN = 64
+#: what controller.nesting reduces between two pauses (its TEXT_SLICE)
+TEXT_SLICE = 2 * MIB
+#: a read this large is bulk (controller.relay.holding.BULK_READ)
+BULK_READ = 64 * 1024
+
+
+def controller_holds(controller: Controller, connections: int) -> bool:
+    """Whether the controller's listener holds ``connections`` client connections."""
+    clients = controller.client_connections
+    assert clients is not None
+    return clients.held == connections
+
+
+class Turns:
+    """Counts the event loop's turns while running."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def __enter__(self) -> Turns:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``test`` on a uvloop event loop, as ``python -m controller`` does."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test())
+
+
+async def bulk_worker(size: int) -> tuple[asyncio.Server, str]:
+    """A worker (a raw socket server) answering every request at once with a chunked
+    document of ``size`` bytes, written in 4 MiB chunks as fast as the socket takes them."""
+    chunk = b" " * (4 * MIB)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        body = b'"' + b" " * (size - 2) + b'"'
+        for i in range(0, len(body), len(chunk)):
+            piece = body[i : i + len(chunk)]
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        pytest.param(12 * MIB, "whole", id="within-the-answer-limit"),
+        pytest.param(64 * MIB, "refused", id="past-the-answer-limit"),
+    ],
+)
+def test_a_bulk_answer_is_read_one_read_a_turn(
+    monkeypatch: pytest.MonkeyPatch, size: int, expected: str
+) -> None:
+    """A worker pouring a document into its connection: the controller reads at most one
+    bulk read (64 KiB or more) from it per turn of the loop, so other clients get turns
+    between, and the answer is still relayed whole (within --max-worker-answer-size) or
+    refused with the worker error document (past it). uvloop alone would read up to 32
+    reads of 256 KiB in one turn."""
+    reads: Counter[int] = Counter()
+    received = Upstream.data_received
+
+    def counted(self: Upstream, data: bytes) -> None:
+        if len(data) >= BULK_READ:
+            reads[turns.count] += 1
+        received(self, data)
+
+    monkeypatch.setattr(Upstream, "data_received", counted)
+    turns = Turns()
+    answers: list[Any] = []
+
+    async def scenario() -> None:
+        server, url = await bulk_worker(size)
+        config = ControllerConfig(
+            host="127.0.0.1", port=0, load_poll_interval=0, max_worker_answer_size=16 * MIB
+        )
+        controller = await Controller.serve(config)
+        try:
+            async with aiohttp.ClientSession() as http:
+                body = register_body(url, worker_status=STATUS, check_heart_beat=False)
+                async with http.post(f"{controller.url}/register_worker", json=body) as r:
+                    assert r.status == 200
+                with turns:
+                    async with http.post(
+                        f"{controller.url}/worker_generate", json={"model": "m"}
+                    ) as r:
+                        answers.append((r.status, await r.read()))
+        finally:
+            await controller.aclose()
+            server.close()
+
+    on_uvloop(scenario)
+    [(status, answer)] = answers
+    assert status == 200
+    if expected == "whole":
+        assert len(answer) == size
+    else:
+        assert json.loads(answer) == {"text": SERVER_ERROR_MSG, "error_code": 50006}
+    assert sum(reads.values()) > 8  # read in many pieces, each counted
+    assert max(reads.values()) == 1
+
+
+async def test_a_literal_ip_address_registers_without_the_resolver(
+    run_controller: Any, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker named by a literal IP address is checked without a name lookup (the
+    resolver runs in a thread: it capped registrations at a few hundred a second on a busy
+    machine); a host name, or an address spelled short (``127.1``), is still resolved and
+    judged by what it resolves to."""
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    resolve = loop.getaddrinfo
+
+    async def counted(host: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(str(host))
+        return await resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counted)
+    controller = await run_controller()
+    for name in ("http://127.0.0.1:9", "http://[::1]:9", "http://10.1.2.3:21002/x"):
+        body = register_body(name, worker_status=STATUS, check_heart_beat=False)
+        async with http.post(f"{controller.url}/register_worker", json=body) as r:
+            assert r.status == 200, await r.text()
+    assert lookups == []
+    for name in ("http://localhost:9", "http://127.1:9"):
+        body = register_body(name, worker_status=STATUS, check_heart_beat=False)
+        async with http.post(f"{controller.url}/register_worker", json=body) as r:
+            assert r.status == 200, await r.text()
+    assert lookups == ["localhost", "127.1"]
+
+
+async def test_start_up_objects_are_set_aside_from_full_collections(
+    spawn_controller: Any,
+) -> None:
+    """Once listening, the controller freezes what start-up built (gc.freeze): a full
+    collection then walks only what came later, not the tens of thousands of objects of
+    every imported module, which made each one hold the loop 50-75 ms under load."""
+    controller = await spawn_controller("--log-level", "debug")
+    line = await controller.wait_for_line("start-up objects set aside")
+    frozen = int(line.split("start-up objects")[0].split()[-1])
+    assert frozen > 10_000
+
+
+class CountingFleet:
+    """``size`` workers behind one loopback server (worker ``i`` is ``BASE/w{i}``); it
+    counts the status probes each gets and the most it had in progress at once. A probe
+    stays in progress for a few turns of the loop, so overlapping ones are seen."""
+
+    def __init__(self, size: int) -> None:
+        self.calls = [0] * size
+        self.in_flight = 0
+        self.most_in_flight = 0
+        app = web.Application()
+        app.router.add_post("/w{i:[0-9]+}/worker_get_status", self.handle)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    def name(self, i: int) -> str:
+        return str(self.server.make_url(f"/w{i}"))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls[int(request.match_info["i"])] += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        for _ in range(5):
+            await asyncio.sleep(0)  # yield a few turns: others may arrive meanwhile
+        self.in_flight -= 1
+        return web.json_response(STATUS)
+
+
+async def test_status_probes_and_their_callers_go_a_slice_per_turn(
+    run_controller: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 concurrent /worker_get_status calls with 300 workers and
+    --max-worker-connections 80: one probe per worker; never more probes in progress than
+    the probes' share of the connections (80 / 8 = 10); at most PROBES_PER_TURN probes
+    start, and at most ANSWERS_PER_TURN callers are answered, in one turn of the loop. Before,
+    every probe started and every caller was answered in the same turn."""
+    probes_at: Counter[int] = Counter()
+    answers_at: Counter[int] = Counter()
+    probe, aggregate = Prober.probe, Prober.aggregate_status
+
+    async def counted_probe(self: Prober, name: str, *, poll: bool = False) -> Any:
+        probes_at[turns.count] += 1
+        return await probe(self, name, poll=poll)
+
+    async def counted_aggregate(self: Prober) -> Any:
+        status = await aggregate(self)
+        answers_at[turns.count] += 1
+        return status
+
+    monkeypatch.setattr(Prober, "probe", counted_probe)
+    monkeypatch.setattr(Prober, "aggregate_status", counted_aggregate)
+    fleet = CountingFleet(300)
+    await fleet.server.start_server()
+    turns = Turns()
+    try:
+        config = ControllerConfig(
+            host="127.0.0.1",
+            port=0,
+            load_poll_interval=0,
+            max_worker_connections=80,
+            max_connections_per_source=1000,
+        )
+        controller = await run_controller(config)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for i in range(300):
+                body = register_body(fleet.name(i), worker_status=STATUS)
+                async with http.post(f"{controller.url}/register_worker", json=body) as r:
+                    assert r.status == 200
+
+            async def ask() -> Any:
+                async with http.post(f"{controller.url}/worker_get_status") as r:
+                    assert r.status == 200
+                    return await r.json()
+
+            with turns:
+                answers = await asyncio.gather(*(ask() for _ in range(300)))
+    finally:
+        await fleet.server.close()
+    assert all(a == {"model_names": ["m"], "speed": 300, "queue_length": 0} for a in answers)
+    assert fleet.calls == [1] * 300
+    assert 1 < fleet.most_in_flight <= 10
+    assert sum(probes_at.values()) == 300 and max(probes_at.values()) <= PROBES_PER_TURN
+    assert sum(answers_at.values()) == 300 and max(answers_at.values()) <= ANSWERS_PER_TURN
+
+
+def _drive(steps: Generator[None, None, bool]) -> bool:
+    """A generator of steps driven to its end without pausing: its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return bool(done.value)
+
+
+def _random_value(rng: random.Random, level: int) -> Any:
+    kind = rng.randrange(4 if level < 12 else 1)
+    if kind == 0:
+        return "".join(rng.choice(["\\", '"', "[", "]", "{", "}", "a", " "]) for _ in range(9))
+    if kind == 1:
+        return [_random_value(rng, level + 1) for _ in range(rng.randrange(4))]
+    if kind == 2:
+        return {f"k{i}\\[": _random_value(rng, level + 1) for i in range(rng.randrange(3))}
+    return [[_random_value(rng, level + 2)]]
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 7, 64])
+def test_nesting_is_measured_alike_however_the_document_is_cut(
+    monkeypatch: pytest.MonkeyPatch, slice_size: int
+) -> None:
+    """A large body is reduced to its brackets a slice at a time (the loop free between
+    slices, not 60 MiB in one go); strings full of backslashes, escaped quotes and
+    brackets give the same verdict for every cut as measured a character at a time."""
+    monkeypatch.setattr(nesting, "TEXT_SLICE", slice_size)
+    monkeypatch.setattr(nesting, "SLICE", slice_size)
+    rng = random.Random(slice_size)
+    for _ in range(150):
+        text = json.dumps(_random_value(rng, 0))
+        deepest = reference_depth(text.encode())
+        for limit in (max(deepest - 1, 1), max(deepest, 1)):
+            assert _drive(nesting.within(text.encode(), limit)) is (deepest <= limit)
+
+
+def test_a_huge_body_is_reduced_to_its_brackets_a_slice_at_a_time() -> None:
+    """A 63 MiB body of tiny objects (the benchmark's huge-json): counting its brackets and
+    reducing it to them pause at least once per TEXT_SLICE bytes each, instead of one
+    step per pass over the whole body (one pass held the loop up to 190 ms)."""
+    head = b'{"model": "m", "junk": ['
+    count = (63 * MIB - len(head) - 2) // 4
+    body = head + b"{}, " * (count - 1) + b"{}]}"
+    reader = BodyReader()
+    assert asyncio.run(reader.read_async(body, protocol.DISPATCH)) == {"model": "m"}
+    assert reader.counts.pauses >= 2 * (len(body) // TEXT_SLICE)
+
+
+async def test_a_burst_of_requests_is_read_a_slice_per_turn_fairly_between_sources(
+    run_controller: Any, monkeypatch: pytest.MonkeyPatch, many_descriptors: None
+) -> None:
+    """300 requests from one address arrive at once, then one from another address: at
+    most READS_PER_TURN reads are handed to aiohttp in one turn of the loop, and the other
+    address's request is handed on at the latest in the turn after the burst's first
+    slice, not behind the whole burst. Every request is answered. Before, all 301 were
+    parsed in one turn and made 301 tasks that ran in the next."""
+    delivered: list[tuple[int, str]] = []
+    deliver = client_connections._Client.deliver
+
+    def counted(self: Any, data: bytes) -> None:
+        delivered.append((turns.count, self.source))
+        deliver(self, data)
+
+    monkeypatch.setattr(client_connections._Client, "deliver", counted)
+    config = ControllerConfig(host="127.0.0.1", port=0, max_connections_per_source=1000)
+    controller = await run_controller(config)
+    port = int(controller.url.rsplit(":", 1)[1])
+    loop = asyncio.get_running_loop()
+
+    async def connect(source: str) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        return sock
+
+    burst = [await connect("127.0.0.1") for _ in range(300)]
+    other = await connect("127.0.0.2")
+    request = b"GET /test_connection HTTP/1.1\r\nHost: c\r\n\r\n"
+    await wait_until(lambda: controller_holds(controller, 301))
+    turns = Turns()
+    try:
+        with turns:
+            for sock in [*burst, other]:
+                sock.send(request)  # all sent before the controller's next turn
+
+            async def answer(sock: socket.socket) -> bytes:
+                data = b""
+                while not data.endswith(b'"success"'):
+                    piece = await loop.sock_recv(sock, 4096)
+                    if not piece:
+                        break
+                    data += piece
+                return data
+
+            answers = await asyncio.gather(*(answer(s) for s in [*burst, other]))
+    finally:
+        for sock in [*burst, other]:
+            sock.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+    per_turn = Counter(turn for turn, _ in delivered)
+    assert len(delivered) == 301 and max(per_turn.values()) <= READS_PER_TURN
+    first = min(per_turn)
+    [other_turn] = [turn for turn, source in delivered if source == "127.0.0.2"]
+    assert other_turn <= first + 1
+    assert max(per_turn) - first >= 300 // READS_PER_TURN - 1  # the burst took turns
+
+
+async def test_a_pacer_lets_a_slice_through_per_turn_and_skips_those_who_left() -> None:
+    """Eleven callers of a pacer of 3 per turn, one of them cancelled while it waits: the
+    other ten go on 3, 3, 3 and 1 per turn, in the order they came; the one that left
+    takes no place in its slice."""
+    pacer = Pacer(3)
+    went: list[tuple[int, int]] = []
+
+    async def caller(i: int) -> None:
+        await pacer.turn()
+        went.append((turns.count, i))
+
+    turns = Turns()
+    with turns:
+        tasks = [asyncio.ensure_future(caller(i)) for i in range(11)]
+        await asyncio.sleep(0)  # every caller has asked once
+        tasks[4].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    order = [i for _, i in went]
+    assert order == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
+    per_turn = Counter(turn for turn, _ in went)
+    assert sorted(per_turn.values(), reverse=True) == [3, 3, 3, 1]
