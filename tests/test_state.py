@@ -169,3 +169,42 @@ async def test_unreadable_state_file_gives_warning(
         async with http.get(f"{controller.url}/test_connection") as r:
             assert await r.json() == "success"
     assert any("Cannot read state file" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_write_left_running_by_a_cancelled_save_lands_before_the_next(
+    tmp_path: Path,
+) -> None:
+    """The saver is cancelled at shutdown while its thread writes an older registry; the
+    final save waits for that write, so the file ends with the registry as it is last."""
+    import threading
+
+    from controller.decisions.models import WorkerInfo
+    from controller.decisions.registry import Registry
+    from controller.sharing.state import Row, StateFile
+
+    registry = Registry(expiration=90.0)
+    registry.register(WorkerInfo("http://127.0.0.1:9001", ("m",), 1, False), 0)
+    state = StateFile(str(tmp_path / "state.json"), registry, lambda: 1_000_000.0)
+    release = threading.Event()
+    writes: list[int] = []
+    real_write = state._write
+
+    def write(rows: list[Row], wall_now: float) -> None:
+        if not writes:
+            release.wait(10)  # the first write is slow
+        writes.append(len(rows))
+        real_write(rows, wall_now)
+
+    state._write = write  # type: ignore[method-assign]
+    first = asyncio.create_task(state.save())
+    while state._writing is None:
+        await asyncio.sleep(0)
+    first.cancel()
+    registry.register(WorkerInfo("http://127.0.0.1:9002", ("m",), 1, False), 0)
+    last = asyncio.create_task(state.save())
+    await asyncio.sleep(0)
+    release.set()
+    await last
+    assert writes == [1, 2]
+    saved = json.loads((tmp_path / "state.json").read_bytes())
+    assert len(saved["workers"]) == 2

@@ -194,6 +194,8 @@ class StateFile:
         self.registry = registry
         self.wall_clock = wall_clock
         self._failed = False
+        #: the write in a worker thread last started (it outlives a cancelled save)
+        self._writing: asyncio.Future[None] | None = None
         # Subscribed before restore() so the restored workers are saved at once.
         self._changes = registry.feed.subscribe(MEMBERSHIP)
 
@@ -275,10 +277,20 @@ class StateFile:
         Only reading the registry happens on the loop; encoding and writing happen in a
         worker thread.
         """
+        previous = self._writing
+        if previous is not None and not previous.done():
+            # A save cancelled while its thread wrote (the saver stopping at shutdown)
+            # leaves that write running: it must land before this newer one, not after.
+            await asyncio.wait([previous])
+        if previous is not None and previous.done() and not previous.cancelled():
+            previous.exception()  # its failure was logged by its own save, or never will be
         wall_now = self.wall_clock()
         rows = snapshot(self.registry, wall_now)
+        writing = self._writing = asyncio.ensure_future(
+            asyncio.to_thread(self._write, rows, wall_now)
+        )
         try:
-            await asyncio.to_thread(self._write, rows, wall_now)
+            await asyncio.shield(writing)
         except OSError as e:
             if not self._failed:
                 log.warning("Cannot save state file %s: %s", self.path, e)
