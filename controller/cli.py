@@ -31,6 +31,7 @@ from .options import (
     own_environment,
     seconds,
 )
+from .registry_flags import registry_settings
 from .server import Controller
 from .worker.runtime import run_main, serve_until_signalled
 
@@ -103,6 +104,7 @@ def load_config(
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),
             **access_settings(parser, args, env),
+            **registry_settings(parser, args),
         )
     except ConfigError as e:
         parser.error(str(e))

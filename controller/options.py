@@ -23,6 +23,7 @@ from .config import (
 )
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
+from .registry_flags import add_registry_flags
 from .version import __version__
 
 __all__ = [
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the registry to PATH as it changes and load it at start-up, so a "
         "restarted controller routes at once (default: off)",
     )
+    add_registry_flags(parser)
     add_access_flags(parser)
     parser.add_argument(
         "--log-level",

@@ -30,6 +30,7 @@ from .relay.guard import AddressGuard
 from .relay.pool import Pool
 from .relay.upstream import Upstream
 from .sharing.parent import ParentLink
+from .sharing.redis_link import SharedRegistry
 from .sharing.state import StateFile
 from .upkeep.expiry import expire_now, sweep_forever
 from .upkeep.lag import sample_loop_lag
@@ -123,7 +124,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
-        self.metrics = Metrics(self.registry, self.router, self.relay.tally)
+        self.shared = SharedRegistry.configured(cfg, self.registry, wall_clock)  # or None
+        self.metrics = Metrics(self.registry, self.router, self.relay.tally, self.shared)
         self.relay.tally.ttfc = self.metrics.ttfc
         self.relay.tally.stream_duration = self.metrics.stream_duration
         self._tasks: list[asyncio.Task[None]] = []
@@ -295,6 +297,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
         self._open()
         try:
+            if self.shared is not None:  # listen once holding the shared registry
+                await self.shared.wait_synced()
             yield
         finally:
             await self._close()
@@ -315,6 +319,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         if self._embedded and cfg.advertise_address is not None:
             # attach() made sure a child embedded in a host has an address to advertise.
             self._start_parent_link(cfg.advertise_address)
+        if self.shared is not None:
+            self._spawn(self.shared.run, "shared-registry")
         if cfg.state_file is not None:
             self._state = StateFile(cfg.state_file, self.registry, self.wall_clock)
             self._state.restore()
