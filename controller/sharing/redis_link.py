@@ -34,6 +34,7 @@ from ..config import ControllerConfig, redact_registry
 from ..decisions.changes import Change, ChangeKind
 from ..decisions.models import WorkerInfo
 from ..decisions.registry import Clock, Registry
+from ..upkeep.expiry import expire_now
 from .redis_apply import Mirror
 from .redis_load import SharedLoad
 from .redis_wire import (
@@ -183,7 +184,10 @@ class SharedRegistry:
         """Redis stopped answering: go on alone (once per outage)."""
         was = self.connected
         self.connected = False
-        self.registry.hold_expiry(True)
+        if not self.registry.expiry_held:
+            # Those expired already stay gone (the sweep would have removed them soon).
+            expire_now(self.registry)
+            self.registry.hold_expiry(True)
         if not self._down_logged:
             log.warning(
                 "Shared registry %s unreachable (%s): serving from this replica's copy, "

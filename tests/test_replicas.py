@@ -1,0 +1,220 @@
+"""Replicas sharing one registry in Redis (issue 18): real ``redis-server`` processes and
+real controller processes (``python -m controller --registry redis://...``).
+
+Waits are on conditions seen over HTTP, never fixed sleeps; where the issue's requirement
+is itself a time (a worker whose heartbeats stop is dropped everywhere within the
+expiration and a second), the wait is bounded generously and the figure itself is
+measured by ``benchmarks/replicas.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import ControllerProcess, MakeWorker, SpawnController, split_stream, wait_until
+from .redis_support import RedisServer, redis_server
+
+__all__ = ["redis_server"]
+
+pytestmark = pytest.mark.slow
+
+EXPIRATION = "3"
+
+
+def status(models: list[str] | None = None, queue: int = 0) -> dict[str, Any]:
+    return {"model_names": models or ["m"], "speed": 1, "queue_length": queue}
+
+
+async def post(
+    http: aiohttp.ClientSession, base: str, path: str, body: Any, token: str | None = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.post(base + path, json=body, headers=headers) as r:
+        text = await r.text()
+        try:
+            return r.status, json.loads(text)
+        except ValueError:
+            return r.status, text
+
+
+async def address(http: aiohttp.ClientSession, base: str, model: str = "m") -> str:
+    code, answer = await post(http, base, "/get_worker_address", {"model": model})
+    assert code == 200, answer
+    found: str = answer["address"]
+    return found
+
+
+async def replicas(
+    spawn: SpawnController, redis: RedisServer, n: int = 2, *extra: str
+) -> list[ControllerProcess]:
+    args = ("--registry", redis.url, "--heart-beat-expiration", EXPIRATION, *extra)
+    return list(await asyncio.gather(*(spawn(*args) for _ in range(n))))
+
+
+async def test_register_heartbeat_unregister_are_seen_at_the_other_replica(
+    redis_server: RedisServer, spawn_controller: SpawnController, http: aiohttp.ClientSession
+) -> None:
+    a, b = await replicas(spawn_controller, redis_server)
+    name = "http://127.0.0.1:9"
+    body = {"worker_name": name, "check_heart_beat": True, "worker_status": status(["m", "n"])}
+    assert (await post(http, a.url, "/register_worker", body))[0] == 200
+
+    async def b_serves() -> bool:
+        return await address(http, b.url, "n") == name
+
+    await wait_until(b_serves, 5)
+    # A heartbeat sent to B is known to B (exist: true) and renews the worker at A too.
+    code, answer = await post(
+        http, b.url, "/receive_heart_beat", {"worker_name": name, "queue_length": 2}
+    )
+    assert (code, answer) == (200, {"exist": True})
+    code, answer = await post(http, b.url, "/unregister_worker", {"worker_name": name})
+    assert code == 200, answer
+
+    async def a_forgot() -> bool:
+        return await address(http, a.url, "n") == ""
+
+    await wait_until(a_forgot, 5)
+
+
+async def test_heartbeats_to_one_replica_keep_the_worker_alive_at_the_other_and_silence_drops_it_everywhere(
+    redis_server: RedisServer, spawn_controller: SpawnController, http: aiohttp.ClientSession
+) -> None:
+    a, b = await replicas(spawn_controller, redis_server)
+    name = "http://127.0.0.1:10"
+    body = {"worker_name": name, "check_heart_beat": True, "worker_status": status()}
+    assert (await post(http, a.url, "/register_worker", body))[0] == 200
+
+    async def b_serves() -> bool:
+        return await address(http, b.url) == name
+
+    await wait_until(b_serves, 5)
+    # Heartbeats go to B only, for twice the expiration: A keeps the worker all along.
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 2 * float(EXPIRATION)
+    beat = {"worker_name": name, "queue_length": 0}
+    while loop.time() < until:
+        assert (await post(http, b.url, "/receive_heart_beat", beat)) == (200, {"exist": True})
+        assert await address(http, a.url) == name
+        await asyncio.sleep(0.5)  # the worker's heartbeat interval, not a synchronisation
+
+    async def both_dropped() -> bool:
+        return await address(http, a.url) == "" and await address(http, b.url) == ""
+
+    # Heartbeats stopped: gone everywhere (expiration + 1 s; the bound here is generous
+    # for a loaded machine, benchmarks/replicas.py measures it).
+    await wait_until(both_dropped, float(EXPIRATION) + 5)
+
+
+async def test_sigkill_of_one_replica_does_not_disturb_streams_through_the_other(
+    redis_server: RedisServer,
+    spawn_controller: SpawnController,
+    make_worker: MakeWorker,
+    http: aiohttp.ClientSession,
+) -> None:
+    a, b = await replicas(spawn_controller, redis_server)
+    worker = await make_worker(tokens=20, token_delay=0.01)
+    body = {"worker_name": worker.url, "check_heart_beat": False, "worker_status": status()}
+    assert (await post(http, a.url, "/register_worker", body))[0] == 200
+
+    async def b_serves() -> bool:
+        return await address(http, b.url) == worker.url
+
+    await wait_until(b_serves, 5)
+
+    async def one_stream() -> list[dict[str, Any]]:
+        async with http.post(f"{b.url}/worker_generate_stream", json={"model": "m"}) as r:
+            assert r.status == 200
+            return split_stream(await r.read())
+
+    async def client(results: list[list[dict[str, Any]]]) -> None:
+        for _ in range(10):
+            results.append(await one_stream())
+
+    results: list[list[dict[str, Any]]] = []
+    clients = [asyncio.create_task(client(results)) for _ in range(8)]
+    await wait_until(lambda: len(results) >= 8, 10)
+    a.signal(signal.SIGKILL)
+    await a.wait(10)
+    await asyncio.gather(*clients)
+    assert len(results) == 80
+    for messages in results:
+        assert [m["error_code"] for m in messages] == [0] * 20
+
+
+async def test_redis_restart_under_dispatch_load_loses_nothing(
+    redis_server: RedisServer, spawn_controller: SpawnController, http: aiohttp.ClientSession
+) -> None:
+    """Redis restarts without persistence while clients ask both replicas for workers: no
+    empty answer for a registered model, and within one heartbeat interval of Redis
+    answering every replica knows every live worker, one registered meanwhile too."""
+    a, b = await replicas(spawn_controller, redis_server)
+    names = ["http://127.0.0.1:11", "http://127.0.0.1:12"]
+    for name, replica in zip(names, (a, b), strict=True):
+        body = {"worker_name": name, "check_heart_beat": True, "worker_status": own(name)}
+        assert (await post(http, replica.url, "/register_worker", body))[0] == 200
+    interval = 0.5
+    stop = asyncio.Event()
+
+    async def heartbeats(name: str, replica: ControllerProcess) -> None:
+        while not stop.is_set():
+            beat = {"worker_name": name, "queue_length": 0}
+            code, answer = await post(http, replica.url, "/receive_heart_beat", beat)
+            if answer == {"exist": False}:  # as a FastChat worker does: register again
+                body = {"worker_name": name, "check_heart_beat": True, "worker_status": own(name)}
+                await post(http, replica.url, "/register_worker", body)
+            await asyncio.sleep(interval)
+
+    answers: list[str] = []
+
+    async def clients() -> None:
+        while not stop.is_set():
+            for replica in (a, b):
+                answers.append(await address(http, replica.url))
+
+    async def both_know(*wanted: str) -> bool:
+        for replica in (a, b):
+            for name in wanted:
+                if await address(http, replica.url, name) != name:
+                    return False
+        return True
+
+    await wait_until(lambda: both_know(*names), 5)
+    tasks = [
+        asyncio.create_task(heartbeats(names[0], a)),
+        asyncio.create_task(heartbeats(names[1], b)),
+        asyncio.create_task(clients()),
+    ]
+    await wait_until(lambda: len(answers) > 50, 10)
+    await redis_server.stop()
+    # Meanwhile a worker registers at A alone.
+    late = "http://127.0.0.1:13"
+    body = {"worker_name": late, "check_heart_beat": True, "worker_status": own(late)}
+    assert (await post(http, a.url, "/register_worker", body))[0] == 200
+    tasks.append(asyncio.create_task(heartbeats(late, a)))
+    served = len(answers)
+    await wait_until(lambda: len(answers) > served + 50, 10)
+    await redis_server.start()
+    # Convergence within one heartbeat interval (plus the replicas' reconnect attempts,
+    # every 0.5 s, and slack for a loaded machine).
+    await wait_until(lambda: both_know(*names, late), 5 * interval + 3)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert "" not in answers
+    redis = redis_server.client()
+    try:
+        keys = await redis.keys("fc-controller:worker:*")
+    finally:
+        await redis.aclose()
+    assert {k.rpartition(":worker:")[2] for k in keys} >= {*names, late}
+
+
+def own(name: str) -> dict[str, Any]:
+    """A status serving ``m`` and a model named after the worker (to find it by)."""
+    return status(["m", name])
