@@ -15,9 +15,18 @@ import signal
 from typing import Any
 
 import aiohttp
+import attrs
 import pytest
+from aiohttp import web
 
-from .conftest import ControllerProcess, MakeWorker, SpawnController, split_stream, wait_until
+from .conftest import (
+    ControllerProcess,
+    FakeWorker,
+    MakeWorker,
+    SpawnController,
+    split_stream,
+    wait_until,
+)
 from .redis_support import RedisServer, redis_server
 
 __all__ = ["redis_server"]
@@ -218,3 +227,161 @@ async def test_redis_restart_under_dispatch_load_loses_nothing(
 def own(name: str) -> dict[str, Any]:
     """A status serving ``m`` and a model named after the worker (to find it by)."""
     return status(["m", name])
+
+
+async def connected(http: aiohttp.ClientSession, base: str) -> float:
+    async with http.get(base + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith("fc_controller_registry_connected "):
+                return float(line.split()[1])
+    raise AssertionError("no fc_controller_registry_connected in /metrics")
+
+
+async def test_redis_down_for_a_while_and_back(
+    redis_server: RedisServer, spawn_controller: SpawnController, http: aiohttp.ClientSession
+) -> None:
+    """While Redis is away each replica serves alone, takes registrations, unregistrations
+    and heartbeats, and expires nothing on heartbeat age; back, what changed is written
+    back, an entry unregistered meanwhile is not brought back, and each says so once."""
+    a, b = await replicas(spawn_controller, redis_server)
+    kept, leaving, beating = "http://127.0.0.1:21", "http://127.0.0.1:22", "http://127.0.0.1:23"
+    for name, check in ((kept, False), (leaving, False), (beating, True)):
+        body = {"worker_name": name, "check_heart_beat": check, "worker_status": own(name)}
+        assert (await post(http, a.url, "/register_worker", body))[0] == 200
+
+    async def b_knows(name: str) -> bool:
+        return await address(http, b.url, name) == name
+
+    for name in (kept, leaving, beating):
+        await wait_until(lambda name=name: b_knows(name), 5)  # type: ignore[misc]
+    assert await connected(http, a.url) == 1
+
+    await redis_server.stop()
+
+    async def both_alone() -> bool:
+        return await connected(http, a.url) == 0 and await connected(http, b.url) == 0
+
+    await wait_until(both_alone, 10)
+    # Alone: a registration at A, an unregistration at B, heartbeats to B only.
+    new = "http://127.0.0.1:24"
+    body = {"worker_name": new, "check_heart_beat": True, "worker_status": own(new)}
+    assert (await post(http, a.url, "/register_worker", body))[0] == 200
+    assert await address(http, a.url, new) == new
+    assert await address(http, b.url, new) == ""
+    assert (await post(http, b.url, "/unregister_worker", {"worker_name": leaving}))[0] == 200
+    assert await address(http, b.url, leaving) == ""
+    assert await address(http, a.url, leaving) == leaving
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 2 * float(EXPIRATION)
+    while loop.time() < until:
+        beat = {"worker_name": beating, "queue_length": 0}
+        assert await post(http, b.url, "/receive_heart_beat", beat) == (200, {"exist": True})
+        beat = {"worker_name": new, "queue_length": 0}
+        assert await post(http, a.url, "/receive_heart_beat", beat) == (200, {"exist": True})
+        # A hears nothing of `beating` for twice the expiration, and keeps it.
+        assert await address(http, a.url, beating) == beating
+        assert await address(http, a.url) != ""
+        await asyncio.sleep(0.5)  # the workers' heartbeat interval
+
+    await redis_server.start()
+
+    async def converged() -> bool:
+        return (
+            await address(http, b.url, new) == new
+            and await address(http, a.url, leaving) == ""
+            and await address(http, a.url, kept) == kept
+            and await address(http, b.url, kept) == kept
+        )
+
+    await wait_until(converged, 10)
+    assert await connected(http, a.url) == 1
+    # The unregistration stays: every replica merged, and nothing brought it back.
+    redis = redis_server.client()
+    try:
+        stored = await redis.hgetall("fc-controller:worker:" + leaving)
+    finally:
+        await redis.aclose()
+    assert stored == {} or stored["x"] == "1"
+    assert await address(http, b.url, leaving) == ""
+    for replica in (a, b):
+        warnings = [line for line in replica.lines if "unreachable" in line]
+        assert len(warnings) == 1, warnings
+        assert "WARNING" in warnings[0]
+        assert len([line for line in replica.lines if "answers again" in line]) == 1
+
+
+@attrs.define(eq=False)
+class SlotWorker(FakeWorker):
+    """A worker that reports the streams it holds as its queue, and counts its peak."""
+
+    peak: int = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"model_names": self.model_names, "speed": 1, "queue_length": self.active}
+
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
+        self.peak = max(self.peak, self.active + 1)
+        return await super().handle_stream(request)
+
+
+async def estimates(http: aiohttp.ClientSession, base: str, model: str) -> dict[str, int]:
+    """The replica's queue estimate per worker of ``model``, as its dispatch sees it (a
+    ``/model_details`` call is relayed without counting as work)."""
+    assert (await post(http, base, "/model_details", {"model": model}))[0] == 200
+    async with http.get(f"{base}/dispatch_decisions", params={"n": "1"}) as r:
+        (decision,) = (await r.json())["decisions"]
+    return {c["worker"]: c["queue_length"] for c in decision["candidates"]}
+
+
+@pytest.mark.parametrize("lopsided", [False, True], ids=["same-model", "lopsided"])
+async def test_two_replicas_spread_32_streams_over_four_4_slot_workers(
+    redis_server: RedisServer,
+    spawn_controller: SpawnController,
+    http: aiohttp.ClientSession,
+    lopsided: bool,
+) -> None:
+    """16 streams through each replica; lopsided, A's ask for a model only two of the
+    workers serve, B's for one all four serve: B must see A's streams on those two."""
+    # No load polls and no heartbeats: the replicas' published in-flight counts are all B
+    # has to learn of A's streams from (with polls, the shared reports tell it too).
+    a, b = await replicas(
+        spawn_controller, redis_server, 2, "--worker-slots", "4", "--load-poll-interval", "0"
+    )
+    workers = [SlotWorker(tokens=150, token_delay=0.02) for _ in range(4)]
+    try:
+        for i, worker in enumerate(workers):
+            worker.model_names = ["all", "two"] if i < 2 else ["all"]
+            await worker.start()
+            body = {"worker_name": worker.url, "check_heart_beat": False}
+            assert (await post(http, a.url, "/register_worker", body))[0] == 200
+
+        async def b_has_all() -> bool:
+            return len(await estimates(http, b.url, "all")) == 4
+
+        await wait_until(b_has_all, 5)
+
+        async def streams(base: str, model: str, n: int) -> list[list[dict[str, Any]]]:
+            async def one() -> list[dict[str, Any]]:
+                async with http.post(
+                    f"{base}/worker_generate_stream", json={"model": model}
+                ) as r:
+                    assert r.status == 200
+                    return split_stream(await r.read())
+
+            return list(await asyncio.gather(*(one() for _ in range(n))))
+
+        first = asyncio.create_task(streams(a.url, "two" if lopsided else "all", 16))
+        await wait_until(lambda: sum(w.active for w in workers) == 16, 10)
+
+        async def b_sees_them() -> bool:
+            return sum((await estimates(http, b.url, "all")).values()) >= 12
+
+        await wait_until(b_sees_them, 5)
+        second = await streams(b.url, "all", 16)
+        done = [*await first, *second]
+    finally:
+        for worker in workers:
+            await worker.close()
+    assert all(len(messages) == 150 for messages in done)
+    peaks = [w.peak for w in workers]
+    assert max(peaks) <= 10, peaks
