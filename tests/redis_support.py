@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import attrs
 import pytest
@@ -69,7 +70,7 @@ class RedisServer:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        client = aioredis.from_url(self.url)
+        client = self.client()
         try:
             async with asyncio.timeout(10):
                 while True:
@@ -88,7 +89,9 @@ class RedisServer:
             process.kill()
             await process.wait()
 
-    def client(self) -> aioredis.Redis:
+    def client(self) -> Any:
+        """A client decoding answers to text (typed loosely: redis-py's methods are typed
+        for its synchronous and asynchronous clients at once)."""
         return aioredis.from_url(self.url, decode_responses=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -92,7 +93,7 @@ async def test_register_heartbeat_unregister_are_seen_at_the_other_replica(
     await wait_until(a_forgot, 5)
 
 
-async def test_heartbeats_to_one_replica_keep_the_worker_alive_at_the_other_and_silence_drops_it_everywhere(
+async def test_heartbeats_at_one_replica_keep_a_worker_alive_at_the_other_and_silence_drops_it(
     redis_server: RedisServer, spawn_controller: SpawnController, http: aiohttp.ClientSession
 ) -> None:
     a, b = await replicas(spawn_controller, redis_server)
@@ -174,7 +175,7 @@ async def test_redis_restart_under_dispatch_load_loses_nothing(
     async def heartbeats(name: str, replica: ControllerProcess) -> None:
         while not stop.is_set():
             beat = {"worker_name": name, "queue_length": 0}
-            code, answer = await post(http, replica.url, "/receive_heart_beat", beat)
+            _, answer = await post(http, replica.url, "/receive_heart_beat", beat)
             if answer == {"exist": False}:  # as a FastChat worker does: register again
                 body = {"worker_name": name, "check_heart_beat": True, "worker_status": own(name)}
                 await post(http, replica.url, "/register_worker", body)
@@ -253,7 +254,7 @@ async def test_redis_down_for_a_while_and_back(
         return await address(http, b.url, name) == name
 
     for name in (kept, leaving, beating):
-        await wait_until(lambda name=name: b_knows(name), 5)  # type: ignore[misc]
+        await wait_until(lambda name=name: b_knows(name), 5)
     assert await connected(http, a.url) == 1
 
     await redis_server.stop()
@@ -362,9 +363,7 @@ async def test_two_replicas_spread_32_streams_over_four_4_slot_workers(
 
         async def streams(base: str, model: str, n: int) -> list[list[dict[str, Any]]]:
             async def one() -> list[dict[str, Any]]:
-                async with http.post(
-                    f"{base}/worker_generate_stream", json={"model": model}
-                ) as r:
+                async with http.post(f"{base}/worker_generate_stream", json={"model": model}) as r:
                     assert r.status == 200
                     return split_stream(await r.read())
 
@@ -385,3 +384,71 @@ async def test_two_replicas_spread_32_streams_over_four_4_slot_workers(
     assert all(len(messages) == 150 for messages in done)
     peaks = [w.peak for w in workers]
     assert max(peaks) <= 10, peaks
+
+
+async def test_ownership_holds_across_replicas(
+    redis_server: RedisServer,
+    spawn_controller: SpawnController,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A registration made at A with gpu-a's token belongs to gpu-a at B too; what is
+    stored in Redis names the principal, never the token."""
+    tokens = tmp_path / "workers.tokens"
+    tokens.write_text(f"gpu-a:{TOKEN_A}\ngpu-b:{TOKEN_B}\n")
+    a, b = await replicas(spawn_controller, redis_server, 2, "--worker-token-file", str(tokens))
+    name = "http://127.0.0.1:31"
+    body = {"worker_name": name, "check_heart_beat": True, "worker_status": own(name)}
+    assert (await post(http, a.url, "/register_worker", body, TOKEN_A))[0] == 200
+
+    async def b_knows() -> bool:
+        return await address(http, b.url, name) == name
+
+    await wait_until(b_knows, 5)
+    beat = {"worker_name": name, "queue_length": 0}
+    assert (await post(http, b.url, "/register_worker", body, TOKEN_B))[0] == 403
+    assert (await post(http, b.url, "/receive_heart_beat", beat, TOKEN_B))[0] == 403
+    goodbye = {"worker_name": name}
+    assert (await post(http, b.url, "/unregister_worker", goodbye, TOKEN_B))[0] == 403
+    assert await post(http, b.url, "/receive_heart_beat", beat, TOKEN_A) == (200, {"exist": True})
+    redis = redis_server.client()
+    try:
+        stored = await redis.hgetall("fc-controller:worker:" + name)
+    finally:
+        await redis.aclose()
+    assert json.loads(stored["d"])["owner"] == {"principal": "gpu-a", "host": None}
+    assert TOKEN_A not in json.dumps(stored)
+    assert (await post(http, b.url, "/unregister_worker", goodbye, TOKEN_A))[0] == 200
+
+    async def a_forgot() -> bool:
+        return await address(http, a.url, name) == ""
+
+    await wait_until(a_forgot, 5)
+
+
+TOKEN_A = "token-of-gpu-a-0123456789"
+TOKEN_B = "token-of-gpu-b-0123456789"
+
+
+async def test_the_password_never_reaches_the_log(
+    redis_server: RedisServer, spawn_controller: SpawnController, tmp_path: Path
+) -> None:
+    """A Redis with a password: given in the URL, the log shows the URL with *** instead;
+    given in --registry-password-file, the replica connects and the log never shows it."""
+    redis = redis_server.client()
+    try:
+        await redis.config_set("requirepass", "s3cret-pass")
+    finally:
+        await redis.aclose()
+    in_url = f"redis://:s3cret-pass@127.0.0.1:{redis_server.port}/0"
+    first = await spawn_controller("--registry", in_url)
+    line = await first.wait_for_line("Sharing the registry in redis://")
+    assert "***@127.0.0.1" in line
+    password_file = tmp_path / "redis-password"
+    password_file.write_text("s3cret-pass\n")
+    second = await spawn_controller(
+        "--registry", redis_server.url, "--registry-password-file", str(password_file)
+    )
+    await second.wait_for_line("Sharing the registry in")
+    for replica in (first, second):
+        assert not any("s3cret" in line for line in replica.lines)
