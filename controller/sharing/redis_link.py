@@ -32,21 +32,12 @@ from redis.exceptions import RedisError
 
 from ..config import ControllerConfig, redact_registry
 from ..decisions.changes import Change, ChangeKind
-from ..decisions.models import WorkerInfo
 from ..decisions.registry import Clock, Registry
 from ..upkeep.expiry import expire_now
 from .redis_apply import Mirror
 from .redis_load import SharedLoad
-from .redis_wire import (
-    PUT_SCRIPT,
-    STREAM,
-    STREAM_LENGTH,
-    WORKER_PREFIX,
-    Entry,
-    decode_entry,
-    encode_data,
-    worker_key,
-)
+from .redis_sync import BATCH, Writer, change_write, coalesce, local_writes, read_all
+from .redis_wire import STREAM, decode_entry
 
 __all__ = ["RESUME_GRACE", "RESYNC_INTERVAL", "SharedRegistry"]
 
@@ -64,10 +55,6 @@ RESUME_GRACE = 2.0
 #: the socket timeout, a little longer
 BLOCK_MS = 1000
 SOCKET_TIMEOUT = 5.0
-#: changes written per round trip at most
-BATCH = 1000
-#: a removal's tombstone lives at least this long (s), longer with a long expiration
-MIN_TOMBSTONE = 300.0
 
 _FAILURES = (RedisError, OSError)
 
@@ -103,11 +90,13 @@ class SharedRegistry:
             socket_timeout=SOCKET_TIMEOUT + BLOCK_MS / 1000,
             socket_connect_timeout=SOCKET_TIMEOUT,
         )
-        self._put = self._client.register_script(PUT_SCRIPT)
+        self._writer = Writer(self._client, self.replica, registry.expiration)
         self._changes = registry.feed.subscribe()
         self._down_logged = False
         self._skew_us = 0
         self._session: asyncio.Task[None] | None = None
+        # Workers changed here while Redis was away and not written back yet.
+        self._dirty: set[str] = set()
 
     @classmethod
     def configured(
@@ -127,21 +116,22 @@ class SharedRegistry:
         publisher = asyncio.create_task(self._publish_forever(), name="fc-controller-publish")
         try:
             while True:
-                self._session = asyncio.create_task(self._session_once())
-                try:
-                    await self._session
-                except asyncio.CancelledError:
-                    # The session is cancelled when publishing finds Redis gone; only our
-                    # own cancellation ends the run.
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise
+                session = self._session = asyncio.create_task(self._session_once())
+                await asyncio.wait((session, publisher), return_when=asyncio.FIRST_COMPLETED)
+                if publisher.done():
+                    publisher.result()  # it ends only by raising: the supervisor restarts us
+                # A session ends after a failure, or cancelled when publishing found Redis
+                # gone; anything else it raised is a bug for the supervisor to log.
+                if not session.cancelled() and session.exception() is not None:
+                    session.result()
                 await asyncio.sleep(RETRY_INTERVAL)
         finally:
             publisher.cancel()
             if self._session is not None:
                 self._session.cancel()
-            await asyncio.gather(publisher, return_exceptions=True)
+            await asyncio.gather(
+                publisher, *(t for t in [self._session] if t), return_exceptions=True
+            )
             # Connections are opened again if the run is started again.
             await self._client.aclose()
 
@@ -165,11 +155,20 @@ class SharedRegistry:
         """Reach Redis, merge both ways, and return where to follow the stream from."""
         client = self._client
         await client.ping()
-        await self._measure_skew()
+        seconds, micros = await client.time()
+        self._skew_us = int(seconds) * 1_000_000 + int(micros) - int(self.wall_clock() * 1e6)
         newest = await client.xrevrange(STREAM, count=1)
         cursor = newest[0][0] if newest else "0-0"
+        self._dirty.clear()  # the merge writes back everything held until it reads
         await self._merge()
         self.connected = True
+        # What changed here while the merge was on its way: written now; from here on
+        # changes are published as they come.
+        late, self._dirty = self._dirty, set()
+        if late:
+            await self._writer.write(
+                local_writes(self.registry, self.mirror, {}, self._estimate, late)
+            )
         self.synced.set()
         if self._down_logged:
             log.info(
@@ -194,7 +193,7 @@ class SharedRegistry:
                 "accepting registrations and heartbeats here, no expiry on heartbeat age "
                 "until it is back",
                 self.shown_url,
-                type(error).__name__ if not str(error) else error,
+                str(error) or type(error).__name__,
             )
         self._down_logged = True
         session = self._session
@@ -230,69 +229,33 @@ class SharedRegistry:
                 self._lost(e)
 
     async def _publish(self, changes: list[Change]) -> None:
-        latest = _coalesce(changes)
+        latest = list(coalesce(changes).values())
+        mirror = self.mirror
         # A removal is remembered until Redis has it: lost on the way, it is written back.
-        for change, kind in latest.values():
+        for change, kind in latest:
             if kind is ChangeKind.REMOVED:
-                self.mirror.tombs[change.info.name] = self._estimated_now_us()
-        items = list(latest.values())
-        for start in range(0, len(items), BATCH):
-            batch = items[start : start + BATCH]
-            async with self._client.pipeline(transaction=False) as pipe:
-                for change, kind in batch:
-                    self._put_change(pipe, change, kind, 0)
-                versions = await pipe.execute()
-            for (change, kind), version in zip(batch, versions, strict=True):
-                name = change.info.name
-                if kind is ChangeKind.REMOVED:
-                    self.mirror.tombs.pop(name, None)
-                if version and int(version) > self.mirror.versions.get(name, 0):
-                    self.mirror.versions[name] = int(version)
+                mirror.tombs[change.info.name] = self._estimate()
+        registry = self.registry
+        versions = await self._writer.write([change_write(registry, c, k) for c, k in latest])
+        for (change, kind), version in zip(latest, versions, strict=True):
+            name = change.info.name
+            if kind is ChangeKind.REMOVED:
+                mirror.tombs.pop(name, None)
+            if version > mirror.versions.get(name, 0):
+                mirror.versions[name] = version
 
     def _note_offline(self, changes: list[Change]) -> None:
         """Changes made while Redis is away: versioned by the estimate of its clock, so the
         write-back orders them with what the other replicas did meanwhile."""
-        for change, kind in _coalesce(changes).values():
-            version = self._estimated_now_us()
-            name = change.info.name
+        mirror = self.mirror
+        for name, (_, kind) in coalesce(changes).items():
+            version = self._estimate()
             if kind is ChangeKind.REMOVED:
-                self.mirror.tombs[name] = version
+                mirror.tombs[name] = version
             else:
-                self.mirror.tombs.pop(name, None)
-            self.mirror.versions[name] = version
-
-    def _put_change(self, pipe: Any, change: Change, kind: ChangeKind, version: int) -> None:
-        worker = self.registry.get(change.info.name)
-        age = 0.0
-        if worker is not None and kind is not ChangeKind.REMOVED:
-            age = max(self.registry.clock() - worker.last_heart_beat, 0.0)
-        source = worker.source if worker is not None else None
-        data = encode_data(change.info, change.queue_length, change.owner, source, change.reason)
-        self._put_call(
-            pipe, change.info.name, kind, data, version, age, change.info.check_heart_beat
-        )
-
-    def _put_call(
-        self,
-        pipe: Any,
-        name: str,
-        kind: ChangeKind,
-        data: str,
-        version: int,
-        age: float,
-        check: bool,
-    ) -> bool:
-        expiration = self.registry.expiration
-        ttl_ms = int((expiration - age) * 1000) if check else 0
-        if check and ttl_ms <= 0 and kind is not ChangeKind.REMOVED:
-            return False
-        tomb_ms = int(max(expiration, MIN_TOMBSTONE) * 1000)
-        args = (name, kind.value, data, version, int(age * 1e6), ttl_ms, self.replica)
-        # Queued in the pipeline, which loads the script first if Redis lacks it (after a
-        # restart, say).
-        pipe.scripts.add(self._put)
-        pipe.evalsha(self._put.sha, 2, worker_key(name), STREAM, *args, STREAM_LENGTH, tomb_ms)
-        return True
+                mirror.tombs.pop(name, None)
+            mirror.versions[name] = version
+            self._dirty.add(name)
 
     # -- Redis -> this replica ---------------------------------------------------------------
 
@@ -314,87 +277,17 @@ class SharedRegistry:
 
     async def _merge(self) -> None:
         """Merge this replica's registry and Redis's copy, each way by version."""
-        remote = await self._read_all()
+        stored = await read_all(self._client)
         mirror = self.mirror
-        for entry in remote.values():
+        for entry in stored.values():
             mirror.apply(entry)
-        writes: list[tuple[str, ChangeKind, str, int, float, bool]] = []
-        clock_now = self.registry.clock()
-        for worker in self.registry:
-            name = worker.info.name
-            held = mirror.versions.get(name)
-            stored = remote.get(name)
-            if held is None:
-                held = mirror.versions[name] = self._estimated_now_us()
-            if stored is not None and stored.version >= held:
-                continue
-            data = encode_data(
-                worker.info, worker.load.queue_length, worker.owner, worker.source, ""
-            )
-            age = max(clock_now - worker.last_heart_beat, 0.0)
-            writes.append(
-                (name, ChangeKind.REGISTERED, data, held, age, worker.info.check_heart_beat)
-            )
-        for name, version in list(mirror.tombs.items()):
-            stored = remote.get(name)
-            if stored is not None and stored.version >= version:
-                del mirror.tombs[name]
-                continue
-            data = encode_data(_gone(name), 0, None, None, "unregistered")
-            writes.append((name, ChangeKind.REMOVED, data, version, 0.0, True))
-        for start in range(0, len(writes), BATCH):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for name, kind, data, version, age, check in writes[start : start + BATCH]:
-                    self._put_call(pipe, name, kind, data, version, age, check)
-                await pipe.execute()
-        for name, kind, *_ in writes:
-            if kind is ChangeKind.REMOVED:
-                mirror.tombs.pop(name, None)
+        await self._writer.write(local_writes(self.registry, mirror, stored, self._estimate))
+        # Forget the versions of workers nobody holds any more (Redis's tombstone expired).
+        held = {w.info.name for w in self.registry}
+        for name in [n for n in mirror.versions if n not in held and n not in stored]:
+            if name not in mirror.tombs and name not in self._dirty:
+                del mirror.versions[name]
 
-    async def _read_all(self) -> dict[str, Entry]:
-        client = self._client
-        keys = [k async for k in client.scan_iter(match=WORKER_PREFIX + "*", count=1000)]
-        found: dict[str, Entry] = {}
-        for start in range(0, len(keys), BATCH):
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.time()
-                for key in keys[start : start + BATCH]:
-                    pipe.hgetall(key)
-                answers = await pipe.execute()
-            seconds, micros = answers[0]
-            now_us = int(seconds) * 1_000_000 + int(micros)
-            for fields in answers[1:]:
-                entry = decode_entry(fields, now_us) if fields else None
-                if entry is not None:
-                    found[entry.info.name] = entry
-        return found
-
-    async def _measure_skew(self) -> None:
-        seconds, micros = await self._client.time()
-        self._skew_us = int(seconds) * 1_000_000 + int(micros) - int(self.wall_clock() * 1e6)
-
-    def _estimated_now_us(self) -> int:
-        """Redis's clock now, as this replica last measured it against its own."""
+    def _estimate(self) -> int:
+        """Redis's clock now, as this replica last measured it against its own (µs)."""
         return int(self.wall_clock() * 1e6) + self._skew_us
-
-
-def _coalesce(changes: list[Change]) -> dict[str, tuple[Change, ChangeKind]]:
-    """The last change per worker, as a registration if one came since its last removal
-    (a heartbeat after a registration must still re-create a removed worker)."""
-    latest: dict[str, tuple[Change, ChangeKind]] = {}
-    for change in changes:
-        kind = change.kind
-        previous = latest.get(change.info.name)
-        if (
-            previous is not None
-            and kind in (ChangeKind.HEARTBEAT, ChangeKind.LOAD)
-            and previous[1] in (ChangeKind.REGISTERED, ChangeKind.UPDATED)
-        ):
-            kind = previous[1]
-        latest[change.info.name] = (change, kind)
-    return latest
-
-
-def _gone(name: str) -> WorkerInfo:
-    """What a tombstone written back says of the worker: only its name counts."""
-    return WorkerInfo(name, (), 0.0, True)
