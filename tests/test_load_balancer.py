@@ -9,87 +9,18 @@ Skips without nginx (Debian: ``nginx-light``) unless ``FC_REDIS_TESTS_REQUIRED=1
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import re
-import shutil
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from .conftest import MakeWorker, SpawnController, split_stream, wait_until
-from .redis_support import REQUIRED, RedisServer, free_port, redis_server
+from .redis_support import RedisServer, redis_server, run_nginx
 
 __all__ = ["redis_server"]
 
 pytestmark = pytest.mark.slow
-
-EXAMPLE = (
-    Path(__file__).resolve().parent.parent / "examples" / "nginx" / "fc-controller-replicas.conf"
-)
-
-
-def site_config(replicas: list[str], port: int) -> str:
-    """The example, pointed at ``replicas`` (``host:port``) and listening on ``port``."""
-    text = EXAMPLE.read_text()
-    servers = re.findall(r"^\s*server 10\.0\.0\.\d+:21001 (.*);$", text, re.MULTILINE)
-    assert len(servers) == 2, "the example names two replicas"
-    text = re.sub(r"^\s*server 10\.0\.0\.12:21001 .*\n", "", text, flags=re.MULTILINE)
-    lines = "".join(f"    server {r} {servers[0]};\n" for r in replicas)
-    text = re.sub(r"^\s*server 10\.0\.0\.11:21001 .*\n", lines, text, flags=re.MULTILINE)
-    return text.replace("listen 21001;", f"listen 127.0.0.1:{port};")
-
-
-@contextlib.asynccontextmanager
-async def run_nginx(tmp: Path, replicas: list[str]) -> AsyncIterator[str]:
-    """nginx with the example's configuration in front of ``replicas``; its base URL."""
-    binary = shutil.which("nginx")
-    if binary is None:
-        reason = "nginx is not installed (Debian: apt-get install nginx-light)"
-        if REQUIRED:
-            pytest.fail(reason + " and FC_REDIS_TESTS_REQUIRED=1")
-        pytest.skip(reason)
-    port = free_port()
-    (tmp / "site.conf").write_text(site_config(replicas, port))
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (tmp / "nginx.conf").write_text(
-        f"{user}worker_processes 1;\ndaemon off;\npid {tmp}/nginx.pid;\n"
-        f"error_log {tmp}/error.log warn;\nevents {{ worker_connections 1024; }}\n"
-        f"http {{\n  access_log off;\n  client_body_temp_path {tmp}/body;\n"
-        f"  proxy_temp_path {tmp}/proxy;\n  include {tmp}/site.conf;\n}}\n"
-    )
-    process = await asyncio.create_subprocess_exec(
-        binary,
-        "-p",
-        str(tmp),
-        "-e",
-        str(tmp / "error.log"),
-        "-c",
-        str(tmp / "nginx.conf"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-
-            async def listening() -> bool:
-                try:
-                    async with http.post(base + "/list_models") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_until(listening, 10)
-        yield base
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 10)
 
 
 async def test_clients_through_nginx_survive_a_replica_killed_mid_load(

@@ -279,8 +279,10 @@ class SharedRegistry:
         """Merge this replica's registry and Redis's copy, each way by version."""
         stored = await read_all(self._client)
         mirror = self.mirror
-        for entry in stored.values():
+        for count, entry in enumerate(stored.values(), 1):
             mirror.apply(entry)
+            if count % BATCH == 0:
+                await asyncio.sleep(0)  # a large fleet is applied a batch per turn of the loop
         await self._writer.write(local_writes(self.registry, mirror, stored, self._estimate))
         # Forget the versions of workers nobody holds any more (Redis's tombstone expired).
         held = {w.info.name for w in self.registry}
