@@ -38,7 +38,8 @@ class Registry(Health):
     Both the name map and each model's set of workers keep registration order, which is
     the order dispatch ties are broken in. A worker registered with ``check_heart_beat``
     whose last heartbeat is older than ``expiration`` is invisible to every query from that
-    instant, whether or not :meth:`expire` has removed it yet.
+    instant, whether or not :meth:`expire` has removed it yet (unless expiry is held: see
+    :meth:`hold_expiry`).
     """
 
     def __init__(
