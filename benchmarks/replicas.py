@@ -17,8 +17,9 @@ a table (``--json PATH`` also writes them):
    ``--concurrency`` clients for ``--seconds``, and its CPU per heartbeat; in Redis mode
    each one is also written to Redis and applied by the other replica;
 3. **cross-replica propagation**: a registration (and later the unregistration) made at
-   replica A, one at a time, and the time until replica B answers accordingly, polled
-   every millisecond: p50, p99 and max over ``--changes`` of each.
+   replica A, one at a time, and the time until replica B answers accordingly; and a
+   heartbeat at A reporting a new queue length until B's ``/api/workers`` shows it;
+   polled every millisecond: p50, p99 and max over ``--changes`` of each.
 
 Only loopback; every load is bounded in count and time and stops by itself.
 """
@@ -199,7 +200,31 @@ async def propagation(args: argparse.Namespace, logdir: Path, registry: str) -> 
             started = time.perf_counter()
             await post(http, a + "/unregister_worker", {"worker_name": name})
             unregistered.append(await seen_at_b(model, "", started))
-    return {"register": summary(registered), "unregister": summary(unregistered)}
+        # A heartbeat-driven change: the queue a heartbeat at A reports, seen at B.
+        name = worker(59999)
+        body = {
+            "worker_name": name,
+            "check_heart_beat": True,
+            "worker_status": {"model_names": ["hb"], "speed": 1, "queue_length": 0},
+        }
+        await post(http, a + "/register_worker", body)
+        await seen_at_b("hb", name, time.perf_counter())
+        beats = []
+        for n in range(1, args.changes + 1):
+            started = time.perf_counter()
+            await post(http, a + "/receive_heart_beat", {"worker_name": name, "queue_length": n})
+            while True:
+                async with http.get(b + "/api/workers", params={"model": "hb"}) as r:
+                    (seen,) = (await r.json())["workers"]
+                if seen["reported_queue_length"] == n:
+                    break
+                await asyncio.sleep(0.001)
+            beats.append(time.perf_counter() - started)
+    return {
+        "register": summary(registered),
+        "heartbeat": summary(beats),
+        "unregister": summary(unregistered),
+    }
 
 
 def summary(values: list[float]) -> dict[str, float]:

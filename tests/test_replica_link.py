@@ -66,7 +66,7 @@ async def test_each_change_is_written_once_and_never_echoed(
     finally:
         await redis.aclose()
     # A registration, the heartbeats and a removal: each once, by the replica that made it.
-    kinds = [(fields["k"], fields["r"]) for _, fields in entries]
+    kinds = [tuple(fields["e"].split("\t")[0:3:2]) for _, fields in entries]
     assert kinds == [
         ("registered", shared_a.replica),
         *[("heartbeat", shared_a.replica)] * 5,

@@ -9,7 +9,7 @@ from controller.decisions.models import Owner, WorkerInfo
 from controller.decisions.registry import Registry
 from controller.sharing.redis_apply import Mirror
 from controller.sharing.redis_load import SharedLoad
-from controller.sharing.redis_wire import Entry, decode_entry, encode_data
+from controller.sharing.redis_wire import Entry, decode_hash, decode_stream, encode_data
 
 from .conftest import FakeClock
 
@@ -136,11 +136,16 @@ def test_a_replica_publishes_what_it_sent_since_the_last_report(clock: FakeClock
 
 def test_the_wire_round_trips_and_skips_garbage() -> None:
     data = encode_data(INFO, 3, Owner(host="10.0.0.9"), None, "")
-    fields = {"n": NAME, "k": "heartbeat", "v": "1733", "d": data, "a": "2500000", "r": "x"}
-    decoded = decode_entry(fields)
+    packed = {"e": f"heartbeat\t1733\tx\t2500000\t{data}\t{NAME}"}
+    decoded = decode_stream(packed, own="me")
     assert decoded is not None
     assert decoded.info == INFO and decoded.owner == Owner(host="10.0.0.9")
     assert decoded.age == 2.5 and decoded.queue_length == 3 and decoded.version == 1733
-    assert decode_entry({**fields, "d": "{"}) is None
-    assert decode_entry({**fields, "k": "nonsense"}) is None
-    assert decode_entry({"n": NAME}) is None
+    assert decode_stream(packed, own="x") is None  # this replica's own change
+    assert decode_stream({"e": packed["e"].replace(data, "{")}, own="me") is None
+    assert decode_stream({"e": packed["e"].replace("heartbeat", "nonsense")}, own="me") is None
+    assert decode_stream({"n": NAME}, own="me") is None
+    stored = {"n": NAME, "k": "removed", "v": "9", "d": data, "b": "1000000", "r": "x"}
+    removed = decode_hash(stored, now_us=4_000_000)
+    assert removed is not None and removed.kind is ChangeKind.REMOVED and removed.age == 3.0
+    assert decode_hash({**stored, "b": "soon"}, now_us=4_000_000) is None

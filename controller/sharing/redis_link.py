@@ -37,7 +37,7 @@ from ..upkeep.expiry import expire_now
 from .redis_apply import Mirror
 from .redis_load import SharedLoad
 from .redis_sync import BATCH, Writer, change_write, coalesce, local_writes, read_all
-from .redis_wire import STREAM, decode_entry
+from .redis_wire import STREAM, decode_stream
 
 __all__ = ["RESUME_GRACE", "RESYNC_INTERVAL", "SharedRegistry"]
 
@@ -51,6 +51,8 @@ RESYNC_INTERVAL = 30.0
 RETRY_INTERVAL = 0.5
 #: after Redis is back, expiry resumes this much later (the others write back meanwhile)
 RESUME_GRACE = 2.0
+#: after a write, changes gather this long (s) before the next one
+PUBLISH_GATHER = 0.002
 #: how long one XREAD waits for a change (ms); a silent connection is noticed after
 #: the socket timeout, a little longer
 BLOCK_MS = 1000
@@ -227,6 +229,9 @@ class SharedRegistry:
             except _FAILURES as e:
                 self._note_offline(mine)
                 self._lost(e)
+            # A change alone goes out at once; under a burst the next ones gather for a
+            # moment and go together, a round trip and a script call for many.
+            await asyncio.sleep(PUBLISH_GATHER)
 
     async def _publish(self, changes: list[Change]) -> None:
         latest = list(coalesce(changes).values())
@@ -266,8 +271,8 @@ class SharedRegistry:
             for _, entries in answer or ():
                 for entry_id, fields in entries:
                     cursor = entry_id
-                    entry = decode_entry(fields)
-                    if entry is not None and entry.replica != self.replica:
+                    entry = decode_stream(fields, self.replica)
+                    if entry is not None:
                         self.mirror.apply(entry)
 
     async def _resync_forever(self) -> None:

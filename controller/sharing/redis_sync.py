@@ -1,8 +1,8 @@
 """Reading and writing the shared registry in Redis: one worker's change, a replica's whole
 copy (the write-back after an outage), and Redis's whole copy (the resynchronisation).
 
-Every write goes through :data:`~controller.sharing.redis_wire.PUT_SCRIPT`, in pipelines of
-``BATCH``: the replica's own changes unversioned (Redis stamps them with its time), the
+Every write goes through :data:`~controller.sharing.redis_wire.PUT_SCRIPT`, one call per
+``BATCH`` changes: the replica's own changes unversioned (Redis stamps them with its time), the
 write-back with the versions the replica holds, which Redis refuses when it holds a newer
 change of that worker.
 """
@@ -22,7 +22,7 @@ from .redis_wire import (
     STREAM_LENGTH,
     WORKER_PREFIX,
     Entry,
-    decode_entry,
+    decode_hash,
     encode_data,
     worker_key,
 )
@@ -36,7 +36,7 @@ MIN_TOMBSTONE = 300.0
 
 
 class Write(NamedTuple):
-    """One call of the put script."""
+    """One change for the put script."""
 
     name: str
     kind: ChangeKind
@@ -49,7 +49,7 @@ class Write(NamedTuple):
 
 
 class Writer:
-    """Queues writes in pipelines of one client, as one replica."""
+    """Writes changes through one client, as one replica."""
 
     def __init__(self, client: Any, replica: str, expiration: float) -> None:
         self.client = client
@@ -58,40 +58,32 @@ class Writer:
         self.script = client.register_script(PUT_SCRIPT)
 
     async def write(self, writes: list[Write]) -> list[int]:
-        """Write them all; the version each got, or 0 where Redis refused it."""
+        """Write them all, a batch per call; the version each got, or 0 where Redis
+        refused it."""
         versions: list[int] = []
         for start in range(0, len(writes), BATCH):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for write in writes[start : start + BATCH]:
-                    self._queue(pipe, write)
-                answers = await pipe.execute()
+            batch = writes[start : start + BATCH]
+            keys = [STREAM, *(worker_key(w.name) for w in batch)]
+            args: list[str | int] = [self.replica, STREAM_LENGTH, self._tomb_ms]
+            for write in batch:
+                args += self._args(write)
+            # The script is loaded again if Redis lost it (a restart, say).
+            answers = await self.script(keys=keys, args=args)
             versions += [int(a or 0) for a in answers]
         return versions
 
-    def _queue(self, pipe: Any, write: Write) -> None:
+    @property
+    def _tomb_ms(self) -> int:
+        return int(max(self.expiration, MIN_TOMBSTONE) * 1000)
+
+    def _args(self, write: Write) -> tuple[str, str, str, int, int, int]:
         expiration = self.expiration
         ttl_ms = int((expiration - write.age) * 1000) if write.check_heart_beat else 0
         if write.check_heart_beat and write.kind is not ChangeKind.REMOVED:
             # Gone already, wherever its heartbeats went: stored, it would expire at once.
             ttl_ms = max(ttl_ms, 1)
-        tomb_ms = int(max(expiration, MIN_TOMBSTONE) * 1000)
-        # The pipeline loads the script first if Redis lacks it (after a restart, say).
-        pipe.scripts.add(self.script)
-        pipe.evalsha(
-            self.script.sha,
-            2,
-            worker_key(write.name),
-            STREAM,
-            write.name,
-            write.kind.value,
-            write.data,
-            write.version,
-            int(write.age * 1e6),
-            ttl_ms,
-            self.replica,
-            STREAM_LENGTH,
-            tomb_ms,
-        )
+        age_us = int(write.age * 1e6)
+        return (write.name, write.kind.value, write.data, write.version, age_us, ttl_ms)
 
 
 def coalesce(changes: list[Change]) -> dict[str, tuple[Change, ChangeKind]]:
@@ -181,7 +173,7 @@ async def read_all(client: Any) -> dict[str, Entry]:
         seconds, micros = answers[0]
         now_us = int(seconds) * 1_000_000 + int(micros)
         for fields in answers[1:]:
-            entry = decode_entry(fields, now_us) if fields else None
+            entry = decode_hash(fields, now_us) if fields else None
             if entry is not None:
                 found[entry.info.name] = entry
     return found

@@ -8,7 +8,8 @@ A live hash expires with the heartbeat expiration (never, for ``check_heart_beat
 a tombstone lives one expiration, long enough for any replica's write-back to meet it.
 
 Every change is also appended to one stream, ``fc-controller:changes`` (trimmed to about
-``STREAM_LENGTH`` entries), which every replica follows. Both are written by one Lua
+``STREAM_LENGTH`` entries, each one field: see :func:`decode_stream`), which every replica
+follows. Both are written by one Lua
 script, so the hash and the stream agree and versions are stamped by Redis: a version is
 the Redis server time in microseconds when the change reached Redis (or, for changes a
 replica made while Redis was unreachable, its estimate of that time), and a write whose
@@ -19,7 +20,7 @@ change, an unregistration included.
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import attrs
 
@@ -33,7 +34,8 @@ __all__ = [
     "STREAM_LENGTH",
     "WORKER_PREFIX",
     "Entry",
-    "decode_entry",
+    "decode_hash",
+    "decode_stream",
     "encode_data",
     "worker_key",
 ]
@@ -47,40 +49,52 @@ INFLIGHT_PREFIX = PREFIX + "inflight:"
 #: changes the stream keeps, about (MAXLEN ~): minutes of heartbeats of a large fleet
 STREAM_LENGTH = 100_000
 
-#: KEYS: the worker's hash, the stream. ARGV: name, kind, data, version (0: stamp it now),
-#: microseconds since the last heartbeat, the hash's TTL in ms (0: none), the replica,
-#: the stream's length, a tombstone's TTL in ms. Returns the version, or 0 if refused.
+#: KEYS: the stream, then one worker hash per change. ARGV: the replica, the stream's
+#: length, a tombstone's TTL in ms, then six per change: name, kind, data, version (0: stamp
+#: it now), microseconds since the last heartbeat, the hash's TTL in ms (0: none). Returns
+#: per change its version, or 0 where refused. One call writes a whole batch.
 PUT_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cur = redis.call('HMGET', KEYS[1], 'v', 'x')
-local curv = tonumber(cur[1]) or 0
-local v = tonumber(ARGV[4])
-local kind = ARGV[2]
-if v == 0 then
-  if cur[2] == '1' and kind ~= 'registered' and kind ~= 'removed' then
-    return 0
+local replica, maxlen, tomb = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local a = 4 + (i - 2) * 6
+  local name, kind, data = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local v, age, ttl = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local cur = redis.call('HMGET', key, 'v', 'x')
+  local curv = tonumber(cur[1]) or 0
+  local refused = false
+  if v == 0 then
+    -- After a removal only a registration brings the name back.
+    refused = cur[2] == '1' and kind ~= 'registered' and kind ~= 'removed'
+    v = math.max(now, curv + 1)
+  else
+    refused = v <= curv
   end
-  v = math.max(now, curv + 1)
-elseif v <= curv then
-  return 0
+  if refused then
+    out[i - 1] = 0
+  else
+    local vs = string.format('%.0f', v)
+    local removed = '0'
+    if kind == 'removed' then removed = '1' end
+    redis.call('HSET', key, 'n', name, 'k', kind, 'v', vs, 'd', data,
+      'b', string.format('%.0f', now - age), 'x', removed, 'r', replica)
+    if removed == '1' then
+      redis.call('PEXPIRE', key, tomb)
+    elseif ttl > 0 then
+      redis.call('PEXPIRE', key, ttl)
+    else
+      redis.call('PERSIST', key)
+    end
+    -- One field: a reader parses a line or two per entry, its own ones included.
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', kind .. '\t' .. vs .. '\t'
+      .. replica .. '\t' .. string.format('%.0f', age) .. '\t' .. data .. '\t' .. name)
+    out[i - 1] = vs
+  end
 end
-local vs = string.format('%.0f', v)
-local age = tonumber(ARGV[5])
-local removed = '0'
-if kind == 'removed' then removed = '1' end
-redis.call('HSET', KEYS[1], 'n', ARGV[1], 'k', kind, 'v', vs, 'd', ARGV[3],
-  'b', string.format('%.0f', now - age), 'x', removed, 'r', ARGV[7])
-if removed == '1' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[9])
-elseif tonumber(ARGV[6]) > 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-else
-  redis.call('PERSIST', KEYS[1])
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'n', ARGV[1], 'k', kind,
-  'v', vs, 'd', ARGV[3], 'a', string.format('%.0f', age), 'r', ARGV[7])
-return vs
+return out
 """
 
 
@@ -124,44 +138,51 @@ def encode_data(
     )
 
 
-def decode_entry(fields: dict[Any, Any], now_us: int | None = None) -> Entry | None:
-    """A stream entry (with ``a``, the age) or a hash (with ``b``, the heartbeat's time;
-    ``now_us`` is Redis's time then); ``None`` for anything malformed, which is skipped:
-    another program writing into our keys must not stop the replica."""
+def decode_stream(fields: dict[str, str], own: str) -> Entry | None:
+    """A stream entry (one field ``e``: kind, version, replica, age in µs, data and name,
+    tab-separated; the data is JSON, so holds no tab), unless replica ``own`` made it;
+    ``None`` too for anything malformed, which is skipped: another program writing into
+    our keys must not stop the replica."""
     try:
-        text = {_text(k): _text(v) for k, v in fields.items()}
-        data = json.loads(text["d"])
-        kind = ChangeKind(text["k"])
-        if "a" in text:
-            age_us = float(text["a"])
-        elif now_us is not None:
-            age_us = now_us - float(text["b"])
-        else:
+        kind, version, replica, age, data, name = fields["e"].split("\t", 5)
+        if replica == own:
             return None
-        raw_owner = data.get("owner")
-        owner = None if raw_owner is None else Owner(raw_owner["principal"], raw_owner["host"])
-        info = WorkerInfo(
-            text["n"],
-            tuple(str(m) for m in data["models"]),
-            float(data["speed"]),
-            bool(data["check"]),
-            bool(data["multimodal"]),
-        )
-        source = data.get("source")
-        return Entry(
-            kind,
-            int(text["v"]),
-            info,
-            int(data["queue"]),
-            owner,
-            source if isinstance(source, str) else None,
-            str(data.get("reason") or ""),
-            max(age_us, 0.0) / 1e6,
-            text.get("r", ""),
-        )
+        return _entry(kind, version, name, data, float(age), replica)
     except (KeyError, ValueError, TypeError, AttributeError):
         return None
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def decode_hash(fields: dict[str, str], now_us: int) -> Entry | None:
+    """A worker's hash, read when Redis's time was ``now_us``; ``None`` if malformed."""
+    try:
+        age_us = now_us - float(fields["b"])
+        return _entry(fields["k"], fields["v"], fields["n"], fields["d"], age_us, fields["r"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _entry(
+    kind: str, version: str, name: str, data_text: str, age_us: float, replica: str
+) -> Entry:
+    data = json.loads(data_text)
+    raw_owner = data.get("owner")
+    owner = None if raw_owner is None else Owner(raw_owner["principal"], raw_owner["host"])
+    info = WorkerInfo(
+        name,
+        tuple(str(m) for m in data["models"]),
+        float(data["speed"]),
+        bool(data["check"]),
+        bool(data["multimodal"]),
+    )
+    source = data.get("source")
+    return Entry(
+        ChangeKind(kind),
+        int(version),
+        info,
+        int(data["queue"]),
+        owner,
+        source if isinstance(source, str) else None,
+        str(data.get("reason") or ""),
+        max(age_us, 0.0) / 1e6,
+        replica,
+    )
