@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
 """Replicas sharing one registry in Redis (issue 18), against the memory registry.
 
-    .venv/bin/python benchmarks/replicas.py            # about a minute
+    .venv/bin/python benchmarks/replicas.py            # about two minutes
     .venv/bin/python benchmarks/replicas.py --quick    # about 20 s
 
 Needs ``redis-server`` on the PATH (Debian: ``apt-get install redis-server``); started here
 on a free loopback port with persistence off, and stopped. Three measurements, printed as
-a table (``--json PATH`` also writes them):
+a table (``--json PATH`` also writes them); the modes take ``--rounds`` turns each and each
+figure is the median of its rounds:
 
 1. **dispatch CPU per request**: a controller process (``python -m controller``) with
    ``--workers`` workers of one model, asked ``/get_worker_address`` ``--requests`` times
    by ``--concurrency`` clients in this process; the controller's CPU time (from /proc)
    per request, memory registry against a Redis registry with a second replica attached
-   (median of three rounds each);
+   (each round the median of three passes);
 2. **heartbeats per second per replica**: the same controller taking heartbeats from
-   ``--concurrency`` clients for ``--seconds``, and its CPU per heartbeat; in Redis mode
-   each one is also written to Redis and applied by the other replica;
+   ``--concurrency`` clients for ``--seconds``, and its CPU per heartbeat (and so how many
+   one core of it takes); in Redis mode each one is also written to Redis and applied by
+   the other replica, on the same two cores;
 3. **cross-replica propagation**: a registration (and later the unregistration) made at
    replica A, one at a time, and the time until replica B answers accordingly; and a
    heartbeat at A reporting a new queue length until B's ``/api/workers`` shows it;
@@ -238,11 +240,19 @@ def summary(values: list[float]) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     logdir = Path(tempfile.mkdtemp(prefix="fc-bench-replicas-"))
+    # The modes take turns, so a change in the machine's load (other processes on two
+    # cores) falls on both; each figure is the median of its rounds.
+    rounds: dict[str, list[dict[str, float]]] = {"memory": [], "redis": []}
     async with redis_server() as registry:
-        memory = await measure_mode(args, logdir, None)
-        shared = await measure_mode(args, logdir, registry)
+        for _ in range(args.rounds):
+            rounds["memory"].append(await measure_mode(args, logdir, None))
+            rounds["redis"].append(await measure_mode(args, logdir, registry))
         spread = await propagation(args, logdir, registry)
-    return {"memory": memory, "redis": shared, "propagation": spread, "logs": str(logdir)}
+    result: dict[str, Any] = {"propagation": spread, "logs": str(logdir), "rounds": rounds}
+    for mode, figures in rounds.items():
+        result[mode] = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
+        result[mode]["heartbeat_capacity"] = 1e6 / result[mode]["heartbeat_cpu_us"]
+    return result
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -253,6 +263,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("dispatch CPU per /get_worker_address (µs)", "dispatch_cpu_us"),
         ("heartbeats per second per replica", "heartbeats_per_s"),
         ("CPU per heartbeat (µs)", "heartbeat_cpu_us"),
+        ("heartbeats per second per core of the replica (1 / CPU)", "heartbeat_capacity"),
     )
     for label, key in rows:
         ratio = shared[key] / memory[key] if memory[key] else float("nan")
@@ -273,10 +284,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--changes", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="turns of each mode")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.seconds, args.changes = 5000, 2.0, 100
+        args.requests, args.seconds, args.changes, args.rounds = 5000, 2.0, 100, 1
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     result = asyncio.run(main_async(args))
     print_table(result)
