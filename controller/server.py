@@ -80,8 +80,9 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     The parts, each reachable as an attribute: ``registry`` (the workers, the one place
     where they change, and its change feed), ``router`` (which worker gets a request),
     ``relay`` (forwarding requests to workers, failover, draining), ``prober`` (status
-    probes, refresh, load polls), ``connections`` (the session and pool to workers) and
-    ``metrics`` (what ``GET /metrics`` shows, in a registry of this controller's own).
+    probes, refresh, load polls), ``connections`` (the session and pool to workers),
+    ``metrics`` (what ``GET /metrics`` shows, in a registry of this controller's own) and
+    ``shared`` (the link to the registry replicas share in Redis, or ``None``).
     """
 
     def __init__(
@@ -124,7 +125,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         )
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
-        self.shared = SharedRegistry.configured(cfg, self.registry, wall_clock)  # or None
+        self.shared = SharedRegistry.configured(cfg, self.registry, wall_clock)
         self.metrics = Metrics(self.registry, self.router, self.relay.tally, self.shared)
         self.relay.tally.ttfc = self.metrics.ttfc
         self.relay.tally.stream_duration = self.metrics.stream_duration

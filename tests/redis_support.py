@@ -132,7 +132,8 @@ def site_config(replicas: list[str], port: int) -> str:
 @contextlib.asynccontextmanager
 async def run_nginx(tmp: Path, replicas: list[str]) -> AsyncIterator[str]:
     """nginx with the example's configuration in front of ``replicas``; its base URL."""
-    binary = shutil.which("nginx")
+    # Debian installs it in /usr/sbin, which a user's PATH may lack.
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
     if binary is None:
         reason = "nginx is not installed (Debian: apt-get install nginx-light)"
         if REQUIRED:
