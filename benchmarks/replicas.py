@@ -13,7 +13,8 @@ figure is the median of its rounds:
    ``--workers`` workers of one model, asked ``/get_worker_address`` ``--requests`` times
    by ``--concurrency`` clients in this process; the controller's CPU time (from /proc)
    per request, memory registry against a Redis registry with a second replica attached
-   (each round the median of three passes);
+   (each round the median of three passes; in memory mode an idle second controller runs
+   too, and Redis, so that both modes share the two cores with the same processes);
 2. **heartbeats per second per replica**: the same controller taking heartbeats from
    ``--concurrency`` clients for ``--seconds``, and its CPU per heartbeat (and so how many
    one core of it takes); in Redis mode each one is also written to Redis and applied by
@@ -128,8 +129,9 @@ async def measure_mode(
     extra = () if registry is None else ("--registry", registry)
     async with contextlib.AsyncExitStack() as stack:
         url, pid = await stack.enter_async_context(controller(logdir, *extra))
-        if registry is not None:
-            await stack.enter_async_context(controller(logdir, *extra))
+        # A second controller in both modes, so the machine runs the same processes: in
+        # Redis mode the other replica, in memory mode an idle one.
+        await stack.enter_async_context(controller(logdir, *extra))
         connector = aiohttp.TCPConnector(limit=args.concurrency)
         http = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         for n in range(args.workers):
