@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Replicas sharing one registry in Redis (issue 18), against the memory registry.
 
-    .venv/bin/python benchmarks/replicas.py            # about two minutes
-    .venv/bin/python benchmarks/replicas.py --quick    # about 20 s
+    .venv/bin/python benchmarks/replicas.py            # about three minutes
+    .venv/bin/python benchmarks/replicas.py --quick    # under a minute
 
 Needs ``redis-server`` on the PATH (Debian: ``apt-get install redis-server``); started here
 on a free loopback port with persistence off, and stopped. Three measurements, printed as
