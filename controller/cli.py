@@ -43,6 +43,7 @@ from .options import (
     own_environment,
     seconds,
 )
+from .registry_flags import registry_settings
 from .requestid import RequestIdFilter
 from .server import Controller
 from .startup import startup_line
@@ -154,6 +155,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 ErrorProfile.tinychat() if args.profile == "tinychat" else ErrorProfile.fastchat()
             ),
             **access_settings(parser, args, env),
+            **registry_settings(parser, args),
         )
     except ConfigError as e:
         parser.error(_as_flags(str(e), parser))

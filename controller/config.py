@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ from .decisions.models import DispatchMethod, ErrorProfile
 from .errors import ConfigError
 from .worker.config import controller_addresses
 
-__all__ = ["ControllerConfig"]
+__all__ = ["MEMORY_REGISTRY", "ControllerConfig", "check_registry", "redact_registry"]
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 21001
@@ -55,6 +56,55 @@ DEFAULT_PARENT_HEART_BEAT_INTERVAL = 45.0
 DEFAULT_DECISION_LOG_SIZE = 100
 DEFAULT_EJECTION_BASE = 5.0
 DEFAULT_EJECTION_MAX = 300.0
+
+
+#: the registry kept in this process only (the default; no Redis)
+MEMORY_REGISTRY = "memory"
+_REDIS_SCHEMES = ("redis", "rediss")
+
+
+def redact_registry(url: str) -> str:
+    """``url`` with any password in it replaced by ``***``: what logs and errors show."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def check_registry(url: str) -> None:
+    """:class:`ConfigError` naming the problem unless ``url`` is ``memory`` or a usable
+    ``redis://HOST[:PORT][/DB]`` or ``rediss://`` URL (the message never shows a password)."""
+    if url == MEMORY_REGISTRY:
+        return
+    shown = redact_registry(url)
+    example = "'memory' or a URL such as redis://10.0.0.5:6379/0 (rediss:// for TLS)"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"registry must be {example}, got {shown!r}: {e}") from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ConfigError(f"registry must be {example}, got {shown!r}")
+    if not parts.hostname:
+        raise ConfigError(f"registry {shown!r} names no host")
+    if port == 0:
+        raise ConfigError(f"registry {shown!r}: the port must be from 1 to 65535")
+    db = parts.path.strip("/")
+    if db and (not db.isdigit() or not db.isascii()):
+        raise ConfigError(f"registry {shown!r}: the database must be a number, got {db!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"registry {shown!r}: no query or fragment is understood")
+
+
+def _registry(inst: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"registry must be a string, got {type(value).__name__}")
+    check_registry(value)
 
 
 _T = TypeVar("_T")
@@ -241,6 +291,10 @@ class ControllerConfig:
     )
     #: where to save the registry as it changes and load it from at start-up (off if None)
     state_file: str | None = None
+    #: ``memory`` (this process only) or a Redis URL that replicas share the registry in
+    registry: str = attrs.field(default=MEMORY_REGISTRY, validator=_registry, repr=redact_registry)
+    #: the Redis password, when not in the URL (from --registry-password-file)
+    registry_password: str | None = attrs.field(default=None, repr=False)
     #: the in-band error codes sent to clients (FastChat's unless told otherwise)
     error_profile: ErrorProfile = attrs.field(factory=ErrorProfile.fastchat)
     ssl_certfile: str | None = None
@@ -275,6 +329,15 @@ class ControllerConfig:
                 f"listening on {self.host or 'every interface'!r} with a parent controller "
                 "needs advertise_address: the URL the parent reaches this controller at"
             )
+        if self.shared_registry and self.state_file is not None:
+            raise ConfigError(
+                "state_file cannot be combined with a Redis registry: the replicas' shared "
+                "copy in Redis is what a restarted replica starts from"
+            )
+        if self.registry_password is not None and not self.shared_registry:
+            raise ConfigError("registry_password is only for a Redis registry")
+        if self.registry_password is not None and urllib.parse.urlsplit(self.registry).password:
+            raise ConfigError("give the Redis password in the registry URL or apart, not both")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("ssl_certfile and ssl_keyfile must be given together")
         if self.ssl_client_ca_certs is not None and self.ssl_certfile is None:
@@ -290,6 +353,11 @@ class ControllerConfig:
         forgets it and logs the removal, at most one second late.
         """
         return min(1.0, self.heart_beat_expiration / 2)
+
+    @property
+    def shared_registry(self) -> bool:
+        """Whether the registry is shared with other replicas (in Redis)."""
+        return self.registry != MEMORY_REGISTRY
 
     @property
     def scheme(self) -> str:

@@ -33,6 +33,7 @@ from .config import (
 )
 from .decisions.models import DispatchMethod
 from .limit_flags import add_limit_flags
+from .registry_flags import add_registry_flags
 from .version import __version__
 from .worker.config import controller_addresses
 from .worker.logs import LOG_FORMATS, json_line
@@ -246,6 +247,7 @@ def build_parser() -> Parser:
         help="save the registry to PATH as it changes and load it at start-up, so a "
         "restarted controller routes at once (default: off)",
     )
+    add_registry_flags(parser)
     add_access_flags(parser)
     parser.add_argument(
         "--log-level",

@@ -29,10 +29,10 @@ from .errors import ConfigError, NotRunningError
 from .jsonbody import BodyReader
 from .relay.connections import WorkerConnections
 from .relay.failover import Relay
-from .relay.guard import AddressGuard
 from .relay.pool import Pool
 from .relay.upstream import Upstream
 from .sharing.parent import ParentLink
+from .sharing.redis_link import SharedRegistry
 from .sharing.state import StateFile
 from .upkeep.expiry import expire_now, sweep_forever
 from .upkeep.lag import sample_loop_lag
@@ -83,7 +83,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     where they change, and its change feed), ``router`` (which worker gets a request),
     ``relay`` (forwarding requests to workers, failover, draining), ``prober`` (status
     probes, refresh, load polls), ``connections`` (the session and pool to workers),
-    ``metrics`` (``GET /metrics``, a registry of its own), ``bodies`` (reads bodies).
+    ``metrics`` (``GET /metrics``, a registry of its own), ``bodies`` (reads bodies),
+    ``shared`` (the link to the registry replicas share in Redis, or ``None``).
     """
 
     def __init__(
@@ -113,21 +114,11 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             wall_clock=wall_clock,
             decision_log_size=cfg.decision_log_size,
         )
-        # No total: a long generation that keeps producing must never be cut.
-        stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.status_probe_timeout, sock_read=cfg.worker_api_timeout
-        )
-        self.connections = WorkerConnections(
-            stream_timeout,
-            clock,
-            token=cfg.upstream_token,
-            ca_certs=cfg.worker_ca_certs,
-            guard=AddressGuard(cfg.worker_networks),
-            max_connections=cfg.max_worker_connections,
-        )
+        self.connections = WorkerConnections.of(cfg, clock)
         self.relay = Relay(cfg, self.router, self.connections)
         self.prober = Prober(cfg, self.registry, self.connections)
-        self.metrics = Metrics(self.registry, self.router, self.relay.tally)
+        self.shared = SharedRegistry.configured(cfg, self.registry, wall_clock)
+        self.metrics = Metrics(self.registry, self.router, self.relay.tally, self.shared)
         self.relay.tally.ttfc = self.metrics.ttfc
         self.relay.tally.stream_duration = self.metrics.stream_duration
         self.bodies = BodyReader()
@@ -302,6 +293,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
     async def _app_context(self, app: web.Application) -> AsyncIterator[None]:
         self._open()
         try:
+            if self.shared is not None:  # listen once holding the shared registry
+                await self.shared.wait_synced()
             yield
         finally:
             await self._close()
@@ -322,6 +315,8 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         if self._embedded and cfg.advertise_address is not None:
             # attach() made sure a child embedded in a host has an address to advertise.
             self._start_parent_link(cfg.advertise_address)
+        if self.shared is not None:
+            self._spawn(self.shared.run, "shared-registry")
         if cfg.state_file is not None:
             self._state = StateFile(cfg.state_file, self.registry, self.wall_clock)
             self._state.restore()

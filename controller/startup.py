@@ -11,15 +11,11 @@ from __future__ import annotations
 import json
 
 from . import __version__
-from .config import ControllerConfig
+from .config import ControllerConfig, redact_registry
 from .credentials import Role
 from .worker.tokens import redact_urls
 
 __all__ = ["protected_roles", "startup_line"]
-
-#: where the registry lives; a shared backend would name itself here
-REGISTRY_BACKEND = "memory"
-
 
 def protected_roles(config: ControllerConfig) -> list[str]:
     """The roles a caller needs credentials (a token or a trusted network) for."""
@@ -50,7 +46,8 @@ def startup_line(
         "parent": config.parent_controller,
         "protected": ",".join(protected_roles(config)),
         "state_file": config.state_file,
-        "registry": REGISTRY_BACKEND,
+        # memory, or the Redis URL with its password hidden
+        "registry": redact_registry(config.registry),
         "config": config_file,
     }
     pairs = " ".join(f"{key}={_value(value)}" for key, value in fields.items())

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "controller.arg_types": 8,
     "controller.limit_flags": 8,
     "controller.access_flags": 8,
+    "controller.registry_flags": 8,
     "controller.status_cli": 8,
     "controller.config_file": 8,
     "controller.startup": 8,

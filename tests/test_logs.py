@@ -96,6 +96,10 @@ def test_the_startup_line_says_what_is_in_effect() -> None:
     assert line.endswith(" registry=memory config=/etc/fc.toml")
     plain = startup_line("http://localhost:21001", ControllerConfig(), "fastchat")
     assert plain.endswith("parent=none protected=none state_file=none registry=memory config=none")
+    shared = ControllerConfig(registry="redis://:r3dis-pw@redis.internal:6379/2")
+    line = startup_line("http://localhost:21001", shared, "fastchat")
+    assert " registry=redis://***@redis.internal:6379/2 " in line
+    assert "r3dis-pw" not in line
 
 
 # -- the real process --------------------------------------------------------------------

@@ -70,6 +70,10 @@ class LoadEstimate:
     reported_rounds: int = 1
     #: requests this controller is relaying to the worker right now
     active_streams: int = 0
+    #: requests other replicas of a shared registry sent since the worker's last report,
+    #: as they published them (see :mod:`controller.sharing.redis_load`); counted in
+    #: ``queue_length`` and dropped with the next report, which includes them
+    others: int = 0
 
     def report(self, queue_length: int, now: float, slots: int | None = None) -> None:
         """Take a fresh queue length from the worker; it includes everything before it.
@@ -98,6 +102,7 @@ class LoadEstimate:
                 self.learn_service_time(held * interval / finished, now)
         self.queue_length = queue_length
         self.reported_queue_length = queue_length
+        self.others = 0
         self.dispatched_since_report = 0
         self.ended_since_report = 0
         self.retire_at = None
@@ -237,6 +242,17 @@ class LoadEstimate:
             if due > self.reported_retired:
                 self.queue_length = max(self.queue_length - (due - self.reported_retired), 0)
                 self.reported_retired = due
+
+    def set_others(self, count: int) -> None:
+        """Other replicas have sent ``count`` requests since the last report (in all)."""
+        self.queue_length = max(self.queue_length + count - self.others, 0)
+        self.others = count
+
+    @property
+    def mine_since_report(self) -> int:
+        """The requests this controller sent since the last report and still counts: what
+        it tells the other replicas (never more than it believes the worker holds)."""
+        return min(self.dispatched_since_report, max(self.queue_length - self.others, 0))
 
     def stream_ended(self) -> None:
         """A request this controller relayed to the worker (a stream or a single call) has

@@ -11,6 +11,7 @@ overwritten (see :mod:`controller.upkeep.probing` for the lock that orders them)
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Container, Iterable, Iterator
@@ -20,6 +21,7 @@ import attrs
 from ..errors import ForbiddenError
 from .capacity import Capacity
 from .changes import MEMBERSHIP, ChangeFeed, ChangeKind
+from .health import Health
 from .models import Owner, WorkerInfo, WorkerStatus
 from .ownership import Standing, standing
 from .serving import ModelIndex, sort_out
@@ -30,18 +32,15 @@ __all__ = ["Clock", "Registry", "Worker"]
 Clock = Callable[[], float]
 
 
-class Registry:
+class Registry(Health):
     """Registered workers by name, with an index from model name to the workers serving it.
 
     Both the name map and each model's set of workers keep registration order, which is
     the order dispatch ties are broken in. A worker registered with ``check_heart_beat``
     whose last heartbeat is older than ``expiration`` is invisible to every query from that
-    instant, whether or not :meth:`expire` has removed it yet.
+    instant, whether or not :meth:`expire` has removed it yet (unless expiry is held: see
+    :meth:`hold_expiry`).
     """
-
-    #: after this many failed relays in a row a worker is an outlier: only its ejection
-    #: running out brings it back, not a heartbeat or a successful probe
-    OUTLIER_FAILURES = 3
 
     def __init__(
         self,
@@ -56,6 +55,9 @@ class Registry:
         max_per_source: int | None = None,
     ) -> None:
         self.expiration = expiration
+        # How long silence is tolerated now: the expiration, or forever while expiry is
+        # held (see hold_expiry).
+        self._live_for = expiration
         #: registrations held at most, and made from one source at most (None: no limit)
         self.capacity = Capacity(max_workers, max_per_source)
         #: how many requests each worker runs at once (None: one at a time)
@@ -110,7 +112,7 @@ class Registry:
         if now is None:
             now = self.clock()
         in_rotation, ejected = sort_out(
-            self._by_model.serving(model), now, now - self.expiration, exclude
+            self._by_model.serving(model), now, now - self._live_for, exclude
         )
         # When every live worker is ejected, trying them beats certain failure: one may
         # have recovered (Envoy calls this panic routing).
@@ -138,7 +140,7 @@ class Registry:
         drawn = self._by_model.draw(model, k, rng)
         if drawn is None:
             return None
-        usable, _ = sort_out(drawn, now, now - self.expiration, exclude)
+        usable, _ = sort_out(drawn, now, now - self._live_for, exclude)
         return usable if len(usable) >= need else None
 
     def standing(self, name: str, caller: Owner | None, admin: bool = False) -> Standing:
@@ -303,7 +305,7 @@ class Registry:
     def due(self) -> list[Worker]:
         """The entries expired by now and not removed yet (for :meth:`expire`)."""
         # Inline: a scan of every worker that can expire, once a second.
-        cutoff = self.clock() - self.expiration
+        cutoff = self.clock() - self._live_for
         return [w for w in self._expiring.values() if w.last_heart_beat < cutoff]
 
     def expire(self, workers: Iterable[Worker] | None = None) -> list[tuple[Worker, float]]:
@@ -323,32 +325,14 @@ class Registry:
                 gone.append((w, now - w.last_heart_beat))
         return gone
 
-    # -- health (local to this controller, not part of the feed) -------------------------
+    def hold_expiry(self, held: bool) -> None:
+        """While held, no worker expires on its heartbeats' age (a shared registry whose
+        backend is unreachable: the heartbeats may be going to another replica)."""
+        self._live_for = math.inf if held else self.expiration
 
-    def record_failure(self, worker: Worker) -> float:
-        """Take a worker out of rotation after a relayed request failed; returns for how long.
-
-        The ejection doubles with each failure in a row, from ``ejection_base`` up to
-        ``ejection_max``.
-        """
-        worker.consecutive_failures += 1
-        doublings = min(worker.consecutive_failures - 1, 30)
-        duration = min(self.ejection_base * (1 << doublings), self.ejection_max)
-        now = self.clock()
-        worker.last_failure_at = now
-        worker.ejected_until = now + duration
-        return duration
-
-    def record_success(self, worker: Worker) -> int:
-        """A relayed request succeeded; returns how many failures in a row it ends."""
-        failures = worker.consecutive_failures
-        if failures:
-            worker.consecutive_failures = 0
-            worker.ejected_until = 0.0
-        return failures
-
-    def is_ejected(self, worker: Worker) -> bool:
-        return worker.ejected_until > self.clock()
+    @property
+    def expiry_held(self) -> bool:
+        return self._live_for == math.inf
 
     # -- internals ---------------------------------------------------------------------
 
@@ -368,18 +352,8 @@ class Registry:
         if worker.ejected_until:
             self._shows_life(worker, "it answered a status probe")
 
-    def _shows_life(self, worker: Worker, how: str) -> None:
-        # A worker that failed once or twice is back as soon as it shows it is alive; an
-        # outlier waits out its ejection whatever it says.
-        if worker.consecutive_failures >= self.OUTLIER_FAILURES:
-            return
-        still_out = worker.ejected_until > self.clock()
-        worker.ejected_until = 0.0
-        if still_out and self.on_back_in_rotation is not None:
-            self.on_back_in_rotation(worker, how)
-
     def _expired(self, worker: Worker, now: float) -> bool:
-        return worker.info.check_heart_beat and now - worker.last_heart_beat > self.expiration
+        return worker.info.check_heart_beat and now - worker.last_heart_beat > self._live_for
 
     def _drop(self, worker: Worker, reason: str) -> None:
         name = worker.info.name

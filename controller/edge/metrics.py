@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
 from ..relay.tally import RelayTally
+from ..sharing.redis_link import SharedRegistry
 from ..upkeep.lag import LAG_INTERVAL
 from .readings import Frozen, Live, Readings
 
@@ -56,8 +57,16 @@ class Metrics:
     """One controller's metrics: its registry of collectors, the histograms the relay and
     the loop-lag sampler observe, and the count of responses by route and status."""
 
-    def __init__(self, registry: Registry, router: Router, tally: RelayTally) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        router: Router,
+        tally: RelayTally,
+        shared: SharedRegistry | None = None,
+    ) -> None:
         self.registry = registry
+        #: the registry shared with other replicas, whose connection a scrape shows
+        self.shared = shared
         self.router = router
         self.tally = tally
         #: seconds between two samples of the event loop's lag
@@ -101,7 +110,14 @@ class Metrics:
 
     def read(self) -> Readings:
         """The controller's own numbers now (on the loop)."""
-        return Readings.take(self.registry, self.router, self.tally, self.responses)
+        shared = self.shared
+        return Readings.take(
+            self.registry,
+            self.router,
+            self.tally,
+            self.responses,
+            None if shared is None else shared.connected,
+        )
 
     async def count_response(self, request: web.Request, response: web.StreamResponse) -> None:
         """Count a response as it starts (``on_response_prepare``; a stream at its start)."""

@@ -70,6 +70,8 @@ class Readings:
     #: removals by reason, and changes by kind, since the controller started
     removals: tuple[tuple[str, int], ...]
     changes: tuple[tuple[str, int], ...]
+    #: with a shared registry, whether its backend answers (None: the memory registry)
+    registry_connected: bool | None = None
 
     @classmethod
     def take(
@@ -78,6 +80,7 @@ class Readings:
         router: Router,
         tally: RelayTally,
         responses: dict[tuple[str, int], int],
+        registry_connected: bool | None = None,
     ) -> Readings:
         """Read everything now; forgets the dispatch counts of models no worker serves
         any more, so that labels stay bounded by what is registered."""
@@ -104,6 +107,7 @@ class Readings:
             failovers=tally.failovers,
             removals=tuple(feed.removals.items()),
             changes=tuple((kind.value, feed.counts[kind]) for kind in ChangeKind),
+            registry_connected=registry_connected,
         )
 
     def families(self) -> Iterator[Metric]:
@@ -161,6 +165,13 @@ class Readings:
             ("kind",),
             (((k,), n) for k, n in self.changes),
         )
+        if self.registry_connected is not None:
+            yield GaugeMetricFamily(
+                "fc_controller_registry_connected",
+                "1 while the shared registry (Redis) answers, 0 while this replica serves "
+                "from its own copy alone",
+                value=int(self.registry_connected),
+            )
 
 
 def _counter(

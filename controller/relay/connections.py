@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from ..config import ControllerConfig
 from ..errors import NotRunningError
 from ..worker.tokens import authorization
 from .guard import AddressGuard
@@ -64,6 +65,22 @@ class WorkerConnections:
         self._pool: Pool[Upstream] | None = None
         #: the session's connections (status probes, load polls) open at once; made by open()
         self.probe_slots = asyncio.Semaphore(probe_share(max_connections))
+
+    @classmethod
+    def of(cls, cfg: ControllerConfig, clock: Callable[[], float]) -> WorkerConnections:
+        """The connections a controller configured by ``cfg`` holds to its workers."""
+        # No total: a long generation that keeps producing must never be cut.
+        stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.status_probe_timeout, sock_read=cfg.worker_api_timeout
+        )
+        return cls(
+            stream_timeout,
+            clock,
+            token=cfg.upstream_token,
+            ca_certs=cfg.worker_ca_certs,
+            guard=AddressGuard(cfg.worker_networks),
+            max_connections=cfg.max_worker_connections,
+        )
 
     def open(self) -> None:
         """Create the session and the pool (on the running loop)."""
