@@ -160,6 +160,14 @@ async def stream(http: aiohttp.ClientSession, controller: Controller, model: str
         return await r.read()
 
 
+async def register(
+    http: aiohttp.ClientSession, controller: Controller, worker: CountingWorker
+) -> None:
+    """Register a counting worker with what it says of itself."""
+    body = register_body(worker.url) | {"worker_status": worker.status()}
+    await post_ok(http, controller, "/register_worker", body)
+
+
 async def test_a_burst_larger_than_the_cap_never_opens_more_connections_than_it(
     run_controller: RunController, make_counting: MakeCounting, http: aiohttp.ClientSession
 ) -> None:
@@ -172,12 +180,7 @@ async def test_a_burst_larger_than_the_cap_never_opens_more_connections_than_it(
         host="127.0.0.1", port=0, max_worker_connections=8, load_poll_interval=0
     )
     controller = await run_controller(config)
-    await post_ok(
-        http,
-        controller,
-        "/register_worker",
-        register_body(worker.url) | {"worker_status": worker.status()},
-    )
+    await register(http, controller, worker)
     streams = [asyncio.ensure_future(stream(http, controller)) for _ in range(30)]
     await wait_until(lambda: worker.streams == 7 and controller.pool.waiting == 23, BOUND)
     assert worker.open == 7
@@ -209,8 +212,7 @@ async def test_idle_connections_to_one_worker_make_room_for_another(
     )
     controller = await run_controller(config)
     for worker in (first, second):
-        body = register_body(worker.url) | {"worker_status": worker.status()}
-        await post_ok(http, controller, "/register_worker", body)
+        await register(http, controller, worker)
     burst = asyncio.gather(*(stream(http, controller) for _ in range(7)))
     await wait_until(lambda: first.streams == 7, BOUND)
     first.release.set()
@@ -236,12 +238,7 @@ async def test_a_request_that_waits_too_long_for_a_connection_fails_cleanly(
         host="127.0.0.1", port=0, max_worker_connections=8, status_probe_timeout=0.3
     )
     controller = await run_controller(config)
-    await post_ok(
-        http,
-        controller,
-        "/register_worker",
-        register_body(worker.url) | {"worker_status": worker.status()},
-    )
+    await register(http, controller, worker)
     streams = [asyncio.ensure_future(stream(http, controller)) for _ in range(10)]
     await wait_until(lambda: worker.streams == 7, BOUND)
     await wait_until(lambda: sum(s.done() for s in streams) == 3, BOUND)
