@@ -126,6 +126,13 @@ def test_load_config_reads_only_the_environ_it_is_given(monkeypatch: pytest.Monk
         ([], {"FC_CONTROLLER_DISPATCH_METHOD": "random"}, "FC_CONTROLLER_DISPATCH_METHOD"),
         ([], {"FC_CONTROLLER_SSL": "maybe"}, "FC_CONTROLLER_SSL"),
         ([], {"FC_CONTROLLER_MAX_BODY_SIZE": "12"}, "FC_CONTROLLER_MAX_BODY_SIZE"),
+        # the connection limits
+        (["--header-timeout", "0"], {}, "--header-timeout"),
+        (["--body-timeout", "-1"], {}, "--body-timeout"),
+        (["--idle-timeout", "soon"], {}, "--idle-timeout"),
+        (["--max-connections", "0"], {}, "--max-connections"),
+        ([], {"FC_CONTROLLER_MAX_CONNECTIONS_PER_SOURCE": "many"}, "PER_SOURCE"),
+        (["--max-worker-connections", "1"], {}, "--max-worker-connections"),
     ],
 )
 def test_invalid_value_exits_2_naming_the_flag_or_variable(

@@ -371,27 +371,6 @@ def test_the_connection_flags_default_as_the_issue_says_and_read_their_variables
     assert given.max_worker_connections == 64
 
 
-@pytest.mark.parametrize(
-    ("argv", "environ", "named"),
-    [
-        (["--header-timeout", "0"], {}, "--header-timeout"),
-        (["--body-timeout", "-1"], {}, "--body-timeout"),
-        (["--idle-timeout", "soon"], {}, "--idle-timeout"),
-        (["--max-connections", "0"], {}, "--max-connections"),
-        ([], {"FC_CONTROLLER_MAX_CONNECTIONS_PER_SOURCE": "many"}, "PER_SOURCE"),
-        (["--max-worker-connections", "1"], {}, "--max-worker-connections"),
-    ],
-)
-def test_a_bad_connection_limit_exits_2_naming_it(
-    argv: list[str], environ: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A bad value for a connection limit, as a flag or a variable, exits 2 naming it."""
-    with pytest.raises(SystemExit) as exit_info:
-        load_config(argv, environ)
-    assert exit_info.value.code == 2
-    assert named in capsys.readouterr().err
-
-
 def test_help_shows_each_connection_limit_s_default() -> None:
     """--help shows the default of every connection limit in the flag's own text."""
     helps = {o: a.help or "" for a in build_parser()._actions for o in a.option_strings}
