@@ -17,6 +17,7 @@ from .worker.tokens import redact_urls
 
 __all__ = ["protected_roles", "startup_line"]
 
+
 def protected_roles(config: ControllerConfig) -> list[str]:
     """The roles a caller needs credentials (a token or a trusted network) for."""
     access = config.access
