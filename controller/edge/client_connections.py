@@ -116,8 +116,7 @@ class _Client(asyncio.Protocol):
             deadline = self.deadline = owner.loop.time() + owner.header_timeout
             if self.timer_at is None or deadline < self.timer_at:
                 self.arm(deadline, owner.loop)
-        if self._owner.reads.received(self, data):
-            self._inner.data_received(data)
+        self._owner.reads.received(self, data)
 
     def deliver(self, data: bytes) -> None:
         self._inner.data_received(data)
