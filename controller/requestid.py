@@ -17,7 +17,7 @@ from contextvars import ContextVar
 
 from multidict import istr
 
-__all__ = ["HEADER", "REQUEST_ID", "VALID", "RequestIdFilter", "accept", "fresh"]
+__all__ = ["HEADER", "REQUEST_ID", "RequestIdFilter", "accept", "fresh"]
 
 #: the header's name, made case-insensitive once (a plain str key costs a conversion on
 #: every lookup in aiohttp's headers)
@@ -25,8 +25,7 @@ HEADER = istr("X-Request-Id")
 #: the id of the request the current task serves (``None`` outside a request)
 REQUEST_ID: ContextVar[str | None] = ContextVar("fc_controller_request_id", default=None)
 
-#: what a client's id must be to be taken
-VALID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_VALID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 # Fresh ids are this process's random prefix and a counter: unique across restarts and
 # replicas, and cheaper than a uuid4 (no system call per request).
@@ -41,7 +40,7 @@ def fresh() -> str:
 
 def accept(value: str | None) -> str:
     """The client's id if it is acceptable, else a fresh one."""
-    if value is not None and VALID.fullmatch(value) is not None:
+    if value is not None and _VALID.fullmatch(value) is not None:
         return value
     return fresh()
 

@@ -164,14 +164,7 @@ def least_time(
     """
     if not candidates:
         return None
-    # prior_service_time, inline: one call fewer per dispatch.
-    total = weight = 0.0
-    for w in candidates:
-        learned = w.load.service_time
-        if learned is not None and w.info.speed > 0:
-            total += learned * w.info.speed
-            weight += 1
-    prior = total / weight if weight else None
+    prior = prior_service_time(candidates)
     # This runs on every dispatch over every candidate: the common cases (a learned
     # estimate at or below the prior; nothing learned anywhere yet) are computed inline,
     # the rest by expected_time.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Container, Iterable, Iterator
 
 import attrs
 
@@ -96,11 +96,6 @@ class Registry(Health):
         if worker is None or self._expired(worker, self.clock()):
             return None
         return worker
-
-    @property
-    def fleets(self) -> Mapping[str, Sized]:
-        """Each model's registered workers (live or not yet swept), for their number."""
-        return self._by_model.by_model
 
     def serves(self, model: str) -> bool:
         """Whether some registered worker, live or not yet swept, serves ``model``."""

@@ -68,7 +68,6 @@ class Router:
         # registry's index directly, at a cost independent of the fleet: how many they
         # draw, and how many of those must be live and in rotation to decide on them.
         self._draw, self._need = _DRAWS.get(method, (0, 0))
-        self._fleets = registry.fleets
         self.rng = rng if rng is not None else random.Random()
         self.wall_clock = wall_clock
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -98,8 +97,7 @@ class Router:
         slots = registry.worker_slots
         now = registry.clock()
         candidates = None
-        # A draw only for a fleet larger than it (looked up here: two calls fewer a request).
-        if self._draw and len(self._fleets.get(model, ())) > self._draw:
+        if self._draw:
             candidates = registry.draw(
                 model, self._draw, self.rng, need=self._need, exclude=exclude, now=now
             )

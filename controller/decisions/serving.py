@@ -8,7 +8,7 @@ models, and a random draw from a large fleet costs the size of the draw, not of 
 from __future__ import annotations
 
 import random
-from collections.abc import Container, Iterable, Mapping, Sized
+from collections.abc import Container, Iterable
 
 from .worker import Worker
 
@@ -31,11 +31,6 @@ class ModelIndex:
     def __init__(self) -> None:
         self._serving: dict[str, dict[Worker, None]] = {}
         self._lists: dict[str, list[Worker]] = {}
-
-    @property
-    def by_model(self) -> Mapping[str, Sized]:
-        """Each model's workers (read only: their number tells whether a draw would do)."""
-        return self._serving
 
     def serving(self, model: str) -> Iterable[Worker]:
         """The workers serving ``model``, live or not, in registration order."""

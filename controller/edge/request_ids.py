@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..requestid import HEADER, REQUEST_ID, VALID, fresh
+from ..requestid import HEADER, REQUEST_ID, accept
 from .access import Handler
 
 __all__ = ["with_request_id"]
@@ -23,10 +23,7 @@ def with_request_id(handler: Handler) -> Handler:
     and answering with it in ``X-Request-Id``."""
 
     async def tagged(request: web.Request) -> web.StreamResponse:
-        # requestid.accept, inline: the busiest routes pass here.
-        value = request.headers.get(HEADER)
-        if value is None or VALID.fullmatch(value) is None:
-            value = fresh()
+        value = accept(request.headers.get(HEADER))
         REQUEST_ID.set(value)
         try:
             response = await handler(request)
