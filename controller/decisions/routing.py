@@ -131,8 +131,7 @@ class Router:
             if count:
                 load = worker.load
                 retire_at = None
-                # dispatch.periods, inline
-                periods = load.queue_length + 1 if slots is None else load.queue_length // slots + 1
+                periods = dispatch.periods(load.queue_length, slots)
                 if by_address and load.service_time is not None:
                     # Without evidence of its own, a worker's requests count until its next
                     # report, which comes soon (see the load poller): retiring them on a
