@@ -113,9 +113,7 @@ class _Client(asyncio.Protocol):
             # armed when the connection went idle, fires by then already (see _handle).
             owner = self._owner
             self.phase = HEAD
-            deadline = self.deadline = owner.loop.time() + owner.header_timeout
-            if self.timer_at is None or deadline < self.timer_at:
-                self.arm(deadline, owner.loop)
+            self.expire_at(owner.loop.time() + owner.header_timeout, owner.loop)
         self._owner.reads.received(self, data)
 
     def deliver(self, data: bytes) -> None:
@@ -299,9 +297,7 @@ class ClientConnections:
                 # Armed no later than a next head's deadline could be, so the head's
                 # beginning (nearly every request on a kept-alive connection) never moves
                 # the timer: the timer fires early at most once a header_timeout instead.
-                at = now + self._first_deadline
-                if client.timer_at is None or at < client.timer_at:
-                    client.arm(at, self.loop)
+                client.arm(now + self._first_deadline, self.loop)
 
     def time_up(self, client: _Client) -> None:
         """A connection's phase ran out of time."""
