@@ -18,7 +18,6 @@ import inspect
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from hashlib import blake2s
 from hmac import compare_digest
 from typing import Any, TypeVar, cast
 
@@ -133,12 +132,7 @@ class Gate:
             if header is not None and header.startswith("Bearer "):
                 # The usual case with tokens on, inline: a valid token in the usual
                 # spelling. Anything else goes through _identify's full rules.
-                hashed = blake2s(header[7:].encode()).digest()  # credentials.digest, inline
-                found: Caller | None = None
-                # Every entry compared, in constant time, whichever matches: no early exit.
-                for candidate, known in table:
-                    if compare_digest(candidate, hashed):
-                        found = known
+                found = _match(table, digest(header[7:]))
                 if found is not None:
                     if keep:
                         request[CALLER] = found
@@ -162,12 +156,7 @@ class Gate:
         access = self.access
         token = _bearer(request)
         if token is not None:
-            hashed = digest(token)
-            found: Caller | None = None
-            # Every entry compared, in constant time, whichever matches: no early exit.
-            for candidate, caller in table:
-                if compare_digest(candidate, hashed):
-                    found = caller
+            found = _match(table, digest(token))
             if found is not None:
                 return found
         # Only now: a valid token (the common case with tokens on) needs no peer address.
@@ -183,6 +172,16 @@ class Gate:
         if token is None:
             return _refuse(401, role, "send Authorization: Bearer TOKEN")
         return _refuse(403, role, "this token is not valid for it")
+
+
+def _match(table: tuple[tuple[bytes, Caller], ...], hashed: bytes) -> Caller | None:
+    """The caller whose token has digest ``hashed``, if one does. Every entry is compared,
+    in constant time, whichever matches: no early exit."""
+    found: Caller | None = None
+    for candidate, caller in table:
+        if compare_digest(candidate, hashed):
+            found = caller
+    return found
 
 
 def _bearer(request: web.Request) -> str | None:
