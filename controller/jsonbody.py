@@ -39,7 +39,8 @@ __all__ = ["INLINE", "MAX_DEPTH", "BodyReader", "Counts", "Fields", "read", "rea
 MAX_DEPTH = 64
 #: bodies up to this size are read in one go; larger ones pause between steps
 INLINE = 256 * 1024
-#: a flat body up to this size (see :func:`_small`) is decoded whole by Python's ``json``
+#: a body up to this size with scalar fields may be decoded in one msgspec call (see
+#: :func:`_small`)
 SMALL = 16 * 1024
 _MISS: Any = object()
 
@@ -114,18 +115,11 @@ class BodyReader:
 
     def read(self, raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
         """:func:`read`, counted, in one go."""
-        found = _small(raw, fields)
-        if found is not _MISS:
-            return found
-        return _finish(_steps(raw, fields, max_items, self.counts))
+        return _read(raw, fields, max_items, self.counts)
 
     async def read_async(self, raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
         """:func:`read`, counted, pausing between its steps when ``raw`` is large."""
-        found = _small(raw, fields)
-        if found is not _MISS:
-            return found
-        steps = _steps(raw, fields, max_items, self.counts)
-        return await _drive(steps, len(raw) > INLINE, self.pause, self.counts)
+        return await _read_async(raw, fields, max_items, self.pause, self.counts)
 
 
 def read(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
@@ -136,18 +130,32 @@ def read(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
     as ``json.loads`` would, an array as a stand-in; ``None`` for an empty body. Raises
     :class:`BadRequestError` for a body that is not JSON or nests deeper than
     :data:`MAX_DEPTH` levels."""
-    found = _small(raw, fields)
-    if found is not _MISS:
-        return found
-    return _finish(_steps(raw, fields, max_items, None))
+    return _read(raw, fields, max_items, None)
 
 
 async def read_async(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
     """:func:`read`, pausing between its steps when ``raw`` is large."""
+    return await _read_async(raw, fields, max_items, _next_turn, None)
+
+
+def _read(raw: bytes, fields: Fields, max_items: int, counts: Counts | None) -> Any:
     found = _small(raw, fields)
     if found is not _MISS:
         return found
-    return await _drive(_steps(raw, fields, max_items, None), len(raw) > INLINE, _next_turn, None)
+    return _finish(_steps(raw, fields, max_items, counts))
+
+
+async def _read_async(
+    raw: bytes,
+    fields: Fields,
+    max_items: int,
+    pause: Callable[[], Awaitable[None]],
+    counts: Counts | None,
+) -> Any:
+    found = _small(raw, fields)
+    if found is not _MISS:
+        return found
+    return await _drive(_steps(raw, fields, max_items, counts), len(raw) > INLINE, pause, counts)
 
 
 async def _drive(
