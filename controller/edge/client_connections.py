@@ -11,8 +11,9 @@ connection, and the timer, when it fires early, only re-arms itself. The request
 lifecycle comes from wrapping the server's public ``request_handler`` attribute (one
 coroutine frame per request), which aiohttp's protocol reads when it is made, so the wrap
 is in place before the first connection. Nothing here reaches below aiohttp's public API
-(``relay/sink.py`` stays the one place that does). On the hot path a read costs one
-attribute check before aiohttp gets it; a request, about a microsecond.
+(``relay/sink.py`` stays the one place that does). On the hot path a read costs a phase
+check and :class:`~controller.edge.fair_reads.FairReads`' count of the loop turn's reads
+before aiohttp gets it; a request, one coroutine frame and a few attribute stores.
 
 A connection is, in turn:
 
