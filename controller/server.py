@@ -25,6 +25,7 @@ from .edge.access import exposure_warnings
 from .edge.client_connections import ClientConnections, ClientLimits
 from .edge.handlers import Limits, add_routes
 from .edge.metrics import Metrics
+from .edge.request_ids import Tagging
 from .errors import ConfigError, NotRunningError
 from .jsonbody import BodyReader
 from .relay.connections import WorkerConnections
@@ -119,8 +120,6 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         self.prober = Prober(cfg, self.registry, self.connections)
         self.shared = SharedRegistry.configured(cfg, self.registry, wall_clock)
         self.metrics = Metrics(self.registry, self.router, self.relay.tally, self.shared)
-        self.relay.tally.ttfc = self.metrics.ttfc
-        self.relay.tally.stream_duration = self.metrics.stream_duration
         self.bodies = BodyReader()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -236,9 +235,14 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
             limits=self._limits(),
             metrics=self.metrics,
             bodies=self.bodies,
+            # Standalone, the connection layer tags and counts every request instead.
+            tagged=embedded,
         )
-        # Every response the application sends, the host's too when embedded.
-        app.on_response_prepare.append(self.metrics.count_response)
+        if embedded:
+            # Every response the application sends, the host's too.
+            app.on_response_prepare.append(self.metrics.count_response)
+        else:
+            self.relay.tally.started = self.metrics.count
         app.cleanup_ctx.append(self._app_context)
         app.on_shutdown.append(self._drain)
 
@@ -270,7 +274,7 @@ class Controller(contextlib.AbstractAsyncContextManager["Controller"]):
         try:
             assert runner.server is not None, "set up above"
             limits = attrs.evolve(ClientLimits.of(cfg), max_connections=caps.max_connections)
-            clients = ClientConnections(runner.server, limits)
+            clients = ClientConnections(runner.server, limits, Tagging(self.metrics.count))
             tls = listening.server_ssl_context(cfg)
             await clients.listen(cfg.host, cfg.port, ssl_context=tls, backlog=cfg.backlog)
         except BaseException:

@@ -20,11 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 import uvloop
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.test_utils import TestServer
 
 from controller import ControllerConfig, nesting, protocol
-from controller.edge import client_connections
 from controller.jsonbody import BodyReader
 from controller.pacing import Pacer
 from controller.relay.upstream import Upstream
@@ -342,13 +341,14 @@ async def test_a_burst_of_requests_is_read_a_slice_per_turn_fairly_between_sourc
     slice, not behind the whole burst. Every request is answered. Before, all 301 were
     parsed in one turn and made 301 tasks that ran in the next."""
     delivered: list[tuple[int, str]] = []
-    deliver = client_connections._Client.deliver
+    # What aiohttp's protocol is handed, by turn and by the client's address.
+    deliver = web_protocol.RequestHandler.data_received
 
     def counted(self: Any, data: bytes) -> None:
-        delivered.append((turns.count, self.source))
+        delivered.append((turns.count, self.transport.get_extra_info("peername")[0]))
         deliver(self, data)
 
-    monkeypatch.setattr(client_connections._Client, "deliver", counted)
+    monkeypatch.setattr(web_protocol.RequestHandler, "data_received", counted)
     config = ControllerConfig(host="127.0.0.1", port=0, max_connections_per_source=1000)
     controller = await run_controller(config)
     port = int(controller.url.rsplit(":", 1)[1])

@@ -270,6 +270,48 @@ async def test_in_flight_streams_show_per_worker_and_go_back_to_zero(
     assert got.value("fc_controller_queue_estimate", worker=worker.url) == 0
 
 
+@pytest.mark.parametrize("embedded", [False, True], ids=["standalone", "embedded"])
+async def test_a_stream_counts_once_as_it_starts(
+    make_worker: MakeWorker, http: aiohttp.ClientSession, embedded: bool
+) -> None:
+    """A stream held open after its first message already counts as a 200 of its route
+    (docs/metrics.md: counted when the response starts), and still once after it ends;
+    its answer carries the request's id. Standalone, the connection layer counts; in a
+    host application, its on_response_prepare receiver does."""
+    server: TestServer | None = None
+    if embedded:
+        app = web.Application()
+        controller = await Controller.start(app, local())
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        base = str(server.make_url("")).rstrip("/")
+    else:
+        controller = await Controller.serve(local())
+        base = controller.url
+    try:
+        worker = await make_worker(hang_after=1)
+        async with http.post(f"{base}/register_worker", json=register_body(worker.url)) as r:
+            assert r.status == 200
+        key = {"endpoint": "/worker_generate_stream", "code": "200"}
+        sent = {"X-Request-Id": "stream-counted-1"}
+        async with http.post(
+            f"{base}/worker_generate_stream", json={"model": "m"}, headers=sent
+        ) as r:
+            assert r.status == 200
+            assert r.headers["X-Request-Id"] == "stream-counted-1"
+            assert await r.content.readuntil(b"\0")
+            got = await scrape(http, base)
+            assert got.value("fc_controller_requests_total", **key) == 1
+            worker.release.set()
+            await r.read()
+        got = await scrape(http, base)
+        assert got.value("fc_controller_requests_total", **key) == 1
+    finally:
+        if server is not None:
+            await server.close()
+        await controller.aclose()
+
+
 def worker_series(got: Scrape, worker: FakeWorker) -> list[str]:
     names = (
         "fc_controller_inflight",

@@ -322,8 +322,7 @@ def test_draws_are_uniform_and_in_registration_order(clock: FakeClock, size: int
     rng = random.Random(11)
     counts: collections.Counter[str] = collections.Counter()
     for _ in range(2000):
-        drawn = registry.draw("m0", LEAST_TIME_SCAN, rng, need=1, now=clock())
-        assert drawn is not None
+        drawn = registry.candidates("m0", (), clock(), LEAST_TIME_SCAN, 1, rng)
         positions = [order[w.name] for w in drawn]
         assert positions == sorted(set(positions))
         assert len(positions) == LEAST_TIME_SCAN

@@ -102,46 +102,41 @@ class Registry(Health):
         return model in self._by_model
 
     def candidates(
-        self, model: str, exclude: Container[str] = (), now: float | None = None
+        self,
+        model: str,
+        exclude: Container[str] = (),
+        now: float | None = None,
+        draw: int = 0,
+        need: int = 0,
+        rng: random.Random | None = None,
     ) -> list[Worker]:
         """The live workers in rotation serving ``model``, in registration order.
 
         Workers ejected after failures are left out, unless all of them are. ``now`` saves
         a read of the clock when the caller has just read it.
+
+        With ``draw`` (and ``rng``), a model with more workers than that has ``draw`` of
+        them drawn at random instead, of which those live and in rotation, at a cost
+        independent of the size of the fleet: a uniform draw from all entries, filtered,
+        is a uniform draw from the workers in rotation, only smaller. When fewer than
+        ``need`` of the drawn are usable (most of the fleet expired or ejected), every
+        worker is looked at after all.
         """
         if now is None:
             now = self.clock()
-        in_rotation, ejected = sort_out(
-            self._by_model.serving(model), now, now - self._live_for, exclude
-        )
+        cutoff = now - self._live_for
+        serving = self._by_model.serving(model)
+        if draw and len(serving) > draw:
+            assert rng is not None, "a draw needs a random source"
+            drawn = self._by_model.draw(model, draw, rng)
+            if drawn is not None:
+                usable, _ = sort_out(drawn, now, cutoff, exclude)
+                if len(usable) >= need:
+                    return usable
+        in_rotation, ejected = sort_out(serving, now, cutoff, exclude)
         # When every live worker is ejected, trying them beats certain failure: one may
         # have recovered (Envoy calls this panic routing).
         return in_rotation or ejected
-
-    def draw(
-        self,
-        model: str,
-        k: int,
-        rng: random.Random,
-        *,
-        need: int,
-        exclude: Container[str] = (),
-        now: float,
-    ) -> list[Worker] | None:
-        """``k`` of ``model``'s workers drawn at random, in registration order, of which
-        those live and in rotation; the cost is ``k``'s, whatever the size of the fleet.
-
-        A uniform draw from all entries, filtered, is a uniform draw from the workers in
-        rotation, only smaller. ``None`` when the model has ``k`` workers or fewer, or the
-        draw found fewer than ``need`` in rotation (most of the fleet expired or ejected):
-        the caller then looks at every one with :meth:`candidates`, which also knows what
-        to do when all of them are ejected.
-        """
-        drawn = self._by_model.draw(model, k, rng)
-        if drawn is None:
-            return None
-        usable, _ = sort_out(drawn, now, now - self._live_for, exclude)
-        return usable if len(usable) >= need else None
 
     def standing(self, name: str, caller: Owner | None, admin: bool = False) -> Standing:
         """Where ``caller`` stands towards the live registration of ``name`` (the owner

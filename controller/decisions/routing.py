@@ -96,13 +96,7 @@ class Router:
         registry = self.registry
         slots = registry.worker_slots
         now = registry.clock()
-        candidates = None
-        if self._draw:
-            candidates = registry.draw(
-                model, self._draw, self.rng, need=self._need, exclude=exclude, now=now
-            )
-        if candidates is None:
-            candidates = registry.candidates(model, exclude, now)
+        candidates = registry.candidates(model, exclude, now, self._draw, self._need, self.rng)
         counted = model if candidates or registry.serves(model) else UNKNOWN_MODEL
         dispatched = self.dispatched
         dispatched[counted] = dispatched.get(counted, 0) + 1

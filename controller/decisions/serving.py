@@ -8,7 +8,7 @@ models, and a random draw from a large fleet costs the size of the draw, not of 
 from __future__ import annotations
 
 import random
-from collections.abc import Container, Iterable
+from collections.abc import Collection, Container, Iterable
 
 from .worker import Worker
 
@@ -32,7 +32,7 @@ class ModelIndex:
         self._serving: dict[str, dict[Worker, None]] = {}
         self._lists: dict[str, list[Worker]] = {}
 
-    def serving(self, model: str) -> Iterable[Worker]:
+    def serving(self, model: str) -> Collection[Worker]:
         """The workers serving ``model``, live or not, in registration order."""
         return self._serving.get(model, ())
 

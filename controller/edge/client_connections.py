@@ -10,10 +10,12 @@ adds one timer per connection, moved lazily: a deadline is a float stored on the
 connection, and the timer, when it fires early, only re-arms itself. The request's
 lifecycle comes from wrapping the server's public ``request_handler`` attribute (one
 coroutine frame per request), which aiohttp's protocol reads when it is made, so the wrap
-is in place before the first connection. Nothing here reaches below aiohttp's public API
+is in place before the first connection; the same frame gives each request its id and
+counts its answer (:class:`~controller.edge.request_ids.Tagging`). Nothing here reaches below aiohttp's public API
 (``relay/sink.py`` stays the one place that does). On the hot path a read costs a phase
 check and :class:`~controller.edge.fair_reads.FairReads`' count of the loop turn's reads
-before aiohttp gets it; a request, one coroutine frame and a few attribute stores.
+before aiohttp gets it; a request, one coroutine frame, a few attribute stores and the
+tagging's calls.
 
 A connection is, in turn:
 
@@ -47,6 +49,7 @@ from ..errors import BodyTimeoutError
 from .fair_reads import FairReads
 from .listening import ClientLimits
 from .listening import refusal as _refusal
+from .request_ids import Tagging
 
 __all__ = ["ClientConnections", "ClientLimits"]
 
@@ -115,7 +118,8 @@ class _Client(asyncio.Protocol):
             owner = self._owner
             self.phase = HEAD
             self.expire_at(owner.loop.time() + owner.header_timeout, owner.loop)
-        self._owner.reads.received(self, data)
+        if self._owner.reads.received(self, data):
+            self._inner.data_received(data)
 
     def deliver(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -183,8 +187,12 @@ class ClientConnections:
     wraps; :meth:`listen` opens the socket. ``held`` counts the connections held now.
     """
 
-    def __init__(self, server: web.Server, limits: ClientLimits) -> None:
+    def __init__(
+        self, server: web.Server, limits: ClientLimits, tagging: Tagging | None = None
+    ) -> None:
         self.loop = asyncio.get_running_loop()
+        #: request ids and response counts (ids only, uncounted, unless given)
+        self._tagging = tagging if tagging is not None else Tagging()
         self.limits = limits
         self._idle_timeout = limits.idle_timeout
         self.header_timeout = limits.header_timeout
@@ -192,7 +200,9 @@ class ClientConnections:
         self._first_deadline = min(limits.idle_timeout, limits.header_timeout)
         self._server = server
         self._handler: _Handler = server.request_handler
-        server.request_handler = self._handle
+        # The server's requests are an application's, web.Request objects (its
+        # request_factory makes them); the attribute's type says BaseRequest.
+        server.request_handler = self._handle  # type: ignore[assignment]
         self.held = 0
         #: reads handed to aiohttp a slice per loop turn, fairly between source addresses
         self.reads = FairReads(self.loop, READS_PER_TURN)
@@ -268,37 +278,47 @@ class ClientConnections:
         client.expire_at(self.loop.time() + limits.header_timeout, self.loop)
         return cast(asyncio.Protocol, self._server())
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         """aiohttp's request handler, with the connection told when a request starts (its
-        head is complete) and when its handler is done. Every request passes here: kept
-        to a few attribute stores, the timer moved only when it would fire too late."""
+        head is complete) and ends, and the request tagged. Every request passes here."""
+        tagging = self._tagging
+        value = tagging.begin(request)
         transport = request.transport
         client = transport.get_protocol() if transport is not None else None
         if type(client) is not _Client or client.phase == CLOSED:
-            return await self._handler(request)
-        reusable = self._reusable
-        reusable.pop(client, None)
-        body = request.content
-        if body.is_eof():
-            client.phase = BUSY
-            client.deadline = None
+            client = None
         else:
-            client.phase = BODY
-            client.body = body
-            client.expire_at(self.loop.time() + self.limits.body_timeout, self.loop)
+            self._reusable.pop(client, None)
+            body = request.content
+            if body.is_eof():
+                client.phase = BUSY
+                client.deadline = None
+            else:
+                client.phase = BODY
+                client.body = body
+                client.expire_at(self.loop.time() + self.limits.body_timeout, self.loop)
         try:
-            return await self._handler(request)
+            response = await self._handler(request)
+        except web.HTTPException as e:
+            tagging.refused(request, e, value)
+            raise
+        except Exception:
+            tagging.failed(request)
+            raise
         finally:
-            client.body = None
-            if client.phase != CLOSED:
-                client.phase = IDLE
-                reusable[client] = None
-                now = self.loop.time()
-                client.deadline = now + self._idle_timeout
-                # Armed no later than a next head's deadline could be, so the head's
-                # beginning (nearly every request on a kept-alive connection) never moves
-                # the timer: the timer fires early at most once a header_timeout instead.
-                client.arm(now + self._first_deadline, self.loop)
+            if client is not None:
+                client.body = None
+                if client.phase != CLOSED:
+                    client.phase = IDLE
+                    self._reusable[client] = None
+                    now = self.loop.time()
+                    client.deadline = now + self._idle_timeout
+                    # Armed no later than a next head's deadline could be, so the head's
+                    # beginning (nearly every request on a kept-alive connection) never
+                    # moves the timer: it fires early at most once a header_timeout.
+                    client.arm(now + self._first_deadline, self.loop)
+        tagging.answered(request, response, value)
+        return response
 
     def time_up(self, client: _Client) -> None:
         """A connection's phase ran out of time."""

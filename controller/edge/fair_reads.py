@@ -50,14 +50,14 @@ class FairReads:
         self._queues: dict[str, deque[Reader]] = {}
         self.held_back = 0
 
-    def received(self, reader: Reader, data: bytes) -> None:
-        """A read from ``reader``'s socket: handed on now, or held for a later turn."""
+    def received(self, reader: Reader, data: bytes) -> bool:
+        """A read from ``reader``'s socket: ``True`` when the caller is to hand it on now,
+        else held for a later turn (``False``)."""
         if reader.held is None and not self._queues and self._passed < self.per_turn:
             self._passed += 1
             if not self._scheduled:
                 self._schedule()
-            reader.deliver(data)
-            return
+            return True
         self.held_back += 1
         if reader.held is None:
             reader.held = [data]
@@ -70,6 +70,7 @@ class FairReads:
             reader.held_paused = True
         if not self._scheduled:
             self._schedule()
+        return False
 
     def flush(self, reader: Reader, *, deliver: bool = True) -> None:
         """Hand on ``reader``'s held reads now (its client sent its last byte: they go

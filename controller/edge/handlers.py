@@ -347,11 +347,13 @@ def add_routes(
     limits: Limits | None = None,
     metrics: Metrics | None = None,
     bodies: BodyReader | None = None,
+    tagged: bool = True,
 ) -> None:
     """Add every route of the wire protocol to ``app`` (and ``GET /metrics`` given
     ``metrics``), each behind the access check for its role (open to all unless ``access``
     says otherwise); ``bodies`` reads the request bodies (a reader of its own unless
-    given)."""
+    given). ``tagged`` gives each route's requests their ids (see
+    :mod:`~controller.edge.request_ids`; off when the connection layer does it)."""
     h = _Handlers(registry, router, relay, prober, limits or Limits(), bodies or BodyReader())
     gate = Gate(access if access is not None else Access())
     posts: dict[str, Handler] = {
@@ -383,8 +385,11 @@ def add_routes(
     if metrics is not None:
         gets["/metrics"] = metrics.handle
     # The request's id first: the access check's refusals are logged and answered with it.
-    routes = [web.post(p, with_request_id(gate.guard(p, h))) for p, h in posts.items()]
-    routes += [
-        web.get(p, with_request_id(gate.guard(p, h)), allow_head=False) for p, h in gets.items()
-    ]
+    tag = with_request_id if tagged else _untagged
+    routes = [web.post(p, tag(gate.guard(p, h))) for p, h in posts.items()]
+    routes += [web.get(p, tag(gate.guard(p, h)), allow_head=False) for p, h in gets.items()]
     app.add_routes(routes)
+
+
+def _untagged(handler: Handler) -> Handler:
+    return handler

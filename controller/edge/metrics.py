@@ -88,6 +88,8 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=reg,
         )
+        # The relays observe a stream's times into these two.
+        tally.ttfc, tally.stream_duration = self.ttfc, self.stream_duration
         self.loop_lag = Histogram(
             "fc_controller_event_loop_lag_seconds",
             "How late the event loop ran a periodic timer: a stall of S seconds shows as "
@@ -119,13 +121,19 @@ class Metrics:
             None if shared is None else shared.connected,
         )
 
-    async def count_response(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Count a response as it starts (``on_response_prepare``; a stream at its start)."""
+    def count(self, request: web.Request, status: int) -> None:
+        """Count an answer of ``status`` to ``request`` as it starts (see
+        :mod:`~controller.edge.request_ids` for who calls this)."""
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else self._unrouted(request)
-        key = (endpoint, response.status)
+        key = (endpoint, status)
         responses = self.responses
         responses[key] = responses.get(key, 0) + 1
+
+    async def count_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Count a response as it starts: an ``on_response_prepare`` receiver, for a
+        controller attached to a host application (whose answers count too)."""
+        self.count(request, response.status)
 
     def _unrouted(self, request: web.Request) -> str:
         """The endpoint of a request no route took: its path when some route has that path

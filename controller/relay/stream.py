@@ -105,6 +105,7 @@ async def _pump(
                     # Chunked framing, which the upstream then writes for each message.
                     response.enable_chunked_encoding()
                 writer = await response.prepare(request)
+                tally.started(request, response.status)
                 # Headers and the first messages leave in one write.
                 staged = upstream.take_staged()
                 while staged:

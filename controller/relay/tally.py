@@ -4,7 +4,8 @@ A relayed message costs the controller a few microseconds; a Prometheus counter'
 takes a lock and would add a noticeable share to that. So the relays add to plain integers
 here and the metrics read them when scraped. Once per stream (not per message), its time
 to first message and its duration go to two :class:`Observer` objects: histograms when the
-controller has metrics, nothing otherwise. Nothing here imports the metrics library.
+controller has metrics, nothing otherwise; and its answer is counted as it starts, when the
+application does not count it already. Nothing here imports the metrics library.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import attrs
+from aiohttp import web
 
 __all__ = ["Observer", "RelayTally", "StreamTiming"]
 
@@ -21,6 +23,10 @@ class Observer(Protocol):
     """Takes one observation (a histogram's ``observe``)."""
 
     def observe(self, amount: float) -> None: ...
+
+
+def _uncounted(request: web.Request, status: int) -> None:
+    pass
 
 
 class _Unobserved:
@@ -43,6 +49,9 @@ class RelayTally:
     ttfc: Observer = attrs.field(factory=_Unobserved)
     #: seconds from a stream's request coming in to its end, for streams that relayed one
     stream_duration: Observer = attrs.field(factory=_Unobserved)
+    #: counts a stream's answer (its status) as it starts, when nothing else counts it
+    #: (a standalone controller: see controller.edge.request_ids)
+    started: Callable[[web.Request, int], None] = _uncounted
 
 
 @attrs.define(eq=False, slots=True)
