@@ -11,11 +11,10 @@ connection, and the timer, when it fires early, only re-arms itself. The request
 lifecycle comes from wrapping the server's public ``request_handler`` attribute (one
 coroutine frame per request), which aiohttp's protocol reads when it is made, so the wrap
 is in place before the first connection; the same frame gives each request its id and
-counts its answer (:class:`~controller.edge.request_ids.Tagging`). Nothing here reaches below aiohttp's public API
-(``relay/sink.py`` stays the one place that does). On the hot path a read costs a phase
-check and :class:`~controller.edge.fair_reads.FairReads`' count of the loop turn's reads
-before aiohttp gets it; a request, one coroutine frame, a few attribute stores and the
-tagging's calls.
+counts its answer (:class:`~controller.edge.request_ids.Tagging`). Nothing here reaches
+below aiohttp's public API (``relay/sink.py`` stays the one place that does). A read
+costs a phase check and :class:`~controller.edge.fair_reads.FairReads`' count of the
+turn's reads; a request, one frame, a few stores and the tagging's calls.
 
 A connection is, in turn:
 
@@ -113,11 +112,13 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase == IDLE:
-            # The first byte of the next request: the head's time starts. The timer,
-            # armed when the connection went idle, fires by then already (see _handle).
+            # The first byte of the next request: the head's time starts. The timer needs
+            # no moving: armed when the connection went idle, and re-armed when it fires
+            # early, no later than a head beginning since could end (see _handle and
+            # next_check), it fires by this deadline.
             owner = self._owner
             self.phase = HEAD
-            self.expire_at(owner.loop.time() + owner.header_timeout, owner.loop)
+            self.deadline = owner.loop.time() + owner.header_timeout
         if self._owner.reads.received(self, data):
             self._inner.data_received(data)
 
