@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import attrs
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .. import protocol
 from ..credentials import Access
@@ -91,7 +91,7 @@ def _arrived(request: web.Request, limit: Limit) -> bytes | None:
     """The request's body if all of it has arrived already (as a small body usually has,
     with its head), read without awaiting; ``None`` when more is to come. Refusals as
     :func:`_read`'s."""
-    encoding = request.headers.get("Content-Encoding")
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING)  # case-insensitive once, not per call
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         # Refused unread: a compressed body can inflate a thousandfold (a gzip bomb), and
         # no FastChat client compresses what it sends.
