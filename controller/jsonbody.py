@@ -24,7 +24,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Generator, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import msgspec
@@ -33,7 +33,16 @@ from .errors import BadRequestError
 from .jsontokens import OFFSET, Marks, maybe_token
 from .nesting import within
 
-__all__ = ["INLINE", "MAX_DEPTH", "BodyReader", "Counts", "Fields", "read", "read_async"]
+__all__ = [
+    "INLINE",
+    "MAX_DEPTH",
+    "BodyReader",
+    "Counts",
+    "Fields",
+    "read",
+    "read_as",
+    "read_async",
+]
 
 #: the deepest nesting a body may have: an object holding an array is two levels
 MAX_DEPTH = 64
@@ -187,11 +196,8 @@ def _small(raw: bytes, fields: Fields) -> Any:
     steps keep), and each field asked for is a string, number, boolean or null, which
     msgspec reads as ``json.loads`` does.
     """
-    if len(raw) > SMALL or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
-        return _MISS
-    try:
-        doc = fields.scalars.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+    doc = read_as(raw, fields.scalars)
+    if doc is None:
         return _MISS
     found = {}
     for name in fields.names:
@@ -204,6 +210,24 @@ def _small(raw: bytes, fields: Fields) -> Any:
 
 
 _CONTAINERS = (dict, list)
+
+T = TypeVar("T")
+
+
+def read_as(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T | None:
+    """``raw`` decoded by a msgspec ``decoder`` of a type (a ``Struct`` of the fields a
+    usual request has, say) in one call; ``None`` unless it is at most :data:`SMALL` bytes
+    with no more brackets than :data:`MAX_DEPTH` (so it cannot nest deeper) and msgspec
+    takes it, types included, as it came. The caller then reads it with :func:`read`,
+    which names what is wrong and keeps Python's ``json``'s readings of what msgspec
+    refuses; whatever this accepts, :func:`read` accepts with the same values (it starts
+    with this very check, see :func:`_small`)."""
+    if len(raw) > SMALL or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
+        return None
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def _finish(steps: Generator[None, None, Any]) -> Any:

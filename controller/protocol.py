@@ -16,6 +16,7 @@ import urllib.parse
 from typing import Any
 
 import attrs
+import msgspec
 
 from .decisions.models import WorkerStatus
 from .errors import BadRequestError
@@ -78,6 +79,19 @@ class RegisterRequest:
 
 #: /get_worker_address and every request relayed to a worker
 DISPATCH = Fields(values=("model", "affinity_key"))
+
+
+class _UsualDispatch(msgspec.Struct):
+    """Nearly every DISPATCH body: a string model and no affinity key."""
+
+    model: str
+    affinity_key: None = None
+
+
+#: reads the usual DISPATCH body in one call (``jsonbody.read_as``): what
+#: ``parse_dispatch(read(raw, DISPATCH))`` gives for it, ``(model, None)``, at a third of
+#: the cost; any other body is read that way
+USUAL_DISPATCH = msgspec.json.Decoder(_UsualDispatch)
 #: /receive_heart_beat
 HEARTBEAT = Fields(values=("worker_name", "queue_length"))
 #: /unregister_worker

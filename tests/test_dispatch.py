@@ -10,7 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controller import Controller, ControllerConfig
+from controller import Controller, ControllerConfig, protocol
+from controller.errors import BadRequestError
+from controller.jsonbody import read, read_as
 
 from .conftest import (
     FakeClock,
@@ -300,3 +302,47 @@ async def test_client_leaving_mid_stream_leaves_no_count_behind(
 
     await wait_until(lambda: queue(controller, a) == 0)
     assert await pick(http, controller) == a.url
+
+
+#: bodies, and whether the one-call reading takes them (the rest go to the full reading)
+USUAL_AND_NOT = [
+    (b'{"model": "m"}', True),
+    (b'{"model": "vicuna-7b", "prompt": "hi", "temperature": 0.7, "stop": ["a", "b"]}', True),
+    (b'{"model": "m", "affinity_key": null}', True),
+    (b'{"model": "a", "model": "b"}', True),
+    (b'{"model": "\\u00e9t\\u00e9"}', True),
+    (b'  {"model": "m"}\n', True),
+    (b'{"model": "m", "x": {"y": [1, 2, {"z": null}]}}', True),
+    (b'{"model": "m", "affinity_key": "user-1"}', False),
+    (b'{"model": "m", "affinity_key": 5}', False),
+    (b'{"model": 5}', False),
+    (b'{"model": null}', False),
+    (b'{"prompt": "no model"}', False),
+    (b"[1, 2]", False),
+    (b'"m"', False),
+    (b"", False),
+    (b"{not json", False),
+    (b'{"model": "m"} trailing', False),
+    (b'{"model": "m", "t": NaN}', False),
+    (b'{"model": "m", "big": 1e999}', True),  # json.loads takes it too (inf)
+    (b'{"model": "\\ud800"}', False),
+    (b'\xef\xbb\xbf{"model": "m"}', False),
+    (b'{"model": "m", "deep": ' + b"[" * 70 + b"]" * 70 + b"}", False),
+    (b'{"model": "m", "pad": "' + b"x" * 20000 + b'"}', False),
+]
+
+
+@pytest.mark.parametrize(("raw", "taken"), USUAL_AND_NOT)
+def test_the_usual_dispatch_body_reads_as_the_full_reading_does(raw: bytes, taken: bool) -> None:
+    """/get_worker_address reads a usual body ({"model": ...}, no affinity key) in one
+    msgspec call: what that takes comes out as the full reading (Python's json's values,
+    every refusal named) has it; anything else (another shape, something only Python's
+    json takes, a refusal, a large body) is left to the full reading."""
+    try:
+        full: Any = protocol.parse_dispatch(read(raw, protocol.DISPATCH))
+    except BadRequestError as e:
+        full = e
+    usual = read_as(raw, protocol.USUAL_DISPATCH)
+    assert (usual is not None) == taken
+    if usual is not None:
+        assert full == (usual.model, None)

@@ -18,7 +18,7 @@ from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
 from ..errors import BadRequestError, BodyTimeoutError, ForbiddenError, RegistryFullError
-from ..jsonbody import INLINE, BodyReader, Fields
+from ..jsonbody import INLINE, BodyReader, Fields, read_as
 from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
@@ -251,14 +251,18 @@ class _Handlers:
         raw = _arrived(request, self.limit)
         if raw is None:
             raw = await _read(request, self.limit)
-        try:
-            if len(raw) <= INLINE:
-                data = self.bodies.read(raw, protocol.DISPATCH)
-            else:
-                data = await self.bodies.read_async(raw, protocol.DISPATCH)
-            model, affinity = protocol.parse_dispatch(data)
-        except BadRequestError as e:
-            return _bad_request(e)
+        usual = read_as(raw, protocol.USUAL_DISPATCH)
+        if usual is not None:
+            model, affinity = usual.model, None
+        else:
+            try:
+                if len(raw) <= INLINE:
+                    data = self.bodies.read(raw, protocol.DISPATCH)
+                else:
+                    data = await self.bodies.read_async(raw, protocol.DISPATCH)
+                model, affinity = protocol.parse_dispatch(data)
+            except BadRequestError as e:
+                return _bad_request(e)
         worker = self.router.dispatch(model, by_address=True, affinity=affinity)
         body = worker.address_body if worker else _NO_ADDRESS
         return web.Response(body=body, content_type=_JSON)
