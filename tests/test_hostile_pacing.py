@@ -24,6 +24,7 @@ from aiohttp import web, web_protocol
 from aiohttp.test_utils import TestServer
 
 from controller import ControllerConfig, nesting, protocol
+from controller.edge.fair_reads import RESET_AFTER, FairReads
 from controller.jsonbody import BodyReader
 from controller.pacing import Pacer
 from controller.relay.upstream import Upstream
@@ -414,3 +415,59 @@ async def test_a_pacer_lets_a_slice_through_per_turn_and_skips_those_who_left() 
     assert order == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
     per_turn = Counter(turn for turn, _ in went)
     assert sorted(per_turn.values(), reverse=True) == [3, 3, 3, 1]
+
+
+class _Reader:
+    """A client connection as FairReads sees it, recording what it is handed."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.held: list[bytes] | None = None
+        self.held_paused = False
+        self.transport: asyncio.Transport | None = None
+        self.delivered: list[bytes] = []
+
+    def deliver(self, data: bytes) -> None:
+        self.delivered.append(data)
+
+
+class _StepLoop:
+    """Just enough of a loop for FairReads: callbacks run when the test says a turn ends."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[Callable[[], None]] = []
+        self.calls = 0
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.calls += 1
+        self.scheduled.append(callback)
+
+    def end_turn(self) -> None:
+        due, self.scheduled = self.scheduled, []
+        for callback in due:
+            callback()
+
+
+def test_steady_reads_schedule_one_reset_per_reset_after_reads_and_bursts_stay_capped() -> None:
+    """One read a turn for 160 turns: every read is handed on at once, and the count is
+    reset by one callback per RESET_AFTER reads (not one per read). Then 200 reads in one
+    turn: at most per_turn of them go on in that turn, at least per_turn - RESET_AFTER,
+    and the rest follow in later turns."""
+    loop = _StepLoop()
+    reads = FairReads(loop, 64)  # type: ignore[arg-type]  # the loop's call_soon is enough
+    reader = _Reader("10.0.0.1")
+    for _ in range(160):
+        assert reads.received(reader, b"x")
+        loop.end_turn()
+    assert loop.calls == 160 // RESET_AFTER
+    assert reads.held_back == 0
+
+    burst = [_Reader("10.0.0.2") for _ in range(200)]
+    now = [r for r in burst if reads.received(r, b"y")]
+    assert 64 - RESET_AFTER <= len(now) <= 64
+    turns = 0
+    while reads.held_back and any(r.held for r in burst):
+        loop.end_turn()
+        turns += 1
+        assert turns < 10
+    assert all(r.delivered == [b"y"] for r in burst if r not in now)

@@ -9,6 +9,11 @@ turn; past that, a connection's read waits (its socket no longer read meanwhile)
 of its source address, and the queues are served in rotation, one read each, in the next
 turns. A client sending its first request in a while is served in the next turn, however
 many reads another address has waiting.
+
+The count of a turn's reads is reset in the turn after it reaches :data:`RESET_AFTER`, not
+after every turn: steady traffic then schedules one callback per ``RESET_AFTER`` reads
+rather than one per read, and a turn lets through at most ``per_turn`` reads and at least
+``per_turn - RESET_AFTER`` (what earlier turns left on the count).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
-__all__ = ["FairReads", "Reader"]
+__all__ = ["RESET_AFTER", "FairReads", "Reader"]
+
+#: reads counted before the count is reset in the next turn
+RESET_AFTER = 16
 
 
 class Reader(Protocol):
@@ -44,6 +52,7 @@ class FairReads:
     def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int) -> None:
         self._loop = loop
         self.per_turn = max(1, per_turn)
+        #: reads handed on since the count was last reset (see RESET_AFTER)
         self._passed = 0
         self._scheduled = False
         #: connections with reads held, per source address, in the order they are served
@@ -55,7 +64,7 @@ class FairReads:
         else held for a later turn (``False``)."""
         if reader.held is None and not self._queues and self._passed < self.per_turn:
             self._passed += 1
-            if not self._scheduled:
+            if self._passed >= RESET_AFTER and not self._scheduled:
                 self._schedule()
             return True
         self.held_back += 1
@@ -102,7 +111,7 @@ class FairReads:
                 queues[source] = queue  # to the end of the rotation
             self._passed += 1
             self._hand_on(reader)
-        if queues or self._passed:
+        if queues or self._passed >= RESET_AFTER:
             self._schedule()
 
     @staticmethod
