@@ -211,10 +211,9 @@ class LoadEstimate:
         self.dispatched_since_report += 1
         sent = self.sent_at
         if sent is None:
-            sent = self.sent_at = collections.deque()
+            # Past its length, the oldest goes: from then on a request of unknown age.
+            sent = self.sent_at = collections.deque(maxlen=MAX_TRACKED_DISPATCHES)
         sent.append((now, periods))
-        if len(sent) > MAX_TRACKED_DISPATCHES:
-            sent.popleft()  # from now on one of the requests of unknown age
         if retire_at is not None:
             if self.retire_at is None:
                 self.retire_at = collections.deque()

@@ -103,15 +103,16 @@ def _arrived(request: web.Request, limit: Limit) -> bytes | None:
             }
         )
         raise web.HTTPUnsupportedMediaType(text=body.decode(), content_type=_JSON)
+    stream = request.content
+    if stream.is_eof() and stream.exception() is None:
+        raw = stream.read_nowait()
+        if len(raw) > limit[0]:
+            raise _too_large(limit)
+        return raw
+    # More is to come: refused by the length it says before any of it is read.
     if (request.content_length or 0) > limit[0]:
         raise _too_large(limit)
-    stream = request.content
-    if not stream.is_eof() or stream.exception() is not None:
-        return None
-    raw = stream.read_nowait()
-    if len(raw) > limit[0]:
-        raise _too_large(limit)
-    return raw
+    return None
 
 
 async def _read(request: web.Request, limit: Limit) -> bytes:
