@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import protocol
 from ..credentials import Access
@@ -33,10 +34,12 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _NO_ADDRESS = protocol.encode({"address": ""})
+#: a JSON answer's headers, made once (aiohttp copies them: cheaper than content_type=)
+_JSON_HEADERS = CIMultiDictProxy(CIMultiDict({hdrs.CONTENT_TYPE: _JSON}))
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type=_JSON)
+    return web.Response(body=body, status=status, headers=_JSON_HEADERS)
 
 
 def _bad_request(error: BadRequestError) -> web.Response:
@@ -73,12 +76,9 @@ def _owned(handler: Handler) -> Handler:
         except RegistryFullError as e:
             log.warning("Refused a registration: %s", e)
             body = {"error": "registry_full", "field": "worker_name", "message": e.problem}
-            return web.Response(
-                body=protocol.encode(body),
-                status=503,
-                content_type=_JSON,
-                headers={"Retry-After": str(RETRY_AFTER)},
-            )
+            answer = _json(protocol.encode(body), status=503)
+            answer.headers["Retry-After"] = str(RETRY_AFTER)
+            return answer
 
     return refusing
 
@@ -266,7 +266,7 @@ class _Handlers:
                 return _bad_request(e)
         worker = self.router.dispatch(model, by_address=True, affinity=affinity)
         body = worker.address_body if worker else _NO_ADDRESS
-        return web.Response(body=body, content_type=_JSON)
+        return web.Response(body=body, headers=_JSON_HEADERS)
 
     async def receive_heart_beat(self, request: web.Request) -> web.StreamResponse:
         try:
