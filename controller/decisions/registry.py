@@ -125,7 +125,7 @@ class Registry(Health):
         if now is None:
             now = self.clock()
         cutoff = now - self._live_for
-        serving = self._by_model.serving(model)
+        serving = self._by_model.serving.get(model, ())
         if draw and len(serving) > draw:
             assert rng is not None, "a draw needs a random source"
             drawn = self._by_model.draw(model, draw, rng)

@@ -8,7 +8,7 @@ models, and a random draw from a large fleet costs the size of the draw, not of 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Container, Iterable
+from collections.abc import Container, Iterable
 
 from .worker import Worker
 
@@ -26,39 +26,37 @@ class ModelIndex:
     thousands, and membership changes are rare next to dispatches).
     """
 
-    __slots__ = ("_lists", "_serving")
+    __slots__ = ("_lists", "serving")
 
     def __init__(self) -> None:
-        self._serving: dict[str, dict[Worker, None]] = {}
+        #: per model, the workers serving it, live or not, in registration order: read it
+        #: (a lookup on every dispatch, without a call), change it with add and discard
+        self.serving: dict[str, dict[Worker, None]] = {}
         self._lists: dict[str, list[Worker]] = {}
-
-    def serving(self, model: str) -> Collection[Worker]:
-        """The workers serving ``model``, live or not, in registration order."""
-        return self._serving.get(model, ())
 
     def __contains__(self, model: object) -> bool:
         """Whether some worker, live or not, serves ``model``."""
-        return model in self._serving
+        return model in self.serving
 
     def add(self, worker: Worker, models: Iterable[str]) -> None:
         for model in models:
-            self._serving.setdefault(model, {})[worker] = None
+            self.serving.setdefault(model, {})[worker] = None
             self._lists.pop(model, None)
 
     def discard(self, worker: Worker, models: Iterable[str]) -> None:
         for model in models:
-            serving = self._serving.get(model)
+            serving = self.serving.get(model)
             if serving is None:
                 continue
             serving.pop(worker, None)
             self._lists.pop(model, None)
             if not serving:
-                del self._serving[model]
+                del self.serving[model]
 
     def draw(self, model: str, k: int, rng: random.Random) -> list[Worker] | None:
         """``k`` distinct workers of ``model`` drawn at random, in registration order;
         ``None`` when it has ``k`` or fewer (the caller looks at all of them instead)."""
-        serving = self._serving.get(model)
+        serving = self.serving.get(model)
         if serving is None or len(serving) <= k:
             return None
         workers = self._lists.get(model)
