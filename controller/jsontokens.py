@@ -37,6 +37,8 @@ def maybe_token(error: msgspec.DecodeError, text: bytes) -> bool:
 _TOKENS = (b"-Infinity", b"Infinity", b"NaN")
 # The escapes of U+D000 to U+DFFF, lone surrogates among them.
 _ESCAPES = (b"\\ud", b"\\uD")
+#: each escape where four hex digits follow its "\\u"
+_ESCAPE = {e: re.compile(re.escape(e) + rb"(?=[0-9a-fA-F]{3})") for e in _ESCAPES}
 #: what Marks.find looks for, each with a shorter text it holds
 _SCANS: tuple[tuple[bytes, bytes | None], ...] = (
     (b"NaN", None),
@@ -81,9 +83,11 @@ class Marks:
                 yield
             if token in _TOKENS:
                 mark = b"[%s%d]" % (tag, _TOKENS.index(token))
+                text = text.replace(token, mark)
             else:
+                # Only a whole escape: "\\ud8" with no hex digits after stays invalid.
                 mark = b"\\u005f" + tag + token[-1:]
-            text = text.replace(token, mark)
+                text = _ESCAPE[token].sub(mark.replace(b"\\", b"\\\\"), text)
             undo.append((mark, token))
         return cls(text, tuple(undo))
 
