@@ -1,0 +1,247 @@
+"""A large JSON document checked by msgspec a piece at a time, each piece a few
+milliseconds of work, with the same verdict, errors and fields as one call over the whole.
+
+The document is cut at commas outside strings, about every :data:`PIECE` bytes. Each piece
+is checked as a JSON document of its own: the text between two cuts, wrapped so that a
+parser reads it in the state the whole document would be in there. Before it go the
+brackets open at its start, each object's with a stand-in key (``{"_":``), the innermost
+with a stand-in member and the comma (``[0,`` or ``{"_":0,``); after it go that comma again,
+a stand-in member and the closing brackets of those open at its end (``,0]}``). So each
+comma is read twice, once at the end of a piece and once, in the same state, at the start of
+the next: a piece is valid exactly when the whole document reads through it (a comma only
+follows a value; the closing brackets only fit the brackets really open), and the first
+error of a document is met in the piece that holds it, at the same place, with the same
+message (its offset turned back into the document's). Where the cuts are and which
+brackets are open there is worked out without building anything: each step reduces a slice
+of the text to its brackets outside strings (as :mod:`controller.nesting` does), and from
+where a piece is long enough to the next comma the text is read token by token. That
+reading is exact for any text that is a valid beginning of a JSON document; anywhere else
+a piece fails anyway (the first error is met before the reading goes wrong).
+
+The fields of an object are read from the piece that holds them whole; a field asked for
+whose value a cut falls in is read again from a piece that runs on to the next comma of the
+top level. A piece grows past :data:`PIECE` only where no comma is near: around a field
+asked for that is that large, or a long string, run of spaces or number, each then checked
+in one call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import attrs
+import msgspec
+
+from .jsontokens import Marks
+
+__all__ = ["LOOK", "PIECE", "REDUCE", "Check", "Raws", "check", "raws"]
+
+#: bytes of text a piece holds before it is cut at the next comma (a few milliseconds)
+PIECE = 1 << 20
+#: bytes of text reduced to their brackets in one step
+REDUCE = 256 << 10
+#: how far past a piece's end the next comma is looked for before the piece grows
+LOOK = 64 << 10
+#: tokens read one at a time while looking for it
+_TOKENS = 4096
+
+#: checks one piece as ``_check`` in :mod:`controller.jsonbody` does: the piece, and where
+#: its offsets are in the document (the wrapping's length, the piece's first byte there)
+Check = Callable[
+    [msgspec.json.Decoder[Any], bytes, tuple[int, int]],
+    Generator[None, None, tuple[Any, Marks | None]],
+]
+#: a field's text as a piece had it, and the marks it was checked with
+Raws = dict[str, tuple[bytes, Marks | None]]
+
+_OPEN_ARRAY, _OPEN_OBJECT, _COMMA, _QUOTE = 0x5B, 0x7B, 0x2C, 0x22
+_CLOSERS = bytes.maketrans(b"[{", b"]}")
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_RUNS = re.compile(rb"[\[{]+|[\]}]+")
+_STRUCTURE = re.compile(rb'["\[\]{},]')
+# The rest of a string, from a point not inside an escape, and its closing quote.
+_STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_BACKSLASHES = re.compile(rb"\\*")
+
+
+@attrs.frozen
+class _Cut:
+    #: where the comma is
+    at: int
+    #: the brackets open there, outermost first
+    stack: bytes
+
+
+def check(
+    text: bytes, decoder: msgspec.json.Decoder[Any], names: tuple[str, ...], check_piece: Check
+) -> Generator[None, None, tuple[Raws, bool]]:
+    """Checks the document ``text`` (an object or an array) a piece at a time with
+    ``check_piece``; the fields ``names`` (of ``decoder``'s type) as their text, and whether any
+    piece held tokens only Python's json takes. Yields between steps."""
+    found: Raws = {}
+    marked = False
+    start, before = 0, b""
+    whole = False  # a field asked for runs past the last cut: wait for the top level
+    for cut in _cuts(text):
+        if cut is None:
+            yield
+            continue
+        if whole and len(cut.stack) > 1:
+            continue
+        opening, closing = _opening(before), _closing(cut.stack)
+        piece = opening + text[start : cut.at] + closing
+        doc, marks = yield from check_piece(decoder, piece, (len(opening), start))
+        held = raws(doc, names, marks)
+        whole = _cut_into(held, text, cut.at, closing[:-1]) if len(cut.stack) > 1 else False
+        if whole:
+            continue  # checked again, to the next comma of the top level
+        found.update(held)
+        marked |= marks is not None
+        start, before = cut.at + 1, cut.stack
+        yield
+    opening = _opening(before)
+    doc, marks = yield from check_piece(decoder, opening + text[start:], (len(opening), start))
+    found.update(raws(doc, names, marks))
+    return found, marked or marks is not None
+
+
+def raws(doc: Any, names: tuple[str, ...], marks: Marks | None) -> Raws:
+    """The fields ``names`` of a decoded ``doc``, as their text and the marks they hold."""
+    found: Raws = {}
+    for name in names:
+        raw = getattr(doc, name)
+        if raw is not msgspec.UNSET:
+            found[name] = (bytes(raw), marks)
+    return found
+
+
+def _cut_into(raws: Raws, text: bytes, at: int, tail: bytes) -> bool:
+    """Whether a cut at ``at`` may fall in the value of one of the fields ``raws`` read
+    from the piece before it: the last member of that piece, closed by ``tail``, is then
+    one of them. (A field whose text merely looks so makes the piece run on; no harm.)"""
+    for raw, marks in raws.values():
+        if raw.endswith(tail) and len(raw) > len(tail):
+            head = raw[: -len(tail)]
+            if marks is not None:
+                head = marks.restore(head)
+            if text.endswith(head, 0, at):
+                return True
+    return False
+
+
+def _opening(stack: bytes) -> bytes:
+    """What brings a parser to the state just after a comma where ``stack`` is open."""
+    if not stack:
+        return b""
+    parts = [b'{"_":' if c == _OPEN_OBJECT else b"[" for c in stack[:-1]]
+    parts.append(b'{"_":0,' if stack[-1] == _OPEN_OBJECT else b"[0,")
+    return b"".join(parts)
+
+
+def _closing(stack: bytes) -> bytes:
+    """A comma where ``stack`` is open, a member after it and the closing brackets."""
+    member = b',"_":0' if stack[-1] == _OPEN_OBJECT else b",0"
+    return member + stack[::-1].translate(_CLOSERS)
+
+
+def _cuts(text: bytes) -> Iterator[_Cut | None]:
+    """Commas outside strings, about :data:`PIECE` bytes apart, with the brackets open at
+    each (``None`` between steps)."""
+    size = len(text)
+    stack = bytearray()
+    inside = False
+    pos, target = 0, PIECE
+    while target < size:
+        while pos < target:
+            end = _end(text, min(pos + REDUCE, target))
+            inside = _reduce(text[pos:end], stack, inside)
+            pos = end
+            yield None
+        cut = _comma(text, pos, stack, inside)
+        if cut is None:
+            target = pos + REDUCE  # no comma near: the piece grows
+            continue
+        yield cut
+        stack[:] = cut.stack
+        inside = False
+        pos = cut.at + 1
+        target = pos + PIECE
+
+
+def _end(text: bytes, end: int) -> int:
+    """``end``, or past the run of backslashes it falls in or after and the byte that ends
+    it, so that a slice's escapes are its own."""
+    if end < len(text) and text[end - 1] == 0x5C:
+        end = _BACKSLASHES.match(text, end).end() + 1  # type: ignore[union-attr]
+    return min(end, len(text))
+
+
+def _reduce(piece: bytes, stack: bytearray, inside: bool) -> bool:
+    """Applies the brackets of ``piece`` outside strings to ``stack``; whether the piece
+    ends inside a string (``inside``: whether it starts in one)."""
+    if b"\\" in piece:
+        # An escaped backslash goes first, then an escaped quote: every quote left
+        # delimits a string.
+        piece = piece.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = piece.translate(None, _NOT_STRUCTURE)
+    if b'"' in kept:
+        # Two quotes side by side enclose nothing or leave nothing outside: they go.
+        parts = kept.replace(b'""', b"").split(b'"')
+        kept = b"".join(parts[1 if inside else 0 :: 2])
+        inside ^= len(parts) % 2 == 0
+    elif inside:
+        return True
+    _apply(kept, stack)
+    return inside
+
+
+def _apply(brackets: bytes, stack: bytearray) -> None:
+    # Pairs that close at once go while that thins the brackets; what is left is read by
+    # runs (a deep nest is a few runs, a bushy one is gone).
+    while len(brackets) > 256:
+        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if len(shorter) * 8 > len(brackets) * 7:
+            brackets = shorter
+            break
+        brackets = shorter
+    for run in _RUNS.findall(brackets):
+        if run[0] in b"[{":
+            stack += run
+        else:
+            del stack[max(0, len(stack) - len(run)) :]  # past the bottom: not JSON, no matter
+
+
+def _comma(text: bytes, pos: int, stack: bytearray, inside: bool) -> _Cut | None:
+    """The first comma outside strings from ``pos`` (``inside`` a string or not, ``stack``
+    open there) within :data:`LOOK` bytes, inside an array or object; ``None`` if none."""
+    limit = min(len(text), pos + LOOK)
+    keep = len(stack)
+    pushed = bytearray()
+    for _ in range(_TOKENS):
+        if inside:
+            end = _STRING_REST.match(text, pos, limit)
+            if end is None:
+                return None
+            pos, inside = end.end(), False
+            continue
+        found = _STRUCTURE.search(text, pos, limit)
+        if found is None:
+            return None
+        at = found.start()
+        c = text[at]
+        pos = at + 1
+        if c == _COMMA:
+            return _Cut(at, bytes(stack[:keep]) + pushed) if keep or pushed else None
+        if c == _QUOTE:
+            inside = True
+        elif c in (_OPEN_ARRAY, _OPEN_OBJECT):
+            pushed.append(c)
+        elif pushed:
+            pushed.pop()
+        elif keep:
+            keep -= 1
+        else:
+            return None
+    return None
