@@ -36,7 +36,7 @@ import msgspec
 
 from .jsontokens import Marks
 
-__all__ = ["LOOK", "PIECE", "REDUCE", "Check", "Raws", "check", "raws"]
+__all__ = ["LOOK", "PIECE", "REDUCE", "UTF8", "Check", "Raws", "check", "raws", "utf8"]
 
 #: bytes of text a piece holds before it is cut at the next comma (a few milliseconds)
 PIECE = 1 << 20
@@ -46,6 +46,8 @@ REDUCE = 256 << 10
 LOOK = 64 << 10
 #: tokens read one at a time while looking for it
 _TOKENS = 4096
+#: bytes of a large body checked as UTF-8 in one step
+UTF8 = 4 << 20
 
 #: checks one piece as ``_check`` in :mod:`controller.jsonbody` does: the piece, and where
 #: its offsets are in the document (the wrapping's length, the piece's first byte there)
@@ -105,6 +107,33 @@ def check(
     doc, marks = yield from check_piece(decoder, opening + text[start:], (len(opening), start))
     found.update(raws(doc, names, marks))
     return found, marked or marks is not None
+
+
+def utf8(raw: bytes) -> Generator[None, None, None]:
+    """Raises what ``raw.decode("utf-8", "surrogatepass")`` raises, if anything, checking
+    :data:`UTF8` bytes at a time. Slices end before a byte that starts a character, and
+    where one ends in the middle of one, the bytes after it say what is wrong."""
+    start, size = 0, len(raw)
+    while start < size:
+        end = min(start + UTF8, size)
+        for _ in range(3):
+            if end < size and 0x80 <= raw[end] < 0xC0:
+                end += 1
+        piece = raw[start:end]
+        if not piece.isascii():
+            try:
+                piece.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError as e:
+                error = e
+                if e.reason == "unexpected end of data" and end < size:
+                    try:
+                        raw[start : end + 3].decode("utf-8", "surrogatepass")
+                    except UnicodeDecodeError as again:
+                        error = again
+                where = (start + error.start, start + error.end)
+                raise UnicodeDecodeError(error.encoding, raw, *where, error.reason) from None
+        start = end
+        yield
 
 
 def raws(doc: Any, names: tuple[str, ...], marks: Marks | None) -> Raws:

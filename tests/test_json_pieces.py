@@ -171,3 +171,40 @@ def test_cut_at_every_comma_reads_as_one_check(monkeypatch: pytest.MonkeyPatch, 
         got = outcome(raw, fields, pieces=True, monkeypatch=monkeypatch)
         assert got == outcome(raw, fields, pieces=False, monkeypatch=monkeypatch)
         assert (got[0] == "ok" or not body_refused(got[1])) is well_formed(raw)
+
+
+UTF8_BITS = [b"\xc3\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xed\xa0\x80", b"a", b","]
+NOT_UTF8 = [b"\xc3", b"\x80", b"\xff", b"\xe2\x82", b"\xf0\x9f\x98", b"\xc0\xaf", b"\xf5"]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_utf8_is_checked_alike_however_the_body_is_cut(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A large body is checked as UTF-8 a slice at a time: characters of one to four bytes
+    (lone surrogates too, as Python's json reads them) and broken ones anywhere, cut at
+    every place, are refused with the very message one check of the whole gives."""
+    monkeypatch.setattr(jsonpieces, "UTF8", size)
+    rng = random.Random(size)
+    refused = 0
+    for _ in range(300):
+        bits = [rng.choice(UTF8_BITS) for _ in range(rng.randrange(12))]
+        if rng.random() < 0.6:
+            bits.insert(rng.randrange(len(bits) + 1), rng.choice(NOT_UTF8))
+        raw = b'{"model": "' + b"".join(bits) + b'", "junk": [1, 2]}'
+        got = outcome(raw, protocol.DISPATCH, pieces=True, monkeypatch=monkeypatch)
+        assert got == outcome(raw, protocol.DISPATCH, pieces=False, monkeypatch=monkeypatch)
+        error = utf8_error(raw)
+        if error is not None:
+            assert got == ("refused", f"request body is not valid JSON: {error}")
+            refused += 1
+    assert refused > 100
+
+
+def utf8_error(raw: bytes) -> UnicodeDecodeError | None:
+    """What decoding ``raw`` as Python's json does raises, if anything."""
+    try:
+        raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
+        return e
+    return None
