@@ -408,7 +408,7 @@ def _not_json(
 
         reason = OFFSET.sub(offset, reason)
     reason = reason[:1].lower() + reason[1:]
-    return BadRequestError(None, f"request body is not valid JSON: {reason}")
+    return BadRequestError(None, jsonpieces.NOT_JSON + reason)
 
 
 def _too_deep() -> BadRequestError:

@@ -35,8 +35,8 @@ def outcome(raw: bytes, fields: Fields, *, pieces: bool, monkeypatch: pytest.Mon
 
 def _string(rng: random.Random) -> str:
     return "".join(
-        rng.choice(['"', "\\", ",", "[", "]", "{", "}", ":", "a", " ", "\ud800", "é"])
-        for _ in range(rng.randrange(6))
+        rng.choice(['"', "\\", ",", "[", "]", "{", "}", ":", "a", " ", "\ud800", "é", "😀", "NaN"])
+        for _ in range(rng.randrange(12))
     )
 
 
@@ -108,13 +108,22 @@ def json_accepts(raw: bytes) -> bool:
 def test_pieces_read_alike_however_small(
     monkeypatch: pytest.MonkeyPatch, piece: int, reduce: int, look: int
 ) -> None:
-    """Hundreds of documents (strings of commas, quotes, brackets, escapes and lone
-    surrogates; NaN and Infinity; empty containers; spaces; duplicate keys) and mutations
-    of them, cut at every comma: the same outcome as one check, accepted exactly when
-    Python's json accepts (and 64 levels hold), with json's values for the fields."""
+    """Hundreds of documents (strings of commas, quotes, brackets, escapes, surrogate pairs
+    and lone surrogates; NaN and Infinity; empty containers; spaces; duplicate keys) and
+    mutations of them, cut at every comma and inside strings: the same outcome as one
+    check, accepted exactly when Python's json accepts (and 64 levels hold), with json's
+    values for the fields."""
     monkeypatch.setattr(jsonpieces, "PIECE", piece)
     monkeypatch.setattr(jsonpieces, "REDUCE", reduce)
     monkeypatch.setattr(jsonpieces, "LOOK", look)
+    in_strings: list[Any] = []
+    in_string = jsonpieces._in_string
+
+    def counted(*args: Any) -> Any:
+        in_strings.append(cut := in_string(*args))
+        return cut
+
+    monkeypatch.setattr(jsonpieces, "_in_string", counted)
     rng = random.Random(piece * 1000 + reduce * 10 + look)
     refused = accepted = 0
     for _ in range(400):
@@ -131,6 +140,8 @@ def test_pieces_read_alike_however_small(
                     if not isinstance(model, (list, dict)):
                         assert got[1]["model"] == model
     assert refused > 100 and accepted > 100
+    if look < 64:
+        assert sum(cut is not None for cut in in_strings) > 100  # strings were cut too
 
 
 @pytest.mark.parametrize(
@@ -156,6 +167,12 @@ def test_pieces_read_alike_however_small(
         b'[1, 2, [3, 4], {"a": [5, 6]}]',
         b'[1, 2, [3, 4], {"a": [5, 6]}',
         b"{" + b'"a":[' * 70 + b"1,2" + b"]}" * 70 + b"}",
+        # msgspec reads a literal or an escape whole before it names what is wrong.
+        b'{"model": "m", "junk": [1, t,1',
+        b'{"model": "m", "junk": [1, fals, 1]}',
+        b'{"model": "m", "junk": ["abc\\u{\\"", 1]}',
+        b'{"model": "m", "junk": ["abcdefgh\\ud83d\\ude00\\ud83d", 1]}',
+        b'{"model": "abcdefghijklmnopqrstuvwxyz", "junk": {"abcdefghijklmnop": "qrstuvwxyz"}}',
         # An escape cut short is not JSON, though the surrogate escape it starts is marked.
         b'{"model": "m", "junk": ["\\ud80{0", "\\ud800", 1]}',
     ],
@@ -163,10 +180,12 @@ def test_pieces_read_alike_however_small(
 def test_cut_at_every_comma_reads_as_one_check(monkeypatch: pytest.MonkeyPatch, raw: bytes) -> None:
     """Hand-picked edges (commas missing, doubled or trailing; a comma after a key; a
     number or literal cut short; text after the end; NaN and lone surrogates beside a real
-    error; commas inside strings; fields whose value a cut falls in; too deep): cut at every
-    comma, the same outcome, to the byte named in the message, as one check."""
+    error; commas inside strings; surrogate pairs; fields whose value a cut falls in; too
+    deep): cut at every comma and every few bytes of a string, the same outcome, to the
+    byte named in the message, as one check."""
     monkeypatch.setattr(jsonpieces, "PIECE", 1)
     monkeypatch.setattr(jsonpieces, "REDUCE", 1)
+    monkeypatch.setattr(jsonpieces, "LOOK", 1)
     for fields in FIELD_SETS:
         got = outcome(raw, fields, pieces=True, monkeypatch=monkeypatch)
         assert got == outcome(raw, fields, pieces=False, monkeypatch=monkeypatch)
