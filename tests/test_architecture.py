@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "controller.protocol": 3,
     "controller.jsonbody": 3,
     "controller.jsonpieces": 3,
+    "controller.jsoncuts": 3,
     "controller.jsontokens": 3,
     "controller.nesting": 3,
     "controller.config": 3,

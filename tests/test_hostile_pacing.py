@@ -40,7 +40,7 @@ STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
 READS_PER_TURN = 64
 #: what controller.nesting reduces between two pauses (its TEXT_SLICE)
 TEXT_SLICE = 2 * MIB
-#: what msgspec checks of a large body at once (controller.jsonpieces' PIECE)
+#: what msgspec checks of a large body at once (controller.jsoncuts' PIECE)
 PIECE = MIB
 #: a read this large is bulk (controller.relay.holding.BULK_READ)
 BULK_READ = 64 * 1024

@@ -1,6 +1,6 @@
-"""A large body checked a piece at a time (controller.jsonpieces) gives what one check of
-the whole gives: the same acceptance (Python's json's, within 64 levels), the same fields,
-the same error message, for every place a document can be cut."""
+"""A large body checked a piece at a time (controller.jsonpieces, cut by controller.jsoncuts)
+gives what one check of the whole gives: the same acceptance (Python's json's, within 64
+levels), the same fields, the same error message, for every place a document can be cut."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from controller import jsonbody, jsonpieces, protocol
+from controller import jsonbody, jsoncuts, jsonpieces, protocol
 from controller.errors import BadRequestError
 from controller.jsonbody import Fields
 
@@ -67,6 +67,10 @@ def _document(rng: random.Random) -> bytes:
     text = json.dumps(dict(items), ensure_ascii=rng.random() < 0.5)
     if rng.random() < 0.3:
         text = text.replace(", ", ",\n  ").replace(": ", " :\t")
+    elif rng.random() < 0.3:
+        spaces = " " * rng.choice([16, 20, 40])
+        text = text.replace(", ", spaces + "," + spaces).replace(": ", spaces + ":" + spaces)
+        text = text.replace("[", "[" + spaces).replace("}", spaces + "}")
     if rng.random() < 0.2:
         text = f"[{text}, {text}]"
     return text.encode("utf-8", "surrogatepass")
@@ -109,21 +113,29 @@ def test_pieces_read_alike_however_small(
     monkeypatch: pytest.MonkeyPatch, piece: int, reduce: int, look: int
 ) -> None:
     """Hundreds of documents (strings of commas, quotes, brackets, escapes, surrogate pairs
-    and lone surrogates; NaN and Infinity; empty containers; spaces; duplicate keys) and
-    mutations of them, cut at every comma and inside strings: the same outcome as one
-    check, accepted exactly when Python's json accepts (and 64 levels hold), with json's
-    values for the fields."""
-    monkeypatch.setattr(jsonpieces, "PIECE", piece)
-    monkeypatch.setattr(jsonpieces, "REDUCE", reduce)
-    monkeypatch.setattr(jsonpieces, "LOOK", look)
+    and lone surrogates; NaN and Infinity; empty containers; runs of spaces; duplicate
+    keys) and mutations of them, cut at every comma, inside strings and in runs of spaces:
+    the same outcome as one check, accepted exactly when Python's json accepts (and 64
+    levels hold), with json's values for the fields."""
+    monkeypatch.setattr(jsoncuts, "PIECE", piece)
+    monkeypatch.setattr(jsoncuts, "REDUCE", reduce)
+    monkeypatch.setattr(jsoncuts, "LOOK", look)
     in_strings: list[Any] = []
-    in_string = jsonpieces._in_string
+    in_string = jsoncuts._in_string
 
     def counted(*args: Any) -> Any:
         in_strings.append(cut := in_string(*args))
         return cut
 
-    monkeypatch.setattr(jsonpieces, "_in_string", counted)
+    monkeypatch.setattr(jsoncuts, "_in_string", counted)
+    in_spaces: list[Any] = []
+    in_space = jsoncuts._in_spaces
+
+    def counted_spaces(*args: Any) -> Any:
+        in_spaces.append(cut := in_space(*args))
+        return cut
+
+    monkeypatch.setattr(jsoncuts, "_in_spaces", counted_spaces)
     rng = random.Random(piece * 1000 + reduce * 10 + look)
     refused = accepted = 0
     for _ in range(400):
@@ -142,6 +154,7 @@ def test_pieces_read_alike_however_small(
     assert refused > 100 and accepted > 100
     if look < 64:
         assert sum(cut is not None for cut in in_strings) > 100  # strings were cut too
+        assert sum(cut is not None for cut in in_spaces) > 100  # and runs of spaces
 
 
 @pytest.mark.parametrize(
@@ -173,6 +186,14 @@ def test_pieces_read_alike_however_small(
         b'{"model": "m", "junk": ["abc\\u{\\"", 1]}',
         b'{"model": "m", "junk": ["abcdefgh\\ud83d\\ude00\\ud83d", 1]}',
         b'{"model": "abcdefghijklmnopqrstuvwxyz", "junk": {"abcdefghijklmnop": "qrstuvwxyz"}}',
+        # Runs of spaces: where a value, key or colon is due, and where one is missing.
+        b'{"model"' + b" " * 40 + b': "m", "junk": [1' + b" " * 40 + b", [" + b" " * 40 + b"]]}",
+        b'{"model": "m", "junk": {"k"' + b" " * 40 + b":" + b" " * 40 + b"1" + b" " * 40 + b"}}",
+        b'{"model": "m", "junk": [1' + b" " * 40 + b"2]}",
+        b'{"model": "m", "junk": {"k"' + b" " * 40 + b"1}}",
+        b'{"model": "m", "junk": {"k":' + b" " * 40 + b"}}",
+        b'{"model": "m", "junk": [' + b" " * 40 + b",1]}",
+        b'{"model":' + b" " * 40 + b'"m"' + b" " * 40 + b"}" + b" " * 40,
         # An escape cut short is not JSON, though the surrogate escape it starts is marked.
         b'{"model": "m", "junk": ["\\ud80{0", "\\ud800", 1]}',
     ],
@@ -183,9 +204,9 @@ def test_cut_at_every_comma_reads_as_one_check(monkeypatch: pytest.MonkeyPatch, 
     error; commas inside strings; surrogate pairs; fields whose value a cut falls in; too
     deep): cut at every comma and every few bytes of a string, the same outcome, to the
     byte named in the message, as one check."""
-    monkeypatch.setattr(jsonpieces, "PIECE", 1)
-    monkeypatch.setattr(jsonpieces, "REDUCE", 1)
-    monkeypatch.setattr(jsonpieces, "LOOK", 1)
+    monkeypatch.setattr(jsoncuts, "PIECE", 1)
+    monkeypatch.setattr(jsoncuts, "REDUCE", 1)
+    monkeypatch.setattr(jsoncuts, "LOOK", 1)
     for fields in FIELD_SETS:
         got = outcome(raw, fields, pieces=True, monkeypatch=monkeypatch)
         assert got == outcome(raw, fields, pieces=False, monkeypatch=monkeypatch)
