@@ -246,7 +246,7 @@ def _steps(
     if not raw or raw.isspace():
         # FastChat clients send some requests without a body.
         return None
-    text = yield from _utf8(raw)
+    text = yield from jsonpieces.utf8(raw, INLINE)
     large = len(text) > INLINE
     first = _first(text)
     if first not in (b"{", b"["):
@@ -370,25 +370,6 @@ def _first(text: bytes) -> bytes:
         return first
     start = _SPACE.match(text).end()  # type: ignore[union-attr]  # matches even nothing
     return text[start : start + 1]
-
-
-def _utf8(raw: bytes) -> Generator[None, None, bytes]:
-    """``raw`` in UTF-8, read as ``json.loads(bytes)`` reads it: UTF-8 (lone surrogates
-    allowed, as Python's ``json`` allows them), with or without a BOM, UTF-16 or UTF-32.
-    A large body in UTF-8 is checked a slice at a time."""
-    # A body opening with "{" and no NUL after it is UTF-8 by json.detect_encoding's own
-    # rules; nearly every body is one, and the detection costs as much as the rest.
-    encoding = "utf-8" if raw[0] == 0x7B and raw[1:2] != b"\0" else json.detect_encoding(raw)
-    try:
-        if encoding != "utf-8":
-            return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
-        if len(raw) > INLINE:
-            yield from jsonpieces.utf8(raw)
-        elif not raw.isascii():
-            raw.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError as e:
-        raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
-    return raw
 
 
 def _restored(marked: bytes, marks: Marks | None) -> bytes:

@@ -15,11 +15,12 @@ two members of the top level. A piece grows past :data:`~controller.jsoncuts.PIE
 where no cut is near: around a field asked for that is that large, a key of the top level
 that long (or spaces after one), or a long number, each then checked in one call.
 
-The UTF-8 of a large body is checked a slice at a time too (:func:`utf8`).
+A body is read as UTF-8 here too, a large one a slice at a time (:func:`utf8`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -83,7 +84,27 @@ def check(
     return found, marked or marks is not None
 
 
-def utf8(raw: bytes) -> Generator[None, None, None]:
+def utf8(raw: bytes, inline: int) -> Generator[None, None, bytes]:
+    """``raw`` in UTF-8, read as ``json.loads(bytes)`` reads it: UTF-8 (lone surrogates
+    allowed, as Python's ``json`` allows them), with or without a BOM, UTF-16 or UTF-32;
+    :class:`BadRequestError` if it is none of them. A body in UTF-8 of more than ``inline``
+    bytes is checked :data:`UTF8` bytes at a time, yielding between slices."""
+    # A body opening with "{" and no NUL after it is UTF-8 by json.detect_encoding's own
+    # rules; nearly every body is one, and the detection costs as much as the rest.
+    encoding = "utf-8" if raw[0] == 0x7B and raw[1:2] != b"\0" else json.detect_encoding(raw)
+    try:
+        if encoding != "utf-8":
+            return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+        if len(raw) > inline:
+            yield from _utf8_slices(raw)
+        elif not raw.isascii():
+            raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
+        raise BadRequestError(None, f"{NOT_JSON}{e}") from None
+    return raw
+
+
+def _utf8_slices(raw: bytes) -> Generator[None, None, None]:
     """Raises what ``raw.decode("utf-8", "surrogatepass")`` raises, if anything, checking
     :data:`UTF8` bytes at a time. Slices end before a byte that starts a character, and
     where one ends in the middle of one, the bytes after it say what is wrong."""
