@@ -15,7 +15,8 @@ not contain, so the fields are turned back into their original text before decod
 Either way the whole document is read by msgspec, never by Python's ``json``.
 
 A large body is read in steps with pauses between them (:meth:`BodyReader.read_async`),
-so other requests are served while it is checked.
+so other requests are served while it is checked: msgspec checks it a piece of about 1 MiB
+at a time (:mod:`controller.jsonpieces`), each piece with its own marks if it needs them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, NoReturn, TypeVar
 import attrs
 import msgspec
 
+from . import jsonpieces
 from .errors import BadRequestError
 from .jsontokens import OFFSET, Marks, maybe_token
 from .nesting import within
@@ -244,67 +246,75 @@ def _steps(
     if not raw or raw.isspace():
         # FastChat clients send some requests without a body.
         return None
-    text = _utf8(raw)
+    text = yield from jsonpieces.utf8(raw, INLINE)
     large = len(text) > INLINE
     first = _first(text)
     if first not in (b"{", b"["):
         # A scalar: decoded, it ends where its text does. The caller refuses it by kind.
         return _value(text, None, None)
-    doc, marks = yield from _check(fields.decoder if first == b"{" else _raw_document, text)
+    decoder, names = (fields.decoder, fields.names) if first == b"{" else (_raw_document, ())
+    if large:
+        raws, marked = yield from jsonpieces.check(text, decoder, names, _check)
+    else:
+        doc, marks = yield from _check(decoder, text)
+        raws, marked = jsonpieces.raws(doc, names, marks), marks is not None
     if counts is not None:
-        counts.plain += marks is None
-        counts.marked += marks is not None
+        counts.plain += not marked
+        counts.marked += marked
     if large:
         yield
     if not (yield from within(text, MAX_DEPTH)):
         raise _too_deep()
     # An array stands in for itself: its kind is all a refusal names.
-    return _fields(doc, fields, marks, "", max_items) if first == b"{" else []
+    return _fields(raws, fields, "", max_items) if first == b"{" else []
 
 
 def _check(
-    decoder: msgspec.json.Decoder[Any], text: bytes
+    decoder: msgspec.json.Decoder[Any], text: bytes, shift: tuple[int, int] = (0, 0)
 ) -> Generator[None, None, tuple[Any, Marks | None]]:
     """``text`` decoded by ``decoder``, again with its tokens marked if msgspec refused
-    one of them; :class:`BadRequestError` if it is not JSON either way."""
+    one of them; :class:`BadRequestError` if it is not JSON either way. ``text`` may be a
+    piece of a document: offset ``o`` in it is ``o - shift[0] + shift[1]`` there."""
     try:
         return decoder.decode(text), None
     except msgspec.DecodeError as e:
         error = e
     except RecursionError:
         raise _too_deep() from None
-    large = len(text) > INLINE
+    large = len(text) > INLINE or shift != (0, 0)
     if large:
         yield
     marks = (yield from Marks.find(text, large)) if maybe_token(error, text) else None
     if marks is None:
-        raise _not_json(error, None)
+        raise _not_json(error, None, shift)
     if large:
         yield
-    return _decode(decoder, marks), marks
+    return _decode(decoder, marks, shift), marks
 
 
-def _fields(doc: Any, fields: Fields, marks: Marks | None, path: str, max_items: int) -> Any:
+def _fields(raws: jsonpieces.Raws, fields: Fields, path: str, max_items: int) -> Any:
+    """The ``fields`` of an object from their text ``raws`` (each with the marks it was
+    checked with), decoded."""
     found: dict[str, Any] = {}
     for name in fields.values:
-        raw = getattr(doc, name)
-        if raw is not msgspec.UNSET:
-            found[name] = _value(bytes(raw), marks, path + name)
+        if name in raws:
+            marked, marks = raws[name]
+            found[name] = _value(marked, marks, path + name)
     for name, inner in fields.objects.items():
-        raw = getattr(doc, name)
-        if raw is msgspec.UNSET:
+        if name not in raws:
             continue
-        marked = bytes(raw)
+        marked, marks = raws[name]
         if _first(_restored(marked, marks)) == b"{":
             value = _decode(inner.decoder, Marks(marked))
-            found[name] = _fields(value, inner, marks, f"{path}{name}.", max_items)
+            found[name] = _fields(
+                jsonpieces.raws(value, inner.names, marks), inner, f"{path}{name}.", max_items
+            )
         else:
             found[name] = _value(marked, marks, path + name)
     for name in fields.lists:
-        raw = getattr(doc, name)
-        if raw is msgspec.UNSET:
+        if name not in raws:
             continue
-        marked = bytes(raw)
+        marked, marks = raws[name]
         if _first(_restored(marked, marks)) != b"[":
             found[name] = _value(marked, marks, path + name)
             continue
@@ -339,11 +349,13 @@ def _value(marked: bytes, marks: Marks | None, path: str | None) -> Any:
         raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], marks: Marks) -> Any:
+def _decode(
+    decoder: msgspec.json.Decoder[Any], marks: Marks, shift: tuple[int, int] = (0, 0)
+) -> Any:
     try:
         return decoder.decode(marks.text)
     except msgspec.DecodeError as e:
-        raise _not_json(e, marks) from None
+        raise _not_json(e, marks, shift) from None
     except RecursionError:
         raise _too_deep() from None
 
@@ -360,32 +372,24 @@ def _first(text: bytes) -> bytes:
     return text[start : start + 1]
 
 
-def _utf8(raw: bytes) -> bytes:
-    """``raw`` in UTF-8, read as ``json.loads(bytes)`` reads it: UTF-8 (lone surrogates
-    allowed, as Python's ``json`` allows them), with or without a BOM, UTF-16 or UTF-32."""
-    # A body opening with "{" and no NUL after it is UTF-8 by json.detect_encoding's own
-    # rules; nearly every body is one, and the detection costs as much as the rest.
-    encoding = "utf-8" if raw[0] == 0x7B and raw[1:2] != b"\0" else json.detect_encoding(raw)
-    try:
-        if encoding != "utf-8":
-            return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
-        if not raw.isascii():
-            raw.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError as e:
-        raise BadRequestError(None, f"request body is not valid JSON: {e}") from None
-    return raw
-
-
 def _restored(marked: bytes, marks: Marks | None) -> bytes:
     return marked if marks is None else marks.restore(marked)
 
 
-def _not_json(error: msgspec.DecodeError, marks: Marks | None) -> BadRequestError:
+def _not_json(
+    error: msgspec.DecodeError, marks: Marks | None, shift: tuple[int, int] = (0, 0)
+) -> BadRequestError:
     reason = str(error).removeprefix("JSON is malformed: ")
-    if marks is not None:
-        reason = OFFSET.sub(lambda m: f"(byte {marks.offset(int(m[1]))})", reason)
+    if marks is not None or shift != (0, 0):
+        wrapped, start = shift
+
+        def offset(found: re.Match[str]) -> str:
+            at = int(found[1]) if marks is None else marks.offset(int(found[1]))
+            return f"(byte {at - wrapped + start})"
+
+        reason = OFFSET.sub(offset, reason)
     reason = reason[:1].lower() + reason[1:]
-    return BadRequestError(None, f"request body is not valid JSON: {reason}")
+    return BadRequestError(None, jsonpieces.NOT_JSON + reason)
 
 
 def _too_deep() -> BadRequestError:

@@ -24,7 +24,7 @@ from collections.abc import Generator, Iterator
 __all__ = ["SLICE", "TEXT_SLICE", "within"]
 
 #: bytes of brackets measured between two pauses (a few milliseconds of work)
-SLICE = 1 << 20
+SLICE = 256 << 10
 #: bytes of a document reduced to its brackets between two pauses (a few milliseconds)
 TEXT_SLICE = 2 << 20
 
@@ -58,11 +58,10 @@ def within(text: bytes, limit: int) -> Generator[None, None, bool]:
         yield
     if opens <= limit:
         return True
-    escapes = b"\\" in text
     kept: list[bytes] = []
     for start, end in _cuts(text):
         piece = text[start:end]
-        if escapes:
+        if b"\\" in piece:
             # Outside strings JSON has no backslash; inside, an escaped backslash goes
             # first, then an escaped quote, and every quote left delimits a string.
             piece = piece.replace(b"\\\\", b"").replace(b'\\"', b"")
@@ -71,12 +70,11 @@ def within(text: bytes, limit: int) -> Generator[None, None, bool]:
         # inside. (A pair split between two pieces stays: it is an empty string.)
         kept.append(piece.translate(_BRACKETS, _NOT_STRUCTURE).replace(b'""', b""))
         yield
-    brackets = b"".join(kept)
-    del kept
-    if b'"' in brackets:
-        brackets = yield from _outside_strings(brackets)
+    # The brackets stay in their pieces: joined, they were one step of up to 30 MiB.
+    if any(b'"' in piece for piece in kept):
+        kept = yield from _outside_strings(kept)
     yield
-    return (yield from _balanced_within(brackets, limit))
+    return (yield from _balanced_within(kept, limit))
 
 
 _BACKSLASHES = re.compile(rb"\\*")
@@ -96,23 +94,31 @@ def _cuts(text: bytes) -> Iterator[tuple[int, int]]:
         start = end
 
 
-def _outside_strings(brackets: bytes) -> Generator[None, None, bytes]:
-    """``brackets`` (quotes and brackets only) without the strings' contents."""
+def _slices(parts: list[bytes]) -> Iterator[bytes]:
+    """``parts`` in slices of at most ``SLICE`` bytes, in order."""
+    for part in parts:
+        for start in range(0, len(part), SLICE):
+            yield part[start : start + SLICE]
+
+
+def _outside_strings(parts: list[bytes]) -> Generator[None, None, list[bytes]]:
+    """``parts`` (quotes and brackets only, read one after another) without the strings'
+    contents."""
     kept: list[bytes] = []
     inside = False
-    for start in range(0, len(brackets), SLICE):
-        pieces = brackets[start : start + SLICE].split(b'"')
+    for piece in _slices(parts):
+        pieces = piece.split(b'"')
         kept.append(b"".join(pieces[1 if inside else 0 :: 2]))
         inside ^= len(pieces) % 2 == 0
         yield
-    return b"".join(kept)
+    return kept
 
 
-def _balanced_within(brackets: bytes, limit: int) -> Generator[None, None, bool]:
-    """Whether the balanced ``brackets`` nest at most ``limit`` levels."""
+def _balanced_within(parts: list[bytes], limit: int) -> Generator[None, None, bool]:
+    """Whether the balanced brackets ``parts`` (read one after another) nest at most
+    ``limit`` levels."""
     depth = 0
-    for start in range(0, len(brackets), SLICE):
-        piece = brackets[start : start + SLICE]
+    for piece in _slices(parts):
         opens = piece.count(_OPEN)
         if not _piece_within(piece, opens, depth, limit):
             return False

@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "controller.relay": 4,
     "controller.protocol": 3,
     "controller.jsonbody": 3,
+    "controller.jsonpieces": 3,
+    "controller.jsoncuts": 3,
     "controller.jsontokens": 3,
     "controller.nesting": 3,
     "controller.config": 3,

@@ -323,3 +323,16 @@ def test_a_status_longer_than_allowed_is_not_decoded_item_by_item() -> None:
     )
     read = jsonbody.read(body, REGISTER, max_items=1024)
     assert read["worker_status"]["model_names"] == [None] * 5001
+
+
+@pytest.mark.parametrize("escape", [b"\\ud80{", b"\\uD8", b"\\udzzz"])
+def test_a_surrogate_escape_cut_short_is_refused_beside_a_marked_one(escape: bytes) -> None:
+    """A body holding a lone surrogate (so it is checked with its tokens marked) and an
+    escape "\\ud..." without its four hex digits is not JSON, as Python's json says: only
+    whole escapes are marked (a cut-short one was made valid by its placeholder)."""
+    body = b'{"model": "m", "x": ["\\ud800", "' + escape + b'0"]}'
+    with pytest.raises(json.JSONDecodeError, match="Invalid"):
+        json.loads(body)
+    with pytest.raises(BadRequestError) as refused:
+        jsonbody.read(body, DISPATCH)
+    assert refused.value.problem.startswith("request body is not valid JSON")
