@@ -74,6 +74,9 @@ class Metrics:
         #: responses by (endpoint, status): routes and status codes are few, so it stays small
         self.responses: dict[tuple[str, int], int] = {}
         self._static_paths: frozenset[str] | None = None
+        #: each route's endpoint label, looked up once (routes are the application's few;
+        #: a request no route took gets a stand-in of its own, never kept here)
+        self._endpoints: dict[web.AbstractRoute, str] = {}
         self.collectors = reg = CollectorRegistry()
         self.ttfc = Histogram(
             "fc_controller_ttfc_seconds",
@@ -124,8 +127,14 @@ class Metrics:
     def count(self, request: web.Request, status: int) -> None:
         """Count an answer of ``status`` to ``request`` as it starts (see
         :mod:`~controller.edge.request_ids` for who calls this)."""
-        resource = request.match_info.route.resource
-        endpoint = resource.canonical if resource is not None else self._unrouted(request)
+        route = request.match_info.route
+        endpoint = self._endpoints.get(route)
+        if endpoint is None:
+            resource = route.resource
+            if resource is None:
+                endpoint = self._unrouted(request)
+            else:
+                endpoint = self._endpoints[route] = resource.canonical
         key = (endpoint, status)
         responses = self.responses
         responses[key] = responses.get(key, 0) + 1
