@@ -81,8 +81,9 @@ class RegisterRequest:
 DISPATCH = Fields(values=("model", "affinity_key"))
 
 
-class _UsualDispatch(msgspec.Struct):
-    """Nearly every DISPATCH body: a string model and no affinity key."""
+class _UsualDispatch(msgspec.Struct, gc=False):
+    """Nearly every DISPATCH body: a string model and no affinity key (a string and a
+    None hold no reference cycle, so the garbage collector need not track it)."""
 
     model: str
     affinity_key: None = None
