@@ -162,10 +162,8 @@ def least_time(
     onto whichever looks faster by chance. Workers with speed 0 come last, by queue
     length among themselves.
     """
-    if len(candidates) < 2:
-        # Nothing to compare: the one candidate is the choice, whatever its estimate (as
-        # the steps below would find; a model served by one worker is common).
-        return candidates[0] if candidates else None
+    if not candidates:
+        return None
     prior = prior_service_time(candidates)
     # This runs on every dispatch over every candidate: the common cases (a learned
     # estimate at or below the prior; nothing learned anywhere yet) are computed inline,

@@ -106,7 +106,12 @@ class Router:
         if worker is None:
             if self._least_time and len(candidates) <= dispatch.LEAST_TIME_SCAN:
                 # dispatch.choose's own first step, taken here: one call fewer per request.
-                worker = dispatch.least_time(candidates, slots, now)
+                # One candidate is least_time's choice whatever its estimate (nothing to
+                # compare it with), and a model served by one worker is common.
+                if len(candidates) == 1:
+                    worker = candidates[0]
+                else:
+                    worker = dispatch.least_time(candidates, slots, now)
             else:
                 worker = dispatch.choose(self.method, candidates, self.rng, slots, now)
         # Recorded before counting: the estimates the choice was made on.
