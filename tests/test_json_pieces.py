@@ -108,6 +108,19 @@ def json_accepts(raw: bytes) -> bool:
     return True
 
 
+def _recorded(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """What each call of jsoncuts' function ``name`` returns, from now on, in order."""
+    returned: list[Any] = []
+    function = getattr(jsoncuts, name)
+
+    def recording(*args: Any) -> Any:
+        returned.append(result := function(*args))
+        return result
+
+    monkeypatch.setattr(jsoncuts, name, recording)
+    return returned
+
+
 @pytest.mark.parametrize(("piece", "reduce", "look"), [(1, 1, 1), (1, 2, 3), (2, 3, 64), (7, 5, 2)])
 def test_pieces_read_alike_however_small(
     monkeypatch: pytest.MonkeyPatch, piece: int, reduce: int, look: int
@@ -120,22 +133,8 @@ def test_pieces_read_alike_however_small(
     monkeypatch.setattr(jsoncuts, "PIECE", piece)
     monkeypatch.setattr(jsoncuts, "REDUCE", reduce)
     monkeypatch.setattr(jsoncuts, "LOOK", look)
-    in_strings: list[Any] = []
-    in_string = jsoncuts._in_string
-
-    def counted(*args: Any) -> Any:
-        in_strings.append(cut := in_string(*args))
-        return cut
-
-    monkeypatch.setattr(jsoncuts, "_in_string", counted)
-    in_spaces: list[Any] = []
-    in_space = jsoncuts._in_spaces
-
-    def counted_spaces(*args: Any) -> Any:
-        in_spaces.append(cut := in_space(*args))
-        return cut
-
-    monkeypatch.setattr(jsoncuts, "_in_spaces", counted_spaces)
+    in_strings = _recorded(monkeypatch, "_in_string")
+    in_spaces = _recorded(monkeypatch, "_in_spaces")
     rng = random.Random(piece * 1000 + reduce * 10 + look)
     refused = accepted = 0
     for _ in range(400):
