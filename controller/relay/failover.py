@@ -97,7 +97,7 @@ class Relay:
     async def generate_stream(
         self,
         request: web.Request,
-        body: bytes,
+        body: bytes | bytearray,
         model: str,
         affinity: str | None = None,
         started: float | None = None,
@@ -132,7 +132,7 @@ class Relay:
         self,
         request: web.Request | None,
         path: str,
-        body: bytes,
+        body: bytes | bytearray,
         model: str,
         *,
         count: bool,

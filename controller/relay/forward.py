@@ -27,7 +27,7 @@ async def relay_document(
     request: web.Request | None,
     worker_name: str,
     path: str,
-    body: bytes,
+    body: bytes | bytearray,
     reach: Reach,
     answer_limit: int,
 ) -> tuple[bytes | None, Outcome]:

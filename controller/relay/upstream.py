@@ -156,7 +156,7 @@ class Upstream(Holding, asyncio.Protocol):
     def start(
         self,
         target: Target,
-        body: bytes,
+        body: bytes | bytearray,
         connect_timeout: float,
         document_limit: int = 0,
         head: bytes = b"",
@@ -173,7 +173,12 @@ class Upstream(Holding, asyncio.Protocol):
                 self._free_slot()
 
     def _start(
-        self, target: Target, body: bytes, timeout: float, document_limit: int, head: bytes
+        self,
+        target: Target,
+        body: bytes | bytearray,
+        timeout: float,
+        document_limit: int,
+        head: bytes,
     ) -> None:
         if document_limit:
             self.document, self._document_limit = bytearray(), document_limit
