@@ -271,5 +271,5 @@ class Relay:
             )
 
 
-def _json_response(body: bytes) -> web.Response:
+def _json_response(body: bytes | bytearray) -> web.Response:
     return web.Response(body=body, content_type="application/json")
