@@ -108,9 +108,10 @@ def utf8(raw: bytes | bytearray, inline: int) -> Generator[None, None, bytes | b
 
 
 def _utf8_slices(raw: bytes | bytearray) -> Generator[None, None, None]:
-    """Raises what ``raw.decode("utf-8", "surrogatepass")`` raises, if anything, checking
-    :data:`UTF8` bytes at a time. Slices end before a byte that starts a character, and
-    where one ends in the middle of one, the bytes after it say what is wrong."""
+    """Refuses ``raw`` with what ``raw.decode("utf-8", "surrogatepass")`` raises, if
+    anything, checking :data:`UTF8` bytes at a time. Slices end before a byte that starts a
+    character, and where one ends in the middle of one, the bytes after it say what is
+    wrong."""
     start, size = 0, len(raw)
     while start < size:
         end = min(start + UTF8, size)
@@ -128,10 +129,20 @@ def _utf8_slices(raw: bytes | bytearray) -> Generator[None, None, None]:
                         raw[start : end + 3].decode("utf-8", "surrogatepass")
                     except UnicodeDecodeError as again:
                         error = again
-                where = (start + error.start, start + error.end)
-                raise UnicodeDecodeError(error.encoding, raw, *where, error.reason) from None
+                raise BadRequestError(None, NOT_JSON + _shifted(error, start)) from None
         start = end
         yield
+
+
+def _shifted(error: UnicodeDecodeError, start: int) -> str:
+    """What ``str(error)`` says, its positions ``start`` bytes further on. (An error made
+    over the whole body would copy a bytearray body whole, in one step, to bytes.)"""
+    at, end = error.start + start, error.end + start
+    if error.end == error.start + 1:
+        where = f"byte 0x{error.object[error.start]:02x} in position {at}"
+    else:
+        where = f"bytes in position {at}-{end - 1}"
+    return f"'{error.encoding}' codec can't decode {where}: {error.reason}"
 
 
 def _near(problem: str, at: int) -> bool:
