@@ -20,8 +20,7 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from controller import ControllerConfig
-from controller.edge import bodies
+from controller import ControllerConfig, joining
 from controller.relay.upstream import Upstream
 from controller.server import Controller
 
@@ -295,7 +294,22 @@ async def test_a_large_body_is_joined_a_step_per_turn() -> None:
     chunks = [body[at : at + 256 * 1024] for at in range(0, len(body), 256 * 1024)]
     turns = Turns()
     with turns:
-        whole = await bodies.joined(chunks)
+        whole = await joining.joined(chunks)
     assert whole == body
     assert chunks == []
-    assert turns.count >= len(body) // bodies.JOIN_STEP - 1  # a turn between every two steps
+    assert turns.count >= len(body) // joining.JOIN_STEP - 1  # a turn between every two steps
+
+
+async def test_bytes_trickled_a_few_at_a_time_are_kept_in_few_pieces() -> None:
+    """A peer sending its body (or a worker its answer) a byte or a few at a time: the
+    controller keeps the bytes in pieces of about COALESCE bytes, not an entry per read,
+    and gives them back whole and in order, large chunks among them."""
+    chunks = joining.Chunks()
+    sent = bytearray()
+    for i in range(300_000):
+        data = bytes([i % 256]) * (1 + i % 3) if i % 50_000 else b"L" * (200 * 1024)
+        chunks.add(data)
+        sent += data
+    assert chunks.size == len(sent)
+    assert len(chunks.parts) <= 2 * (len(sent) // joining.COALESCE) + 2
+    assert await chunks.joined() == sent

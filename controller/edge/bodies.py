@@ -3,33 +3,27 @@ arrives, and refused with the answer the client is due (413 past the limit, 408 
 ``--body-timeout``, 400 for a body cut short or that does not decode).
 
 A body of more than one chunk is kept as its chunks until all of it has come (a body
-refused past its limit is never copied), then joined :data:`JOIN_STEP` bytes per turn of
-the loop into one bytearray: joining the chunks in one step copied 63 MiB at once (45 ms,
-most of it touching fresh memory). (Growing a bytearray as the chunks arrived copied every
-byte of the bodies refused past their limit too, and with several growing at once each
-regrowth below glibc's 32 MiB mmap threshold could move a whole array: up to 95 ms in one
-step, four arrays in a script.) The bytearray is the body from then on; nothing changes it,
-and the JSON check and the relay read it as they read bytes.
+refused past its limit is never copied), then joined a few MiB per turn of the loop into
+one bytearray (:func:`controller.joining.joined`). The bytearray is the body from then on;
+nothing changes it, and the JSON check and the relay read it as they read bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
 
 from .. import protocol
 from ..errors import BodyTimeoutError
+from ..joining import Chunks
 
-__all__ = ["JOIN_STEP", "Limit", "joined", "receive", "too_large"]
+__all__ = ["Limit", "receive", "too_large"]
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 
-#: bytes of a body joined into one buffer between two turns of the loop
-JOIN_STEP = 4 << 20
 #: a body limit, and the setting that sets it (named in the 413's message)
 Limit = tuple[int, str]
 
@@ -37,7 +31,8 @@ Limit = tuple[int, str]
 async def receive(request: web.Request, limit: Limit) -> bytes | bytearray:
     """The rest of ``request``'s body, refused past ``limit`` bytes as it arrives (the
     application's own limit is the larger of the two settings, so aiohttp's check never
-    fires first). One chunk comes back as it came, more as one buffer (:func:`joined`)."""
+    fires first). One chunk comes back as it came, more joined into one buffer a few MiB
+    per turn of the loop (:func:`~controller.joining.joined`)."""
     try:
         return await _gathered(request, limit)
     except web.RequestPayloadError:
@@ -61,38 +56,16 @@ async def receive(request: web.Request, limit: Limit) -> bytes | bytearray:
 
 async def _gathered(request: web.Request, limit: Limit) -> bytes | bytearray:
     stream = request.content
-    chunks: list[bytes] = []
-    size = 0
+    chunks = Chunks()
     while chunk := await stream.readany():
-        size += len(chunk)
-        if size > limit[0]:
+        chunks.add(chunk)
+        if chunks.size > limit[0]:
             # Dropped before raising: the exception's traceback keeps this frame, and with
             # it whatever it holds, alive until a full garbage collection.
             chunks.clear()
             del chunk
             raise too_large(limit)
-        chunks.append(chunk)
-    return await joined(chunks)
-
-
-async def joined(chunks: list[bytes]) -> bytes | bytearray:
-    """``chunks`` as one buffer, joined :data:`JOIN_STEP` bytes per turn of the loop when
-    they are more (``chunks`` is emptied, each chunk dropped once copied)."""
-    if len(chunks) <= 1:
-        return chunks[0] if chunks else b""
-    if sum(map(len, chunks)) <= JOIN_STEP:
-        return b"".join(chunks)
-    whole = bytearray()
-    chunks.reverse()
-    copied = 0
-    while chunks:
-        chunk = chunks.pop()
-        whole += chunk
-        copied += len(chunk)
-        if copied >= JOIN_STEP and chunks:
-            copied = 0
-            await asyncio.sleep(0)
-    return whole
+    return await chunks.joined()
 
 
 def too_large(limit: Limit) -> web.HTTPRequestEntityTooLarge:

@@ -13,6 +13,7 @@ import logging
 
 from aiohttp import web
 
+from ..joining import Chunks
 from .reach import Reach
 from .stream import Outcome
 from .upstream import Upstream
@@ -30,7 +31,7 @@ async def relay_document(
     body: bytes | bytearray,
     reach: Reach,
     answer_limit: int,
-) -> tuple[bytearray | None, Outcome]:
+) -> tuple[bytes | bytearray | None, Outcome]:
     """POST ``body`` to ``path`` on a worker; its answer and how the call ended.
 
     Never raises for I/O. The answer is ``None`` unless the outcome is ``COMPLETED``; an
@@ -51,14 +52,16 @@ async def relay_document(
                 # A kept-alive connection the worker had closed: once more on a new one.
                 fresh = True
                 continue
-            return _outcome(request, upstream, worker_name, path)
+            document, outcome = _outcome(request, upstream, worker_name, path)
         finally:
             reach.release(upstream, request)
+        # Joined a few MiB per turn, not copied in one step (up to --max-worker-answer-size).
+        return (None if document is None else await document.joined()), outcome
 
 
 def _outcome(
     request: web.Request | None, upstream: Upstream, worker_name: str, path: str
-) -> tuple[bytearray | None, Outcome]:
+) -> tuple[Chunks | None, Outcome]:
     if request is not None and client_gone(request):
         return None, Outcome.CLIENT_GONE
     if upstream.stopped:
@@ -69,6 +72,4 @@ def _outcome(
     if upstream.failure is not None or upstream.document is None:
         log.debug("worker %s failed %s: %r", worker_name, path, upstream.failure)
         return None, Outcome.FAILED_BEFORE_START
-    # The document as collected, not a copy: one of up to --max-worker-answer-size bytes
-    # was a single step of tens of milliseconds, with the answer held twice.
     return upstream.document, Outcome.COMPLETED

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from ..joining import Chunks
 from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
 from .holding import BULK_READ, MAX_MESSAGE_SIZE, Holding
@@ -78,7 +79,7 @@ class Upstream(Holding, Sending, asyncio.Protocol):
         self._parked = False
         self._sink: ClientSink | None = None
         #: a single document's body (``None`` for a stream), and its size limit
-        self.document: bytearray | None = None
+        self.document: Chunks | None = None
         self._document_limit = 0
         self._reserved = False
         #: resolved (with None) whenever the relay has something to do
@@ -177,7 +178,7 @@ class Upstream(Holding, Sending, asyncio.Protocol):
         self, target: Target, body: Body, timeout: float, document_limit: int, head: bytes
     ) -> None:
         if document_limit:
-            self.document, self._document_limit = bytearray(), document_limit
+            self.document, self._document_limit = Chunks(), document_limit
         self._key = target.key
         request = self._first_write(
             target.request_head(len(body), self._pool.extra_head + head), body
