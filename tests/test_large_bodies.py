@@ -252,9 +252,10 @@ def test_a_large_body_is_held_once_on_its_way_to_the_worker() -> None:
 
 def test_a_large_worker_answer_is_held_once_on_its_way_to_the_client() -> None:
     """A 48 MiB answer to /worker_generate (within --max-worker-answer-size): the client
-    gets it whole, and the controller's allocations peak at about twice the answer: it
-    goes out as collected (aiohttp joins it to its head once, on Python before 3.12.9);
-    a copy of it to bytes first, in one step, made that three times."""
+    gets it whole, and the controller's allocations peak at about twice the answer: its
+    pieces are joined once, each let go as copied (and aiohttp joins it to its head once
+    more, on Python before 3.12.9); a copy of it to bytes, in one step, made that three
+    times."""
     answer = b'{"text": "' + b"a" * (48 * MIB) + b'", "error_code": 0}'
     worker = Worker(answer=answer)
     got: list[tuple[int, str]] = []
