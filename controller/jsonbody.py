@@ -124,16 +124,18 @@ class BodyReader:
     pause: Callable[[], Awaitable[None]] = _next_turn
     counts: Counts = attrs.Factory(Counts)
 
-    def read(self, raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+    def read(self, raw: bytes | bytearray, fields: Fields, max_items: int = 1024) -> Any:
         """:func:`read`, counted, in one go."""
         return _read(raw, fields, max_items, self.counts)
 
-    async def read_async(self, raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+    async def read_async(
+        self, raw: bytes | bytearray, fields: Fields, max_items: int = 1024
+    ) -> Any:
         """:func:`read`, counted, pausing between its steps when ``raw`` is large."""
         return await _read_async(raw, fields, max_items, self.pause, self.counts)
 
 
-def read(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+def read(raw: bytes | bytearray, fields: Fields, max_items: int = 1024) -> Any:
     """The request body ``raw`` as the parse functions of :mod:`controller.protocol` take
     it: for an object, a dict of the ``fields`` it has, decoded as ``json.loads`` would
     (a container where a single value belongs only as an empty or one-element stand-in:
@@ -144,12 +146,12 @@ def read(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
     return _read(raw, fields, max_items, None)
 
 
-async def read_async(raw: bytes, fields: Fields, max_items: int = 1024) -> Any:
+async def read_async(raw: bytes | bytearray, fields: Fields, max_items: int = 1024) -> Any:
     """:func:`read`, pausing between its steps when ``raw`` is large."""
     return await _read_async(raw, fields, max_items, _next_turn, None)
 
 
-def _read(raw: bytes, fields: Fields, max_items: int, counts: Counts | None) -> Any:
+def _read(raw: bytes | bytearray, fields: Fields, max_items: int, counts: Counts | None) -> Any:
     found = _small(raw, fields)
     if found is not _MISS:
         return found
@@ -157,7 +159,7 @@ def _read(raw: bytes, fields: Fields, max_items: int, counts: Counts | None) -> 
 
 
 async def _read_async(
-    raw: bytes,
+    raw: bytes | bytearray,
     fields: Fields,
     max_items: int,
     pause: Callable[[], Awaitable[None]],
@@ -187,7 +189,7 @@ async def _drive(
         await pause()
 
 
-def _small(raw: bytes, fields: Fields) -> Any:
+def _small(raw: bytes | bytearray, fields: Fields) -> Any:
     """The fields of a small body whose fields are scalars, decoded by msgspec in one
     call; ``_MISS`` for any other body (the steps then read it, and name what is wrong).
 
@@ -216,7 +218,7 @@ _CONTAINERS = (dict, list)
 T = TypeVar("T")
 
 
-def read_as(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T | None:
+def read_as(raw: bytes | bytearray, decoder: msgspec.json.Decoder[T]) -> T | None:
     """``raw`` decoded by a msgspec ``decoder`` of a type (a ``Struct`` of the fields a
     usual request has, say) in one call; ``None`` unless it is at most :data:`SMALL` bytes
     with no more brackets than :data:`MAX_DEPTH` (so it cannot nest deeper) and msgspec
@@ -241,7 +243,7 @@ def _finish(steps: Generator[None, None, Any]) -> Any:
 
 
 def _steps(
-    raw: bytes, fields: Fields, max_items: int, counts: Counts | None
+    raw: bytes | bytearray, fields: Fields, max_items: int, counts: Counts | None
 ) -> Generator[None, None, Any]:
     if not raw or raw.isspace():
         # FastChat clients send some requests without a body.
@@ -270,7 +272,7 @@ def _steps(
 
 
 def _check(
-    decoder: msgspec.json.Decoder[Any], text: bytes, shift: tuple[int, int] = (0, 0)
+    decoder: msgspec.json.Decoder[Any], text: bytes | bytearray, shift: tuple[int, int] = (0, 0)
 ) -> Generator[None, None, tuple[Any, Marks | None]]:
     """``text`` decoded by ``decoder``, again with its tokens marked if msgspec refused
     one of them; :class:`BadRequestError` if it is not JSON either way. ``text`` may be a
@@ -328,7 +330,7 @@ def _fields(raws: jsonpieces.Raws, fields: Fields, path: str, max_items: int) ->
     return found
 
 
-def _value(marked: bytes, marks: Marks | None, path: str | None) -> Any:
+def _value(marked: bytes | bytearray, marks: Marks | None, path: str | None) -> Any:
     """One JSON value decoded as ``json.loads`` decodes it; a container only by its kind."""
     text = _restored(marked, marks)
     first = _first(text)
@@ -363,7 +365,7 @@ def _decode(
 _SPACE = re.compile(rb"[ \t\n\r]*")
 
 
-def _first(text: bytes) -> bytes:
+def _first(text: bytes | bytearray) -> bytes | bytearray:
     """The first byte of a JSON text after its leading whitespace."""
     first = text[:1]
     if first not in b" \t\n\r":
@@ -372,7 +374,7 @@ def _first(text: bytes) -> bytes:
     return text[start : start + 1]
 
 
-def _restored(marked: bytes, marks: Marks | None) -> bytes:
+def _restored(marked: bytes | bytearray, marks: Marks | None) -> bytes | bytearray:
     return marked if marks is None else marks.restore(marked)
 
 

@@ -123,7 +123,7 @@ def closing(cut: Cut) -> bytes:
     return _WRAPS[cut.kind][stack[-1] == _OPEN_OBJECT][1] + stack[::-1].translate(_CLOSERS)
 
 
-def cuts(text: bytes) -> Iterator[Cut | None]:
+def cuts(text: bytes | bytearray) -> Iterator[Cut | None]:
     """Commas outside strings, about :data:`PIECE` bytes apart, with the brackets open at
     each (``None`` between steps)."""
     size = len(text)
@@ -148,7 +148,7 @@ def cuts(text: bytes) -> Iterator[Cut | None]:
         target = pos + PIECE
 
 
-def _end(text: bytes, end: int) -> int:
+def _end(text: bytes | bytearray, end: int) -> int:
     """``end``, or past the run of backslashes it falls in or after and the byte that ends
     it, so that a slice's escapes are its own."""
     if end < len(text) and text[end - 1] == 0x5C:
@@ -157,7 +157,7 @@ def _end(text: bytes, end: int) -> int:
 
 
 def _reduce(
-    piece: bytes, stack: bytearray, inside: bool, last: int, sig: int
+    piece: bytes | bytearray, stack: bytearray, inside: bool, last: int, sig: int
 ) -> tuple[bool, int, int]:
     """Applies the brackets of ``piece`` outside strings to ``stack``; whether the piece
     ends inside a string (``inside``: whether it starts in one), the last of ``[]{},:``
@@ -179,7 +179,7 @@ def _reduce(
         return True, last, sig
     if kept:
         last = kept[-1]
-        _apply(kept.translate(None, b",:"), stack)
+        _apply(bytes(kept.translate(None, b",:")), stack)
     return inside, last, sig
 
 
@@ -200,7 +200,7 @@ def _apply(brackets: bytes, stack: bytearray) -> None:
 
 
 def _cut(
-    text: bytes, pos: int, stack: bytearray, inside: bool, before: tuple[int, int]
+    text: bytes | bytearray, pos: int, stack: bytearray, inside: bool, before: tuple[int, int]
 ) -> Cut | None:
     """The first place from ``pos`` (``inside`` a string or not, ``stack`` open there,
     ``before`` the last of ``[]{},:`` before it and the last byte but spaces) within
@@ -270,7 +270,7 @@ def _in_spaces(at: int, stack: bytes, last: int, sig: int) -> Cut | None:
     return Cut(at, stack, kind, last, sig)
 
 
-def _in_string(text: bytes, pos: int, stack: bytes, last: int) -> Cut | None:
+def _in_string(text: bytes | bytearray, pos: int, stack: bytes, last: int) -> Cut | None:
     """A cut in the string ``pos`` is in (``stack`` open, ``last`` before it) a few bytes
     on: not inside an escape, nor between the two escapes of a surrogate pair, nor inside
     a character of several bytes. ``None`` for a key of the top level (its text, cut,

@@ -47,7 +47,10 @@ Raws = dict[str, tuple[bytes, Marks | None]]
 
 
 def check(
-    text: bytes, decoder: msgspec.json.Decoder[Any], names: tuple[str, ...], check_piece: Check
+    text: bytes | bytearray,
+    decoder: msgspec.json.Decoder[Any],
+    names: tuple[str, ...],
+    check_piece: Check,
 ) -> Generator[None, None, tuple[Raws, bool]]:
     """Checks the document ``text`` (an object or an array) a piece at a time with
     ``check_piece``; the fields ``names`` (of ``decoder``'s type) as their text, and whether any
@@ -84,7 +87,7 @@ def check(
     return found, marked or marks is not None
 
 
-def utf8(raw: bytes, inline: int) -> Generator[None, None, bytes]:
+def utf8(raw: bytes | bytearray, inline: int) -> Generator[None, None, bytes | bytearray]:
     """``raw`` in UTF-8, read as ``json.loads(bytes)`` reads it: UTF-8 (lone surrogates
     allowed, as Python's ``json`` allows them), with or without a BOM, UTF-16 or UTF-32;
     :class:`BadRequestError` if it is none of them. A body in UTF-8 of more than ``inline``
@@ -104,10 +107,11 @@ def utf8(raw: bytes, inline: int) -> Generator[None, None, bytes]:
     return raw
 
 
-def _utf8_slices(raw: bytes) -> Generator[None, None, None]:
-    """Raises what ``raw.decode("utf-8", "surrogatepass")`` raises, if anything, checking
-    :data:`UTF8` bytes at a time. Slices end before a byte that starts a character, and
-    where one ends in the middle of one, the bytes after it say what is wrong."""
+def _utf8_slices(raw: bytes | bytearray) -> Generator[None, None, None]:
+    """Refuses ``raw`` with what ``raw.decode("utf-8", "surrogatepass")`` raises, if
+    anything, checking :data:`UTF8` bytes at a time. Slices end before a byte that starts a
+    character, and where one ends in the middle of one, the bytes after it say what is
+    wrong."""
     start, size = 0, len(raw)
     while start < size:
         end = min(start + UTF8, size)
@@ -125,10 +129,20 @@ def _utf8_slices(raw: bytes) -> Generator[None, None, None]:
                         raw[start : end + 3].decode("utf-8", "surrogatepass")
                     except UnicodeDecodeError as again:
                         error = again
-                where = (start + error.start, start + error.end)
-                raise UnicodeDecodeError(error.encoding, raw, *where, error.reason) from None
+                raise BadRequestError(None, NOT_JSON + _shifted(error, start)) from None
         start = end
         yield
+
+
+def _shifted(error: UnicodeDecodeError, start: int) -> str:
+    """What ``str(error)`` says, its positions ``start`` bytes further on. (An error made
+    over the whole body would copy a bytearray body whole, in one step, to bytes.)"""
+    at, end = error.start + start, error.end + start
+    if error.end == error.start + 1:
+        where = f"byte 0x{error.object[error.start]:02x} in position {at}"
+    else:
+        where = f"bytes in position {at}-{end - 1}"
+    return f"'{error.encoding}' codec can't decode {where}: {error.reason}"
 
 
 def _near(problem: str, at: int) -> bool:
@@ -152,13 +166,13 @@ def raws(doc: Any, names: tuple[str, ...], marks: Marks | None) -> Raws:
     return found
 
 
-def _cut_into(raws: Raws, text: bytes, at: int, tail: bytes) -> bool:
+def _cut_into(raws: Raws, text: bytes | bytearray, at: int, tail: bytes) -> bool:
     """Whether a cut at ``at`` may fall in the value of one of the fields ``raws`` read
     from the piece before it: the last member of that piece, closed by ``tail``, is then
     one of them. (A field whose text merely looks so makes the piece run on; no harm.)"""
     for raw, marks in raws.values():
         if raw.endswith(tail) and len(raw) > len(tail):
-            head = raw[: -len(tail)]
+            head: bytes | bytearray = raw[: -len(tail)]
             if marks is not None:
                 head = marks.restore(head)
             if text.endswith(head, 0, at):

@@ -23,7 +23,7 @@ __all__ = ["OFFSET", "Marks", "maybe_token"]
 OFFSET = re.compile(r"\(byte (\d+)\)")
 
 
-def maybe_token(error: msgspec.DecodeError, text: bytes) -> bool:
+def maybe_token(error: msgspec.DecodeError, text: bytes | bytearray) -> bool:
     """Whether msgspec may have refused ``text`` for a token only Python's json takes (the
     search for them costs five scans of the body)."""
     reason = str(error)
@@ -58,12 +58,12 @@ class Marks:
     Each is valid JSON where its token was valid and invalid where it was not, and inert
     text inside a string, where it changes nothing of the document's structure."""
 
-    text: bytes
+    text: bytes | bytearray
     #: (placeholder, what it replaced)
     undo: tuple[tuple[bytes, bytes], ...] = ()
 
     @classmethod
-    def find(cls, text: bytes, large: bool) -> Generator[None, None, Marks | None]:
+    def find(cls, text: bytes | bytearray, large: bool) -> Generator[None, None, Marks | None]:
         """``text`` with its tokens marked; ``None`` if it has none. Yields between its
         scans when ``text`` is ``large``."""
         found: set[bytes] = set()
@@ -99,7 +99,7 @@ class Marks:
             undo.append((mark, token))
         return cls(text, tuple(undo))
 
-    def restore(self, marked: bytes) -> bytes:
+    def restore(self, marked: bytes | bytearray) -> bytes | bytearray:
         """A part of :attr:`text` as the original document had it."""
         for mark, token in self.undo:
             if mark in marked:
@@ -116,7 +116,7 @@ class Marks:
 _HEX_AS_ZERO = bytes.maketrans(b"123456789abcdefABCDEF", b"0" * 21)
 
 
-def _whole_escapes(text: bytes) -> bool:
+def _whole_escapes(text: bytes | bytearray) -> bool:
     """Whether every "\\u" and hex digit in ``text`` is followed by three more (then
     each surrogate escape may be marked by a plain replace, many times faster than the
     pattern that checks each)."""
@@ -124,7 +124,7 @@ def _whole_escapes(text: bytes) -> bool:
     return zeros.count(b"\\u0") == zeros.count(b"\\u0000")
 
 
-def _tag(text: bytes) -> bytes:
+def _tag(text: bytes | bytearray) -> bytes:
     """Digits that no "[" or escaped "_" in ``text`` is followed by: then no placeholder
     occurs in ``text``, nor across a placeholder's edge. As short as that allows, so a
     body full of NaN grows little when marked: a longer tag is tried only when two random

@@ -48,7 +48,7 @@ def _bounded(depth: int) -> re.Pattern[bytes]:
 _RUNS = re.compile(rb"\(+|\)+")
 
 
-def within(text: bytes, limit: int) -> Generator[None, None, bool]:
+def within(text: bytes | bytearray, limit: int) -> Generator[None, None, bool]:
     """Whether the valid JSON document ``text`` nests at most ``limit`` levels (an object
     or array at the top is one level). Yields between steps that each take a few
     milliseconds of a 16 MiB document."""
@@ -68,7 +68,7 @@ def within(text: bytes, limit: int) -> Generator[None, None, bool]:
         # A string without brackets is left as "": dropping every "" also merges strings
         # that had only commas, colons or scalars between them, which keeps their brackets
         # inside. (A pair split between two pieces stays: it is an empty string.)
-        kept.append(piece.translate(_BRACKETS, _NOT_STRUCTURE).replace(b'""', b""))
+        kept.append(bytes(piece.translate(_BRACKETS, _NOT_STRUCTURE).replace(b'""', b"")))
         yield
     # The brackets stay in their pieces: joined, they were one step of up to 30 MiB.
     if any(b'"' in piece for piece in kept):
@@ -80,7 +80,7 @@ def within(text: bytes, limit: int) -> Generator[None, None, bool]:
 _BACKSLASHES = re.compile(rb"\\*")
 
 
-def _cuts(text: bytes) -> Iterator[tuple[int, int]]:
+def _cuts(text: bytes | bytearray) -> Iterator[tuple[int, int]]:
     """``text`` in slices of about ``TEXT_SLICE`` bytes, as (start, end) pairs, never cut
     inside or right after a run of backslashes, so that each slice's escapes are its own."""
     start, size = 0, len(text)

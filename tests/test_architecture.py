@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "controller.version": 1,
     "controller.requestid": 1,
     "controller.pacing": 1,
+    "controller.joining": 1,
 }
 #: the worker side (and the old import paths kept for it): imports only itself
 WORKER_SIDE = ("controller.worker", "controller.client", "controller.demo_worker")

@@ -21,7 +21,9 @@ from .test_json_bounds import reference_depth
 FIELD_SETS = [protocol.DISPATCH, protocol.REGISTER]
 
 
-def outcome(raw: bytes, fields: Fields, *, pieces: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+def outcome(
+    raw: bytes | bytearray, fields: Fields, *, pieces: bool, monkeypatch: pytest.MonkeyPatch
+) -> Any:
     """What reading ``raw`` gives: ("ok", fields) or ("refused", message). Every body is
     read as a large one (in pieces) or as a small one (in one check)."""
     with monkeypatch.context() as m:
@@ -247,3 +249,25 @@ def utf8_error(raw: bytes) -> UnicodeDecodeError | None:
     except UnicodeDecodeError as e:
         return e
     return None
+
+
+@pytest.mark.parametrize("pieces", [True, False], ids=["in-pieces", "in-one-check"])
+def test_a_body_gathered_in_a_bytearray_reads_as_its_bytes(
+    monkeypatch: pytest.MonkeyPatch, pieces: bool
+) -> None:
+    """A body that arrived in several chunks is gathered in a bytearray as it arrives (one
+    join of 63 MiB held the loop 45 ms): every document and mutation of the corpus, read
+    from a bytearray, gives what the same bytes give, fields and messages alike."""
+    monkeypatch.setattr(jsoncuts, "PIECE", 7)
+    monkeypatch.setattr(jsoncuts, "REDUCE", 5)
+    monkeypatch.setattr(jsoncuts, "LOOK", 2)
+    monkeypatch.setattr(jsonpieces, "UTF8", 3)
+    rng = random.Random(16)
+    for _ in range(300):
+        raw = _document(rng)
+        if rng.random() < 0.3:
+            raw = raw.replace(b'"', b'"\xff', 1) if rng.random() < 0.5 else b"\xef\xbb\xbf" + raw
+        for doc in (raw, _mutated(rng, raw)):
+            for fields in FIELD_SETS:
+                got = outcome(bytearray(doc), fields, pieces=pieces, monkeypatch=monkeypatch)
+                assert got == outcome(doc, fields, pieces=pieces, monkeypatch=monkeypatch), doc

@@ -18,12 +18,14 @@ from .. import protocol
 from ..credentials import Access
 from ..decisions.registry import Registry
 from ..decisions.routing import Router
-from ..errors import BadRequestError, BodyTimeoutError, ForbiddenError, RegistryFullError
+from ..errors import BadRequestError, ForbiddenError, RegistryFullError
 from ..jsonbody import INLINE, BodyReader, Fields, read_as
 from ..logtext import brief
 from ..relay.failover import Relay
 from ..upkeep.probing import Prober
 from .access import CALLER, Gate, Handler, source_of
+from .bodies import Limit, receive
+from .bodies import too_large as _too_large
 from .metrics import Metrics
 from .request_ids import with_request_id
 from .status import StatusRoutes
@@ -45,11 +47,6 @@ def _json(body: bytes, status: int = 200) -> web.Response:
 def _bad_request(error: BadRequestError) -> web.Response:
     log.debug("bad request: %s", error)
     return _json(protocol.error_body(error), status=400)
-
-
-def _refusal(exception: type[web.HTTPClientError], message: str) -> web.HTTPClientError:
-    body = protocol.encode({"error": "bad_request", "field": None, "message": message})
-    return exception(text=body.decode(), content_type=_JSON)
 
 
 def _forbidden(error: ForbiddenError) -> web.Response:
@@ -83,10 +80,6 @@ def _owned(handler: Handler) -> Handler:
     return refusing
 
 
-#: a body limit, and the setting that sets it (named in the 413's message)
-Limit = tuple[int, str]
-
-
 def _arrived(request: web.Request, limit: Limit) -> bytes | None:
     """The request's body if all of it has arrived already (as a small body usually has,
     with its head), read without awaiting; ``None`` when more is to come. Refusals as
@@ -116,56 +109,18 @@ def _arrived(request: web.Request, limit: Limit) -> bytes | None:
 
 
 async def _read(request: web.Request, limit: Limit) -> bytes:
+    """:func:`_gather` as bytes (for a control request's body: one copy of at most 1 MiB)."""
+    raw = await _gather(request, limit)
+    return raw if isinstance(raw, bytes) else bytes(raw)
+
+
+async def _gather(request: web.Request, limit: Limit) -> bytes | bytearray:
     """The request's body within ``limit``: checked before anything is read when the body
-    says its length, else as it arrives (the application's own limit is the larger of the
-    two settings, so aiohttp's check never fires first)."""
+    says its length, else as it arrives (:func:`~controller.edge.bodies.receive`)."""
     raw = _arrived(request, limit)
     if raw is not None:
         return raw
-    try:
-        return await _read_up_to(request, limit)
-    except web.RequestPayloadError:
-        # The body does not decode (corrupt gzip or deflate data): the client's fault, and
-        # aiohttp would make it a 500.
-        message = "request body cannot be decoded as its Content-Encoding says"
-        raise _refusal(web.HTTPBadRequest, message) from None
-    except BodyTimeoutError as e:
-        # --body-timeout: the rest of the body is never read, so the connection closes.
-        answer = {"error": "request_timeout", "field": None, "message": str(e)}
-        refusal = web.HTTPRequestTimeout(text=protocol.encode(answer).decode(), content_type=_JSON)
-        refusal.force_close()
-        raise refusal from None
-    except ConnectionResetError:
-        # The client left halfway through its body. Nobody reads the answer; raising an
-        # HTTP error (rather than letting this through) keeps aiohttp from logging a
-        # traceback at ERROR for every such client.
-        log.debug("client left while sending its request body")
-        raise _refusal(web.HTTPBadRequest, "request body ended early") from None
-
-
-async def _read_up_to(request: web.Request, limit: Limit) -> bytes:
-    stream = request.content
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await stream.readany():
-        size += len(chunk)
-        if size > limit[0]:
-            # Dropped before raising: the exception's traceback keeps this frame, and with
-            # it whatever it holds, alive until a full garbage collection.
-            chunks.clear()
-            del chunk
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _too_large(limit: Limit) -> web.HTTPRequestEntityTooLarge:
-    size, setting = limit
-    message = f"request body is larger than {size} bytes ({setting})"
-    body = protocol.encode({"error": "payload_too_large", "field": None, "message": message})
-    return web.HTTPRequestEntityTooLarge(
-        max_size=size, actual_size=size + 1, text=body.decode(), content_type=_JSON
-    )
+    return await receive(request, limit)
 
 
 @attrs.frozen
@@ -284,7 +239,7 @@ class _Handlers:
 
     async def _relayable(
         self, request: web.Request
-    ) -> tuple[bytes, str, str | None] | web.Response:
+    ) -> tuple[bytes | bytearray, str, str | None] | web.Response:
         """The body, model and affinity key of a request to relay, or what to answer
         instead: 508 Loop Detected for a request this controller relayed before (or one
         that passed through too many proxies), before anything is read or relayed; 400
@@ -294,7 +249,7 @@ class _Handlers:
             log.debug("Refused a request to %s: %s", request.path, reason)
             body = {"error": "loop_detected", "field": None, "message": reason}
             return _json(protocol.encode(body), status=508)
-        raw = await _read(request, self.body_limit)
+        raw = await _gather(request, self.body_limit)
         try:
             data = await self.bodies.read_async(raw, protocol.DISPATCH)
             model, affinity = protocol.parse_dispatch(data)

@@ -97,7 +97,7 @@ class Relay:
     async def generate_stream(
         self,
         request: web.Request,
-        body: bytes,
+        body: bytes | bytearray,
         model: str,
         affinity: str | None = None,
         started: float | None = None,
@@ -132,7 +132,7 @@ class Relay:
         self,
         request: web.Request | None,
         path: str,
-        body: bytes,
+        body: bytes | bytearray,
         model: str,
         *,
         count: bool,
@@ -271,5 +271,5 @@ class Relay:
             )
 
 
-def _json_response(body: bytes) -> web.Response:
+def _json_response(body: bytes | bytearray) -> web.Response:
     return web.Response(body=body, content_type="application/json")

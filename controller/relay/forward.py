@@ -13,6 +13,7 @@ import logging
 
 from aiohttp import web
 
+from ..joining import Chunks
 from .reach import Reach
 from .stream import Outcome
 from .upstream import Upstream
@@ -27,10 +28,10 @@ async def relay_document(
     request: web.Request | None,
     worker_name: str,
     path: str,
-    body: bytes,
+    body: bytes | bytearray,
     reach: Reach,
     answer_limit: int,
-) -> tuple[bytes | None, Outcome]:
+) -> tuple[bytes | bytearray | None, Outcome]:
     """POST ``body`` to ``path`` on a worker; its answer and how the call ended.
 
     Never raises for I/O. The answer is ``None`` unless the outcome is ``COMPLETED``; an
@@ -51,14 +52,16 @@ async def relay_document(
                 # A kept-alive connection the worker had closed: once more on a new one.
                 fresh = True
                 continue
-            return _outcome(request, upstream, worker_name, path)
+            document, outcome = _outcome(request, upstream, worker_name, path)
         finally:
             reach.release(upstream, request)
+        # Joined a few MiB per turn, not copied in one step (up to --max-worker-answer-size).
+        return (None if document is None else await document.joined()), outcome
 
 
 def _outcome(
     request: web.Request | None, upstream: Upstream, worker_name: str, path: str
-) -> tuple[bytes | None, Outcome]:
+) -> tuple[Chunks | None, Outcome]:
     if request is not None and client_gone(request):
         return None, Outcome.CLIENT_GONE
     if upstream.stopped:
@@ -69,4 +72,4 @@ def _outcome(
     if upstream.failure is not None or upstream.document is None:
         log.debug("worker %s failed %s: %r", worker_name, path, upstream.failure)
         return None, Outcome.FAILED_BEFORE_START
-    return bytes(upstream.document), Outcome.COMPLETED
+    return upstream.document, Outcome.COMPLETED

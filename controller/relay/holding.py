@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..joining import Chunks
 from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
 from .sink import GONE, ClientSink
@@ -29,7 +30,7 @@ class Holding:
     # Set by Upstream (see Upstream._reset).
     transport: asyncio.Transport | None
     pending: bytearray
-    document: bytearray | None
+    document: Chunks | None
     refused: str | None
     ended: bool
     draining: bool
@@ -58,7 +59,9 @@ class Holding:
         raise NotImplementedError
 
     def _collect(self, pieces: list[bytes]) -> None:
-        """Add a single document's body bytes, reserving them in the budget first."""
+        """Add a single document's body bytes, reserving them in the budget first. They are
+        kept as they came (:class:`~controller.joining.Chunks`): most answers this large are
+        refused past their limit, and are then never copied."""
         document = self.document
         assert document is not None
         length = self._framing.length
@@ -70,12 +73,12 @@ class Holding:
                 return
             if not self._reserved:
                 self._reserve(len(piece))
-            document += piece
-        if len(document) > self._document_limit and not self.ended:
+            document.add(piece)
+        if document.size > self._document_limit and not self.ended:
             self._refuse("worker's answer is larger than max_worker_answer_size")
 
     def _reserve(self, size: int) -> None:
-        if len(self.document or b"") + size > self._document_limit:
+        if (self.document.size if self.document else 0) + size > self._document_limit:
             self._refuse("worker's answer is larger than max_worker_answer_size")
         elif self._budget.reserve(size):
             self._held += size

@@ -52,7 +52,7 @@ class Reach:
     async def send(
         self,
         target: Target,
-        body: bytes,
+        body: bytes | bytearray,
         request: web.BaseRequest | None,
         *,
         fresh: bool = False,

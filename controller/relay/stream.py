@@ -48,7 +48,7 @@ class Outcome(enum.Enum):
 async def relay_stream(
     request: web.Request,
     worker_name: str,
-    body: bytes,
+    body: bytes | bytearray,
     reach: Reach,
     error_code: int,
     timing: StreamTiming | None = None,

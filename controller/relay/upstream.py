@@ -21,17 +21,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from ..joining import Chunks
 from .budget import Budget
 from .framing import ResponseFraming, UpstreamError
 from .holding import BULK_READ, MAX_MESSAGE_SIZE, Holding
 from .pool import Pool
+from .sending import Body, Sending
 from .sink import ClientSink
 from .target import Target
 
 __all__ = ["MAX_MESSAGE_SIZE", "Upstream"]
 
 
-class Upstream(Holding, asyncio.Protocol):
+class Upstream(Holding, Sending, asyncio.Protocol):
     """One connection to a worker, serving one relayed request at a time.
 
     The relay reads the state below after each :meth:`wait`. For a stream, before
@@ -77,7 +79,7 @@ class Upstream(Holding, asyncio.Protocol):
         self._parked = False
         self._sink: ClientSink | None = None
         #: a single document's body (``None`` for a stream), and its size limit
-        self.document: bytearray | None = None
+        self.document: Chunks | None = None
         self._document_limit = 0
         self._reserved = False
         #: resolved (with None) whenever the relay has something to do
@@ -156,7 +158,7 @@ class Upstream(Holding, asyncio.Protocol):
     def start(
         self,
         target: Target,
-        body: bytes,
+        body: Body,
         connect_timeout: float,
         document_limit: int = 0,
         head: bytes = b"",
@@ -173,12 +175,14 @@ class Upstream(Holding, asyncio.Protocol):
                 self._free_slot()
 
     def _start(
-        self, target: Target, body: bytes, timeout: float, document_limit: int, head: bytes
+        self, target: Target, body: Body, timeout: float, document_limit: int, head: bytes
     ) -> None:
         if document_limit:
-            self.document, self._document_limit = bytearray(), document_limit
+            self.document, self._document_limit = Chunks(), document_limit
         self._key = target.key
-        request = target.request_head(len(body), self._pool.extra_head + head) + body
+        request = self._first_write(
+            target.request_head(len(body), self._pool.extra_head + head), body
+        )
         if self.reused and self.transport is not None:
             self._send(self.transport, request)
             return
@@ -241,7 +245,7 @@ class Upstream(Holding, asyncio.Protocol):
             return
         if not self.completed:
             transport.abort()
-        elif self._framing.reusable and self._key is not None and not transport.is_closing():
+        elif self._framing.reusable and self.sent and self._key and not transport.is_closing():
             self.idle = True
             self._sink = None
             self._pool.release(self, self._key)
@@ -262,6 +266,8 @@ class Upstream(Holding, asyncio.Protocol):
 
     def _send(self, transport: asyncio.Transport, request: bytes) -> None:
         transport.write(request)
+        if self._unsent is not None:
+            self._send_rest()
         self._sent_at = self._last_data = self._loop.time()
         if self._timer is not None:
             self._timer.cancel()
