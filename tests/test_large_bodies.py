@@ -14,7 +14,7 @@ import hashlib
 import json
 import tracemalloc
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import aiohttp
@@ -133,6 +133,43 @@ def count_writes(monkeypatch: pytest.MonkeyPatch, turns: Turns) -> list[tuple[in
     return writes
 
 
+Call = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
+
+
+def run_against(worker: Worker, call: Call) -> None:
+    """Run ``call`` against a controller (at the URL it is given) in front of ``worker``,
+    on uvloop, and close both after."""
+
+    async def scenario() -> None:
+        controller = await serve(await worker.start())
+        try:
+            async with aiohttp.ClientSession() as http:
+                await call(http, controller.url)
+        finally:
+            await controller.aclose()
+            assert worker.server is not None
+            worker.server.close()
+
+    on_uvloop(scenario)
+
+
+def traced_peak(worker: Worker, call: Call) -> int:
+    """The peak of the controller's allocations (tracemalloc) while ``call`` runs (see
+    :func:`run_against`)."""
+    peaks: list[int] = []
+
+    async def traced(http: aiohttp.ClientSession, url: str) -> None:
+        tracemalloc.start()
+        try:
+            await call(http, url)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+
+    run_against(worker, traced)
+    return peaks[0]
+
+
 def test_a_large_body_goes_to_the_worker_a_piece_a_turn_as_fast_as_it_reads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -148,23 +185,13 @@ def test_a_large_body_goes_to_the_worker_a_piece_a_turn_as_fast_as_it_reads(
     body = large_body(32 * MIB)
     answers: list[tuple[int, bytes]] = []
 
-    async def scenario() -> None:
-        controller = await serve(await worker.start())
-        try:
-            async with aiohttp.ClientSession() as http:
-                with turns:
-                    async with http.post(
-                        f"{controller.url}/worker_generate_stream",
-                        data=chunks(body),
-                        headers={"X-Request-Id": "big-1"},
-                    ) as r:
-                        answers.append((r.status, await r.read()))
-        finally:
-            await controller.aclose()
-            assert worker.server is not None
-            worker.server.close()
+    async def relay(http: aiohttp.ClientSession, url: str) -> None:
+        with turns:
+            url, sent = f"{url}/worker_generate_stream", {"X-Request-Id": "big-1"}
+            async with http.post(url, data=chunks(body), headers=sent) as r:
+                answers.append((r.status, await r.read()))
 
-    on_uvloop(scenario)
+    run_against(worker, relay)
     assert answers == [(200, ANSWER)]
     assert worker.digests == [hashlib.sha256(body).hexdigest()]
     [head] = worker.heads
@@ -193,22 +220,13 @@ def test_a_worker_answering_before_the_body_is_all_sent_gets_a_new_connection(
     body = large_body(32 * MIB)
     answers: list[tuple[int, bytes]] = []
 
-    async def scenario() -> None:
-        controller = await serve(await worker.start())
-        try:
-            async with aiohttp.ClientSession() as http:
-                with turns:
-                    for data in (chunks(body), json.dumps({"model": "m"}).encode()):
-                        async with http.post(
-                            f"{controller.url}/worker_generate_stream", data=data
-                        ) as r:
-                            answers.append((r.status, await r.read()))
-        finally:
-            await controller.aclose()
-            assert worker.server is not None
-            worker.server.close()
+    async def relay_twice(http: aiohttp.ClientSession, url: str) -> None:
+        with turns:
+            for data in (chunks(body), json.dumps({"model": "m"}).encode()):
+                async with http.post(f"{url}/worker_generate_stream", data=data) as r:
+                    answers.append((r.status, await r.read()))
 
-    on_uvloop(scenario)
+    run_against(worker, relay_twice)
     assert answers == [(200, ANSWER), (200, ANSWER)]
     assert worker.connections == 2
     assert [h.startswith(b"POST /worker_generate_stream HTTP/1.1\r\n") for h in worker.heads] == [
@@ -225,29 +243,14 @@ def test_a_large_body_is_held_once_on_its_way_to_the_worker() -> None:
     times at once)."""
     worker = Worker(per_read=MIB)
     body = large_body(32 * MIB)
-    peaks: list[int] = []
 
-    async def scenario() -> None:
-        controller = await serve(await worker.start())
-        try:
-            async with aiohttp.ClientSession() as http:
-                tracemalloc.start()
-                try:
-                    async with http.post(
-                        f"{controller.url}/worker_generate_stream", data=chunks(body)
-                    ) as r:
-                        assert (r.status, await r.read()) == (200, ANSWER)
-                    peaks.append(tracemalloc.get_traced_memory()[1])
-                finally:
-                    tracemalloc.stop()
-        finally:
-            await controller.aclose()
-            assert worker.server is not None
-            worker.server.close()
+    async def relay(http: aiohttp.ClientSession, url: str) -> None:
+        async with http.post(f"{url}/worker_generate_stream", data=chunks(body)) as r:
+            assert (r.status, await r.read()) == (200, ANSWER)
 
-    on_uvloop(scenario)
+    peak = traced_peak(worker, relay)
     assert worker.digests == [hashlib.sha256(body).hexdigest()]
-    assert peaks[0] < 1.5 * len(body)
+    assert peak < 1.5 * len(body)
 
 
 def test_a_large_worker_answer_is_held_once_on_its_way_to_the_client() -> None:
@@ -259,32 +262,17 @@ def test_a_large_worker_answer_is_held_once_on_its_way_to_the_client() -> None:
     answer = b'{"text": "' + b"a" * (48 * MIB) + b'", "error_code": 0}'
     worker = Worker(answer=answer)
     got: list[tuple[int, str]] = []
-    peaks: list[int] = []
 
-    async def scenario() -> None:
-        controller = await serve(await worker.start())
-        try:
-            async with aiohttp.ClientSession() as http:
-                tracemalloc.start()
-                try:
-                    async with http.post(
-                        f"{controller.url}/worker_generate", json={"model": "m"}
-                    ) as r:
-                        digest = hashlib.sha256()
-                        async for chunk in r.content.iter_any():
-                            digest.update(chunk)
-                        got.append((r.status, digest.hexdigest()))
-                    peaks.append(tracemalloc.get_traced_memory()[1])
-                finally:
-                    tracemalloc.stop()
-        finally:
-            await controller.aclose()
-            assert worker.server is not None
-            worker.server.close()
+    async def forward(http: aiohttp.ClientSession, url: str) -> None:
+        async with http.post(f"{url}/worker_generate", json={"model": "m"}) as r:
+            digest = hashlib.sha256()
+            async for chunk in r.content.iter_any():
+                digest.update(chunk)
+            got.append((r.status, digest.hexdigest()))
 
-    on_uvloop(scenario)
+    peak = traced_peak(worker, forward)
     assert got == [(200, hashlib.sha256(answer).hexdigest())]
-    assert peaks[0] < 2.5 * len(answer)
+    assert peak < 2.5 * len(answer)
 
 
 async def test_a_large_body_is_joined_a_step_per_turn() -> None:
