@@ -93,6 +93,7 @@ class _UsualDispatch(msgspec.Struct, gc=False):
 #: ``parse_dispatch(read(raw, DISPATCH))`` gives for it, ``(model, None)``, at a third of
 #: the cost; any other body is read that way
 USUAL_DISPATCH = msgspec.json.Decoder(_UsualDispatch)
+
 #: /receive_heart_beat
 HEARTBEAT = Fields(values=("worker_name", "queue_length"))
 #: /unregister_worker

@@ -185,15 +185,14 @@ class ClientConnections:
     """The client connections of one listening socket, and their bounds.
 
     Made from an ``AppRunner``'s (set up) low-level server, whose ``request_handler`` it
-    wraps; :meth:`listen` opens the socket. ``held`` counts the connections held now.
+    wraps, and the ``tagging`` of its requests; :meth:`listen` opens the socket.
+    ``held`` counts the connections held now.
     """
 
-    def __init__(
-        self, server: web.Server, limits: ClientLimits, tagging: Tagging | None = None
-    ) -> None:
+    def __init__(self, server: web.Server, limits: ClientLimits, tagging: Tagging) -> None:
         self.loop = asyncio.get_running_loop()
-        #: request ids and response counts (ids only, uncounted, unless given)
-        self._tagging = tagging if tagging is not None else Tagging()
+        #: gives each request its id and counts its answer
+        self._tagging = tagging
         self.limits = limits
         self._idle_timeout = limits.idle_timeout
         self.header_timeout = limits.header_timeout

@@ -19,21 +19,13 @@ none of its business), and counts every answer, the host's too, with an
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiohttp import web
 
+from ..relay.tally import Count, uncounted
 from ..requestid import HEADER, REQUEST_ID, accept
 from .access import Handler
 
-__all__ = ["Count", "Tagging", "with_request_id"]
-
-#: counts an answer of a status (the second argument) to a request
-Count = Callable[[web.Request, int], None]
-
-
-def _uncounted(request: web.Request, status: int) -> None:
-    pass
+__all__ = ["Tagging", "with_request_id"]
 
 
 class Tagging:
@@ -42,7 +34,7 @@ class Tagging:
 
     __slots__ = ("_count",)
 
-    def __init__(self, count: Count = _uncounted) -> None:
+    def __init__(self, count: Count = uncounted) -> None:
         self._count = count
 
     @staticmethod

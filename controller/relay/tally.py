@@ -16,7 +16,10 @@ from typing import Protocol
 import attrs
 from aiohttp import web
 
-__all__ = ["Observer", "RelayTally", "StreamTiming"]
+__all__ = ["Count", "Observer", "RelayTally", "StreamTiming", "uncounted"]
+
+#: counts an answer of a status (the second argument) to a request
+Count = Callable[[web.Request, int], None]
 
 
 class Observer(Protocol):
@@ -25,8 +28,8 @@ class Observer(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
-def _uncounted(request: web.Request, status: int) -> None:
-    pass
+def uncounted(request: web.Request, status: int) -> None:
+    """A :data:`Count` that keeps nothing: where something else counts the answers."""
 
 
 class _Unobserved:
@@ -51,7 +54,7 @@ class RelayTally:
     stream_duration: Observer = attrs.field(factory=_Unobserved)
     #: counts a stream's answer (its status) as it starts, when nothing else counts it
     #: (a standalone controller: see controller.edge.request_ids)
-    started: Callable[[web.Request, int], None] = _uncounted
+    started: Count = uncounted
 
 
 @attrs.define(eq=False, slots=True)
