@@ -47,6 +47,7 @@ from .registry_flags import registry_settings
 from .requestid import RequestIdFilter
 from .server import Controller
 from .startup import startup_line
+from .upkeep.collector import FullCollections
 from .worker.logs import announce
 from .worker.runtime import run_main, serve_until_signalled
 
@@ -194,6 +195,7 @@ def settle_heap() -> int:
 
 async def _run(loaded: Loaded) -> int:
     config = loaded.config
+    full_collections = FullCollections()
 
     def started(controller: Controller) -> None:
         log.info(
@@ -205,12 +207,16 @@ async def _run(loaded: Loaded) -> int:
         # Deployment scripts wait for this line (FastChat's printed Uvicorn's equivalent).
         announce(log, startup_line(controller.url, config, loaded.profile, loaded.config_file))
         settle_heap()
+        full_collections.start()
 
     async def start() -> Controller:
         return await Controller.serve(config)
 
     where = f"{config.host}:{config.port}"
-    return await serve_until_signalled(start, started, where, log, "shutting down")
+    try:
+        return await serve_until_signalled(start, started, where, log, "shutting down")
+    finally:
+        await full_collections.stop()
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

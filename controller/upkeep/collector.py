@@ -1,0 +1,162 @@
+"""Full garbage collections at calm moments rather than in the middle of a burst.
+
+Python starts a full collection on its own after ten collections of the middle generation
+(if enough objects have survived since the last one), whatever the process is doing. In a
+burst (a thousand requests arriving together) those come quickly, and a full collection
+then walks every object of every request in flight: one took 31 ms of a 48 ms stall in the
+hostile benchmark's status fan-out (docs/performance.md). The young generations are
+collected as before; the standalone controller only takes over the timing of the full
+ones (:meth:`FullCollections.start`):
+
+- one is *due* once Python would have considered it (``FULL_AFTER`` middle collections
+  since the last) and the last one's length times ``1 / MAX_SHARE`` has passed since it
+  ended (full collections never take more than ``MAX_SHARE`` of the time);
+- a due collection runs at the next check (every ``CHECK_EVERY`` seconds) that finds the
+  process calm (at most ``CALM`` middle collections since the check before: little is
+  being allocated), or when it has waited ``LONGEST_WAIT`` seconds, busy or not, so that
+  garbage in cycles is still freed under sustained load.
+
+Embedded in another program, the controller leaves the collector alone: the host owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+__all__ = [
+    "CALM",
+    "CHECK_EVERY",
+    "FULL_AFTER",
+    "LONGEST_WAIT",
+    "MAX_SHARE",
+    "NEVER",
+    "FullCollections",
+]
+
+log = logging.getLogger(__name__)
+
+#: middle-generation collections after which a full one is due (Python's own default)
+FULL_AFTER = 10
+#: seconds between two looks at whether a full collection is due and the moment calm
+CHECK_EVERY = 1.0
+#: middle-generation collections since the previous look at most, for the moment to be calm
+CALM = 1
+#: seconds a due full collection waits for calm at most
+LONGEST_WAIT = 30.0
+#: the largest share of the time full collections may take
+MAX_SHARE = 0.01
+#: the oldest generation's threshold that keeps Python from starting a full collection
+NEVER = 2**31 - 1
+
+
+class Collector(Protocol):
+    """What is used of the :mod:`gc` module (tests give a fake one)."""
+
+    def get_threshold(self) -> tuple[int, int, int]: ...
+    def set_threshold(
+        self, threshold0: int, threshold1: int = ..., threshold2: int = ...
+    ) -> None: ...
+
+    def get_count(self) -> tuple[int, int, int]: ...
+    def get_stats(self) -> list[dict[str, Any]]: ...
+    def collect(self, generation: int = ...) -> int: ...
+
+
+class FullCollections:
+    """Runs the full collections itself from :meth:`start` to :meth:`stop` (see the
+    module's text). ``clock``, ``sleep`` and ``collector`` are injectable for tests;
+    ``collections`` counts the full collections it ran, ``forced`` those of them that
+    did not wait for calm."""
+
+    def __init__(
+        self,
+        *,
+        collector: Collector = gc,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._gc = collector
+        self._clock = clock
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+        self._saved: tuple[int, int, int] | None = None
+        #: when the last full collection ended and how long it took
+        self._last_end = clock()
+        self._last_length = 0.0
+        #: middle-generation collections counted at the previous look
+        self._middle_seen = self._middle_collections()
+        #: when the collection due now became due (None: none is)
+        self._due_since: float | None = None
+        self.collections = 0
+        self.forced = 0
+
+    def start(self) -> None:
+        """Take over the full collections (Python no longer starts them) and begin
+        checking, on the running loop."""
+        if self._task is not None:
+            return
+        young, middle, _ = self._saved = self._gc.get_threshold()
+        self._gc.set_threshold(young, middle, NEVER)
+        self._middle_seen = self._middle_collections()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="fc-controller full collections"
+        )
+
+    async def stop(self) -> None:
+        """Stop checking and give the full collections back to Python."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._saved is not None:
+            self._gc.set_threshold(*self._saved)
+            self._saved = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._sleep(CHECK_EVERY)
+            self.check()
+
+    def check(self) -> bool:
+        """One look: run a full collection if one is due and the moment is right;
+        ``True`` if it ran one."""
+        middle = self._middle_collections()
+        busy = middle - self._middle_seen > CALM
+        self._middle_seen = middle
+        now = self._clock()
+        spaced = now - self._last_end >= self._last_length / MAX_SHARE
+        if self._gc.get_count()[2] < FULL_AFTER or not spaced:
+            self._due_since = None
+            return False
+        if self._due_since is None:
+            self._due_since = now
+        waited = now - self._due_since
+        if busy and waited < LONGEST_WAIT:
+            return False
+        self._collect(forced=busy)
+        return True
+
+    def _collect(self, *, forced: bool) -> None:
+        began = self._clock()
+        found = self._gc.collect(2)
+        self._last_end = self._clock()
+        self._last_length = self._last_end - began
+        self._middle_seen = self._middle_collections()
+        self._due_since = None
+        self.collections += 1
+        self.forced += forced
+        log.debug(
+            "Full garbage collection%s: %d unreachable objects, %.1f ms",
+            " (waited long enough for calm)" if forced else "",
+            found,
+            self._last_length * 1000,
+        )
+
+    def _middle_collections(self) -> int:
+        collections: int = self._gc.get_stats()[1]["collections"]
+        return collections

@@ -1,0 +1,188 @@
+"""Full garbage collections run by the controller at calm moments (controller.upkeep.collector).
+
+A fake collector and clock drive the timing rules; the real :mod:`gc` shows that, once
+taken over, Python starts no full collection however much is allocated, and gets its
+thresholds back at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import pytest
+
+from controller.upkeep import collector as module
+from controller.upkeep.collector import (
+    CALM,
+    FULL_AFTER,
+    LONGEST_WAIT,
+    MAX_SHARE,
+    NEVER,
+    FullCollections,
+)
+
+
+class FakeGC:
+    """Counts like :mod:`gc`: ``middle`` collections so far, ``since_full`` of them since
+    the last full one; a full collection takes ``length`` seconds of the fake clock."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.threshold = (700, 10, 10)
+        self.middle = 0
+        self.since_full = 0
+        self.full = 0
+        self.length = 0.0
+
+    def get_threshold(self) -> tuple[int, int, int]:
+        return self.threshold
+
+    def set_threshold(self, threshold0: int, threshold1: int = 10, threshold2: int = 10) -> None:
+        self.threshold = (threshold0, threshold1, threshold2)
+
+    def get_count(self) -> tuple[int, int, int]:
+        return (0, 0, self.since_full)
+
+    def get_stats(self) -> list[dict[str, Any]]:
+        return [{"collections": 0}, {"collections": self.middle}, {"collections": self.full}]
+
+    def collect(self, generation: int = 2) -> int:
+        assert generation == 2
+        self.clock[0] += self.length
+        self.full += 1
+        self.since_full = 0
+        return 0
+
+    def allocate(self, middle_collections: int) -> None:
+        self.middle += middle_collections
+        self.since_full += middle_collections
+
+
+def fake() -> tuple[FakeGC, FullCollections, list[float]]:
+    clock = [100.0]
+    collector = FakeGC(clock)
+    return collector, FullCollections(collector=collector, clock=lambda: clock[0]), clock
+
+
+def test_a_due_collection_waits_while_busy_and_runs_when_calm() -> None:
+    collector, full, clock = fake()
+    for _ in range(5):  # a burst: many middle collections a second
+        clock[0] += 1
+        collector.allocate(CALM + 3)
+        assert not full.check()
+    assert collector.full == 0 and collector.since_full >= FULL_AFTER
+    clock[0] += 1  # the burst is over: at most CALM middle collections since the last look
+    collector.allocate(CALM)
+    assert full.check()
+    assert (collector.full, full.collections, full.forced) == (1, 1, 0)
+
+
+def test_nothing_runs_before_python_would_have_considered_it() -> None:
+    collector, full, clock = fake()
+    collector.allocate(FULL_AFTER - 1)
+    for _ in range(3):
+        clock[0] += 1
+        assert not full.check()
+    collector.allocate(1)
+    clock[0] += 1
+    assert full.check()
+    assert collector.full == 1
+
+
+def test_a_long_burst_gets_its_collection_after_the_longest_wait() -> None:
+    collector, full, clock = fake()
+    collector.allocate(FULL_AFTER)
+    seconds = 0
+    while not full.check():
+        clock[0] += 1
+        seconds += 1
+        collector.allocate(CALM + 1)
+        assert seconds <= LONGEST_WAIT + 1
+    assert seconds >= LONGEST_WAIT
+    assert (collector.full, full.forced) == (1, 1)
+
+
+def test_full_collections_take_at_most_their_share_of_the_time() -> None:
+    collector, full, clock = fake()
+    collector.length = 0.05
+    collector.allocate(FULL_AFTER)
+    assert not full.check()  # busy
+    clock[0] += 1
+    assert full.check()
+    ended = clock[0]
+    collector.allocate(FULL_AFTER)
+    # calm and due by the count, but not spaced enough after a 50 ms collection
+    while clock[0] + 1 < ended + collector.length / MAX_SHARE:
+        clock[0] += 1
+        assert not full.check()
+    clock[0] += 1
+    assert full.check()
+    assert collector.full == 2
+
+
+async def test_start_takes_the_full_collections_over_and_stop_gives_them_back() -> None:
+    clock = [0.0]
+    collector = FakeGC(clock)
+    looks: list[float] = []
+    woken = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        looks.append(seconds)
+        if len(looks) > 3:
+            woken.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    full = FullCollections(collector=collector, clock=lambda: clock[0], sleep=sleep)
+    collector.allocate(FULL_AFTER)
+    full.start()
+    assert collector.threshold == (700, 10, NEVER)
+    await woken.wait()
+    assert collector.full == 1  # the first look found it due and calm
+    await full.stop()
+    assert collector.threshold == (700, 10, 10)
+    assert looks == [module.CHECK_EVERY] * 4
+
+
+@pytest.mark.usefixtures("restore_gc")
+async def test_python_starts_no_full_collection_once_taken_over() -> None:
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    async def never(seconds: float) -> None:
+        await asyncio.Event().wait()
+
+    full = FullCollections(sleep=never)
+    gc.callbacks.append(seen)
+    try:
+        full.start()
+        assert gc.get_threshold()[2] == NEVER
+        garbage = []
+        for _ in range(3 * FULL_AFTER * gc.get_threshold()[0] * gc.get_threshold()[1]):
+            cycle: list[Any] = []
+            cycle.append(cycle)
+            garbage.append(cycle)
+            if len(garbage) > 1000:
+                garbage.clear()
+        middle = generations.count(1)
+        assert middle >= 2 * FULL_AFTER  # enough for Python to have run full ones
+        assert 2 not in generations
+        assert gc.get_count()[2] >= FULL_AFTER
+        assert not full.check()  # due, but that second was busy
+        assert full.check()  # nothing allocated since: calm, so it runs one
+        assert generations[-1] == 2
+    finally:
+        gc.callbacks.remove(seen)
+        await full.stop()
+
+
+@pytest.fixture
+def restore_gc() -> Any:
+    saved = gc.get_threshold()
+    yield
+    assert gc.get_threshold() == saved  # stop() gave them back
+    gc.set_threshold(*saved)
