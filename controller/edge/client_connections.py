@@ -59,9 +59,10 @@ HEAD, BODY, BUSY, IDLE, CLOSED = range(5)
 _SLACK = 0.001
 #: refusals and evictions are summed up in one WARNING at most this often (seconds)
 REPORT_EVERY = 10.0
-#: client reads handed to aiohttp in one turn of the loop (see fair_reads.py): as many as
-#: connections the dispatch benchmark keeps busy (wrk, 64), so steady traffic is rarely held
-READS_PER_TURN = 64
+#: client reads handed to aiohttp in one turn of the loop (see fair_reads.py): at least 16
+#: (what RESET_AFTER leaves), so the dispatch benchmark's 16 clients are never held; a burst
+#: of 64 a turn made turns of several milliseconds, each a normal request's wait
+READS_PER_TURN = 24
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 

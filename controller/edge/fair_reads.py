@@ -7,8 +7,9 @@ all and makes a thousand tasks, which all run in the next turn: other clients' r
 wait behind every one of them. :class:`FairReads` lets ``per_turn`` reads through in one
 turn; past that, a connection's read waits (its socket no longer read meanwhile) in a queue
 of its source address, and the queues are served in rotation, one read each, in the next
-turns. A client sending its first request in a while is served in the next turn, however
-many reads another address has waiting.
+turns. Meanwhile a read from an address with none waiting is handed on at once (up to
+:data:`QUIET_PER_TURN` such reads a turn), however many reads other addresses have
+waiting: a client that is not part of a burst does not queue behind it.
 
 The count of a turn's reads is reset in the turn after it reaches :data:`RESET_AFTER`, not
 after every turn: steady traffic then schedules one callback per ``RESET_AFTER`` reads
@@ -22,10 +23,12 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
-__all__ = ["RESET_AFTER", "FairReads", "Reader"]
+__all__ = ["QUIET_PER_TURN", "RESET_AFTER", "FairReads", "Reader"]
 
 #: reads counted before the count is reset in the next turn
-RESET_AFTER = 16
+RESET_AFTER = 8
+#: reads from sources with none waiting handed on in one turn while others wait
+QUIET_PER_TURN = 16
 
 
 class Reader(Protocol):
@@ -47,13 +50,15 @@ class FairReads:
     later turns, a source address at a time in rotation. ``held_back`` counts the reads
     that had to wait (for tests and the curious)."""
 
-    __slots__ = ("_loop", "_passed", "_queues", "_scheduled", "held_back", "per_turn")
+    __slots__ = ("_loop", "_passed", "_queues", "_quiet", "_scheduled", "held_back", "per_turn")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int) -> None:
         self._loop = loop
         self.per_turn = max(1, per_turn)
         #: reads handed on since the count was last reset (see RESET_AFTER)
         self._passed = 0
+        #: reads handed on this turn, past the count, from sources with none waiting
+        self._quiet = 0
         self._scheduled = False
         #: connections with reads held, per source address, in the order they are served
         self._queues: dict[str, deque[Reader]] = {}
@@ -66,6 +71,13 @@ class FairReads:
             self._passed += 1
             if self._passed >= RESET_AFTER and not self._scheduled:
                 self._schedule()
+            return True
+        # Another source's burst is waiting: a source with nothing waiting goes first (up
+        # to QUIET_PER_TURN reads a turn), so that its request does not queue behind it.
+        queues = self._queues
+        quiet = queues and reader.held is None and reader.source not in queues
+        if quiet and self._quiet < QUIET_PER_TURN:
+            self._quiet += 1
             return True
         self.held_back += 1
         if reader.held is None:
@@ -101,7 +113,7 @@ class FairReads:
 
     def _next_turn(self) -> None:
         self._scheduled = False
-        self._passed = 0
+        self._passed = self._quiet = 0
         queues = self._queues
         while queues and self._passed < self.per_turn:
             source = next(iter(queues))
