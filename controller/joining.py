@@ -16,7 +16,7 @@ import asyncio
 __all__ = ["COALESCE", "JOIN_STEP", "Chunks", "joined"]
 
 #: bytes joined into one buffer between two turns of the loop
-JOIN_STEP = 4 << 20
+JOIN_STEP = 1 << 20
 #: chunks smaller than this are kept together, in pieces of about this size
 COALESCE = 64 << 10
 

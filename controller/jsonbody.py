@@ -15,7 +15,7 @@ not contain, so the fields are turned back into their original text before decod
 Either way the whole document is read by msgspec, never by Python's ``json``.
 
 A large body is read in steps with pauses between them (:meth:`BodyReader.read_async`),
-so other requests are served while it is checked: msgspec checks it a piece of about 1 MiB
+so other requests are served while it is checked: msgspec checks it a piece of about 256 KiB
 at a time (:mod:`controller.jsonpieces`), each piece with its own marks if it needs them.
 """
 

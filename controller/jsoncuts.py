@@ -35,9 +35,9 @@ import attrs
 __all__ = ["LOOK", "PIECE", "REDUCE", "START", "Cut", "closing", "cuts", "opening"]
 
 #: bytes of text a piece holds before it is cut at the next place it can be
-PIECE = 1 << 20
+PIECE = 256 << 10
 #: bytes of text reduced to their brackets in one step
-REDUCE = 256 << 10
+REDUCE = 64 << 10
 #: how far past a piece's end a place to cut is looked for before the piece grows
 LOOK = 64 << 10
 #: tokens read one at a time while looking for it
@@ -110,9 +110,10 @@ def opening(cut: Cut) -> bytes:
     stack = cut.stack
     if not stack:
         return b""
-    parts = [b'{"_":' if c == _OPEN_OBJECT else b"[" for c in stack[:-1]]
-    parts.append(_WRAPS[cut.kind][stack[-1] == _OPEN_OBJECT][0])
-    return b"".join(parts)
+    # Each "{" but the last opens a member "_" (a deep nest makes this long: C speed).
+    return (
+        bytes(stack[:-1]).replace(b"{", b'{"_":') + _WRAPS[cut.kind][stack[-1] == _OPEN_OBJECT][0]
+    )
 
 
 def closing(cut: Cut) -> bytes:
@@ -234,16 +235,22 @@ def _cut(
             inside = True
             continue
         last = c
+        if c == 0x3A:  # ":"
+            continue
+        # A run of brackets is one step, however long (a deep nest is one run of each).
+        run = _RUNS.match(text, at, limit)
+        assert run is not None, "at least the bracket just found"
+        brackets = run.group()
+        pos = run.end()
+        last = sig = brackets[-1]
         if c in (_OPEN_ARRAY, _OPEN_OBJECT):
-            pushed.append(c)
-        elif c == 0x3A:  # ":"
-            pass
-        elif pushed:
-            pushed.pop()
-        elif keep:
-            keep -= 1
-        else:
+            pushed += brackets
+            continue
+        closed = min(len(brackets), len(pushed))
+        del pushed[len(pushed) - closed :]
+        if len(brackets) - closed > keep:
             return None
+        keep -= len(brackets) - closed
     return None
 
 

@@ -23,10 +23,10 @@ from collections.abc import Generator, Iterator
 
 __all__ = ["SLICE", "TEXT_SLICE", "within"]
 
-#: bytes of brackets measured between two pauses (a few milliseconds of work)
-SLICE = 256 << 10
-#: bytes of a document reduced to its brackets between two pauses (a few milliseconds)
-TEXT_SLICE = 2 << 20
+#: bytes of brackets measured between two pauses (under a millisecond of work)
+SLICE = 64 << 10
+#: bytes of a document reduced to its brackets between two pauses (under a millisecond)
+TEXT_SLICE = 512 << 10
 
 _OPEN = b"("
 _CLOSE = b")"

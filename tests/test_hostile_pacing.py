@@ -27,6 +27,8 @@ from controller import ControllerConfig, jsonbody, nesting, protocol
 from controller.edge.client_connections import READS_PER_TURN
 from controller.edge.fair_reads import QUIET_PER_TURN, RESET_AFTER, FairReads
 from controller.jsonbody import BodyReader
+from controller.jsoncuts import PIECE
+from controller.nesting import TEXT_SLICE
 from controller.pacing import Pacer
 from controller.relay.upstream import Upstream
 from controller.server import Controller
@@ -37,10 +39,6 @@ from .test_json_bounds import reference_depth
 
 MIB = 1 << 20
 STATUS = {"model_names": ["m"], "speed": 1, "queue_length": 0}
-#: what controller.nesting reduces between two pauses (its TEXT_SLICE)
-TEXT_SLICE = 2 * MIB
-#: what msgspec checks of a large body at once (controller.jsoncuts' PIECE)
-PIECE = MIB
 #: a read this large is bulk (controller.relay.holding.BULK_READ)
 BULK_READ = 64 * 1024
 

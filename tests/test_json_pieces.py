@@ -271,3 +271,16 @@ def test_a_body_gathered_in_a_bytearray_reads_as_its_bytes(
             for fields in FIELD_SETS:
                 got = outcome(bytearray(doc), fields, pieces=pieces, monkeypatch=monkeypatch)
                 assert got == outcome(doc, fields, pieces=pieces, monkeypatch=monkeypatch), doc
+
+
+def test_a_run_of_brackets_is_one_step_of_the_search_for_a_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A nest 10,000 deep before the first comma: the search for a place to cut reads
+    each run of brackets as one step, so it finds that comma (its token limit once gave
+    up after 4,096 brackets, one step each: a nest a million deep cost 4 ms per look)."""
+    monkeypatch.setattr(jsoncuts, "PIECE", 16)
+    nest = b"[" * 10_000 + b"]" * 10_000
+    doc = b'{"model": "m", "junk": [' + nest + b"," + nest + b"]}"
+    found = [cut.at for cut in jsoncuts.cuts(doc) if cut is not None]
+    assert found == [doc.index(b"],[") + 1]
