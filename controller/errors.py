@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 __all__ = [
     "BadRequestError",
     "BodyTimeoutError",
@@ -10,6 +12,7 @@ __all__ = [
     "ForbiddenError",
     "NotRunningError",
     "RegistryFullError",
+    "release",
 ]
 
 
@@ -72,3 +75,17 @@ class BodyTimeoutError(ControllerError, TimeoutError):
     408 and the connection is closed. A ``TimeoutError``, so aiohttp's lingering read of an
     unread body stops on it quietly.
     """
+
+
+def release(error: BaseException) -> None:
+    """Clear the finished frames in ``error``'s traceback and in those of the errors it
+    came from, so that all of it is freed as soon as ``error`` is dropped. A caught client
+    error otherwise sits in reference cycles with its frames (about 80 objects per failed
+    status probe) that only a full garbage collection frees: a dead fleet probed again and
+    again fills the heap those collections walk."""
+    seen: BaseException | None = error
+    for _ in range(16):  # a chain is short; a cycle of causes must not loop forever
+        if seen is None:
+            return
+        traceback.clear_frames(seen.__traceback__)
+        seen = seen.__cause__ or seen.__context__

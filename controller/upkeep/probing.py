@@ -23,7 +23,7 @@ from ..config import ControllerConfig
 from ..decisions.models import Owner, WorkerInfo, WorkerStatus
 from ..decisions.ownership import Standing
 from ..decisions.registry import Registry
-from ..errors import BadRequestError, ForbiddenError
+from ..errors import BadRequestError, ForbiddenError, release
 from ..jsonbody import read_async
 from ..logtext import brief_names
 from ..pacing import Pacer
@@ -178,6 +178,7 @@ class Prober:
             )
         except (aiohttp.ClientError, TimeoutError, BadRequestError) as e:
             log.debug("status probe of %s failed: %r", worker_name, e)
+            release(e)
             return None
 
     async def check_address(
