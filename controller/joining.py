@@ -11,12 +11,12 @@ array (up to 95 ms in one step, four 64 MiB arrays grown 1 MiB at a time in a sc
 
 from __future__ import annotations
 
-import asyncio
+from .pacing import bulk_step
 
 __all__ = ["COALESCE", "JOIN_STEP", "Chunks", "joined"]
 
 #: bytes joined into one buffer between two turns of the loop
-JOIN_STEP = 1 << 20
+JOIN_STEP = 512 << 10
 #: chunks smaller than this are kept together, in pieces of about this size
 COALESCE = 64 << 10
 
@@ -80,5 +80,5 @@ async def joined(chunks: list[bytes]) -> bytes | bytearray:
         copied += len(chunk)
         if copied >= JOIN_STEP and chunks:
             copied = 0
-            await asyncio.sleep(0)
+            await bulk_step()
     return buffer

@@ -15,13 +15,12 @@ not contain, so the fields are turned back into their original text before decod
 Either way the whole document is read by msgspec, never by Python's ``json``.
 
 A large body is read in steps with pauses between them (:meth:`BodyReader.read_async`),
-so other requests are served while it is checked: msgspec checks it a piece of about 256 KiB
+so other requests are served while it is checked: msgspec checks it a piece of about 128 KiB
 at a time (:mod:`controller.jsonpieces`), each piece with its own marks if it needs them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -34,6 +33,7 @@ from . import jsonpieces
 from .errors import BadRequestError
 from .jsontokens import OFFSET, Marks, maybe_token
 from .nesting import within
+from .pacing import bulk_step
 
 __all__ = [
     "INLINE",
@@ -111,17 +111,14 @@ class Counts:
     pauses: int = 0
 
 
-async def _next_turn() -> None:
-    await asyncio.sleep(0)
-
-
 @attrs.define
 class BodyReader:
     """Reads request bodies with :func:`read`, pausing between the steps of a large one,
     and counts what it did."""
 
-    #: what a pause awaits (the loop's next turn)
-    pause: Callable[[], Awaitable[None]] = _next_turn
+    #: what a pause awaits (the loop's next turn, and the turn of this step in the lane
+    #: all large work shares)
+    pause: Callable[[], Awaitable[None]] = bulk_step
     counts: Counts = attrs.Factory(Counts)
 
     def read(self, raw: bytes | bytearray, fields: Fields, max_items: int = 1024) -> Any:
@@ -148,7 +145,7 @@ def read(raw: bytes | bytearray, fields: Fields, max_items: int = 1024) -> Any:
 
 async def read_async(raw: bytes | bytearray, fields: Fields, max_items: int = 1024) -> Any:
     """:func:`read`, pausing between its steps when ``raw`` is large."""
-    return await _read_async(raw, fields, max_items, _next_turn, None)
+    return await _read_async(raw, fields, max_items, bulk_step, None)
 
 
 def _read(raw: bytes | bytearray, fields: Fields, max_items: int, counts: Counts | None) -> Any:

@@ -35,9 +35,9 @@ import attrs
 __all__ = ["LOOK", "PIECE", "REDUCE", "START", "Cut", "closing", "cuts", "opening"]
 
 #: bytes of text a piece holds before it is cut at the next place it can be
-PIECE = 256 << 10
+PIECE = 128 << 10
 #: bytes of text reduced to their brackets in one step
-REDUCE = 64 << 10
+REDUCE = 32 << 10
 #: how far past a piece's end a place to cut is looked for before the piece grows
 LOOK = 64 << 10
 #: tokens read one at a time while looking for it

@@ -33,7 +33,7 @@ from .jsontokens import OFFSET, Marks
 __all__ = ["NOT_JSON", "UTF8", "Check", "Raws", "check", "raws", "utf8"]
 
 #: bytes of a large body checked as UTF-8 in one step
-UTF8 = 1 << 20
+UTF8 = 512 << 10
 #: how a refusal of a body that is not JSON begins
 NOT_JSON = "request body is not valid JSON: "
 #: checks one piece as ``_check`` in :mod:`controller.jsonbody` does: the piece, and where

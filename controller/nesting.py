@@ -24,9 +24,9 @@ from collections.abc import Generator, Iterator
 __all__ = ["SLICE", "TEXT_SLICE", "within"]
 
 #: bytes of brackets measured between two pauses (under a millisecond of work)
-SLICE = 64 << 10
+SLICE = 32 << 10
 #: bytes of a document reduced to its brackets between two pauses (under a millisecond)
-TEXT_SLICE = 512 << 10
+TEXT_SLICE = 256 << 10
 
 _OPEN = b"("
 _CLOSE = b")"

@@ -10,9 +10,12 @@ after, in the order they asked, so timers, streams and other requests get turns 
 from __future__ import annotations
 
 import asyncio
+import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 
-__all__ = ["Pacer"]
+__all__ = ["STEP_GAP", "Pacer", "bulk_step"]
 
 
 class Pacer:
@@ -73,3 +76,77 @@ class Pacer:
                 self._passed += 1
         if waiting or self._passed:
             self._schedule()
+
+
+#: seconds from the end of one step of large work to the start of the next, at least
+STEP_GAP = 0.001
+
+#: per event loop, the lane the steps of large work share
+_LANES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
+
+
+class _Lane:
+    """Steps of large work, one at a time, each starting :data:`STEP_GAP` after the one
+    before it ended, first come first served."""
+
+    __slots__ = ("_clock", "_loop", "_next", "_timer", "_waiting")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._loop = loop
+        #: not the loop's clock: uvloop's ticks in milliseconds
+        self._clock = clock
+        self._next = 0.0  # when the next step may start
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def step(self) -> None:
+        now = self._clock()
+        if not self._waiting and now >= self._next:
+            self._next = now + STEP_GAP  # replaced by the end of the step, at its next call
+            return
+        waiter = self._loop.create_future()
+        self._waiting.append(waiter)
+        self._arm(now)
+        await waiter
+
+    def ended(self) -> None:
+        """A step just ended: the next starts no sooner than STEP_GAP from now."""
+        self._next = self._clock() + STEP_GAP
+
+    def _arm(self, now: float) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(max(0.0, self._next - now), self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        now = self._clock()
+        if now < self._next:  # a step ended since the timer was set
+            self._arm(now)
+            return
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():  # one cancelled meanwhile takes no place
+                waiter.set_result(None)
+                self._next = self._clock() + STEP_GAP  # until it says it ended
+                break
+        if waiting:
+            self._arm(self._clock())
+
+
+async def bulk_step() -> None:
+    """A pause between two steps of large work (a large body checked or joined): the loop
+    runs what else is ready, and steps of all such work take turns in one lane, one at a
+    time, with at least :data:`STEP_GAP` between the end of one and the start of the next.
+    Five large bodies read at once then cost other clients one step at a time, not five,
+    and a request that needs two or three turns of the loop usually finds no step in its
+    way: large work gets at most about half the loop while other work is waiting."""
+    loop = asyncio.get_running_loop()
+    lane = _LANES.get(loop)
+    if lane is None:
+        lane = _LANES[loop] = _Lane(loop)
+    lane.ended()
+    await asyncio.sleep(0)
+    await lane.step()

@@ -10,6 +10,7 @@ readable socket up to 32 times in a row), so these tests run on uvloop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import socket
@@ -23,13 +24,13 @@ import uvloop
 from aiohttp import web, web_protocol
 from aiohttp.test_utils import TestServer
 
-from controller import ControllerConfig, jsonbody, nesting, protocol
+from controller import ControllerConfig, jsonbody, nesting, pacing, protocol
 from controller.edge.client_connections import READS_PER_TURN
-from controller.edge.fair_reads import QUIET_PER_TURN, RESET_AFTER, FairReads
+from controller.edge.fair_reads import QUIET_PER_TURN, RESET_AFTER, UNIT, FairReads
 from controller.jsonbody import BodyReader
 from controller.jsoncuts import PIECE
 from controller.nesting import TEXT_SLICE
-from controller.pacing import Pacer
+from controller.pacing import STEP_GAP, Pacer, bulk_step
 from controller.relay.upstream import Upstream
 from controller.server import Controller
 from controller.upkeep.probing import ANSWERS_PER_TURN, PROBES_PER_TURN, Prober
@@ -512,3 +513,91 @@ def test_a_source_with_nothing_waiting_goes_before_a_burst_up_to_its_own_share()
     loop.end_turn()  # the next turn: the count of quiet reads starts over
     assert reads.received(_Reader("10.0.2.1"), b"o")
     assert all(r.delivered == [b"o"] for r in others[QUIET_PER_TURN:])  # in the rotation
+
+
+def test_large_reads_count_for_their_size() -> None:
+    """Thirteen connections of one address each send a read of 256 KiB (oversized's
+    bodies come in uvloop's reads of that size): a turn hands on at most per_turn units
+    of UNIT bytes (and the read that crosses the line), not per_turn reads, which would
+    be 13 reads and 3.25 MiB to copy and parse in one turn; the rest follow turn by turn
+    under the same bound. Small reads still count one each."""
+    loop = _StepLoop()
+    reads = FairReads(loop, 24)  # type: ignore[arg-type]  # the loop's call_soon is enough
+    senders = [_Reader("10.0.0.3") for _ in range(13)]
+    big = b"x" * (256 << 10)
+    per_read = 1 + len(big) // UNIT
+    bound = -(-24 // per_read)  # reads until the count reaches 24
+    now = sum(reads.received(r, big) for r in senders)
+    assert now == bound < 13
+    later: list[int] = []
+    while sum(len(r.delivered) for r in senders) < 13 - now:
+        before = sum(len(r.delivered) for r in senders)
+        loop.end_turn()
+        later.append(sum(len(r.delivered) for r in senders) - before)
+        assert len(later) < 10
+    assert max(later) <= bound and all(r.held is None for r in senders)
+    small = FairReads(_StepLoop(), 24)  # type: ignore[arg-type]
+    request = b"GET / HTTP/1.1\r\nHost: c\r\n\r\n"
+    assert sum(small.received(_Reader("10.0.0.4"), request) for _ in range(30)) == 24
+
+
+async def test_steps_of_large_work_take_turns_one_at_a_time() -> None:
+    """Three large works (bodies read at once) of five steps each: no two steps run in the
+    same turn of the loop, every step runs, and the works take turns rather than one
+    running to its end first; another task meanwhile runs every turn."""
+    started: list[tuple[int, str]] = []
+    others: list[int] = []
+
+    async def work(name: str) -> None:
+        for _ in range(5):
+            await bulk_step()
+            started.append((turns.count, name))
+
+    async def other() -> None:
+        while True:
+            others.append(turns.count)
+            await asyncio.sleep(0)
+
+    turns = Turns()
+    with turns:
+        meanwhile = asyncio.ensure_future(other())
+        await asyncio.gather(work("a"), work("b"), work("c"))
+        meanwhile.cancel()
+    at = [turn for turn, _ in started]
+    assert len(at) == 15 and len(set(at)) == 15
+    names = [name for _, name in started]
+    assert sum(x != y for x, y in itertools.pairwise(names)) >= 10  # interleaved
+    assert len(others) >= at[-1] - at[0]  # the loop kept turning between steps
+
+
+def test_the_next_step_starts_a_gap_after_the_last_one_ended() -> None:
+    """With a clock driven by hand: a step asked for right after one ended waits for a
+    timer of what is left of STEP_GAP; once the gap has passed, a step goes on at once."""
+    now = [100.0]
+    timers: list[float] = []
+
+    real = asyncio.new_event_loop()
+
+    class Loop:
+        def create_future(self) -> asyncio.Future[None]:
+            return real.create_future()
+
+        def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+            timers.append(delay)
+            return object()
+
+    try:
+        lane = pacing._Lane(Loop(), lambda: now[0])  # type: ignore[arg-type]
+        lane.ended()
+        now[0] += STEP_GAP / 4
+        waiting = lane.step()
+        waiting.send(None)  # it waits
+        waiting.close()
+        assert timers == [pytest.approx(STEP_GAP * 3 / 4)]
+        fresh = pacing._Lane(Loop(), lambda: now[0])  # type: ignore[arg-type]
+        fresh.ended()
+        now[0] += STEP_GAP
+        with pytest.raises(StopIteration):
+            fresh.step().send(None)  # the gap has passed: no wait
+    finally:
+        real.close()

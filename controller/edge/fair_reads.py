@@ -9,7 +9,9 @@ turn; past that, a connection's read waits (its socket no longer read meanwhile)
 of its source address, and the queues are served in rotation, one read each, in the next
 turns. Meanwhile a read from an address with none waiting is handed on at once (up to
 :data:`QUIET_PER_TURN` such reads a turn), however many reads other addresses have
-waiting: a client that is not part of a burst does not queue behind it.
+waiting: a client that is not part of a burst does not queue behind it. A large read
+counts as several (one more per :data:`UNIT` it holds), so a turn copies and parses a
+bounded amount of a large body, however many connections are sending one.
 
 The count of a turn's reads is reset in the turn after it reaches :data:`RESET_AFTER`, not
 after every turn: steady traffic then schedules one callback per ``RESET_AFTER`` reads
@@ -23,12 +25,16 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
-__all__ = ["QUIET_PER_TURN", "RESET_AFTER", "FairReads", "Reader"]
+__all__ = ["QUIET_PER_TURN", "RESET_AFTER", "UNIT", "FairReads", "Reader"]
 
 #: reads counted before the count is reset in the next turn
 RESET_AFTER = 8
 #: reads from sources with none waiting handed on in one turn while others wait
 QUIET_PER_TURN = 16
+#: a read counts once for each of these (a power of two) it holds, plus one: a turn that
+#: hands on 24 reads of a large body's 256 KiB each would copy and parse 6 MiB
+UNIT = 16 << 10
+_UNIT_BITS = UNIT.bit_length() - 1
 
 
 class Reader(Protocol):
@@ -68,7 +74,7 @@ class FairReads:
         """A read from ``reader``'s socket: ``True`` when the caller is to hand it on now,
         else held for a later turn (``False``)."""
         if reader.held is None and not self._queues and self._passed < self.per_turn:
-            self._passed += 1
+            self._passed += 1 + (len(data) >> _UNIT_BITS)
             if self._passed >= RESET_AFTER and not self._scheduled:
                 self._schedule()
             return True
@@ -77,7 +83,7 @@ class FairReads:
         queues = self._queues
         quiet = queues and reader.held is None and reader.source not in queues
         if quiet and self._quiet < QUIET_PER_TURN:
-            self._quiet += 1
+            self._quiet += 1 + (len(data) >> _UNIT_BITS)
             return True
         self.held_back += 1
         if reader.held is None:
@@ -121,7 +127,8 @@ class FairReads:
             reader = queue.popleft()
             if queue:
                 queues[source] = queue  # to the end of the rotation
-            self._passed += 1
+            held = reader.held
+            self._passed += 1 + (sum(map(len, held)) >> _UNIT_BITS if held else 0)
             self._hand_on(reader)
         if queues or self._passed >= RESET_AFTER:
             self._schedule()
