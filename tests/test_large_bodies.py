@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
+from aiohttp import web_protocol
 
 from controller import ControllerConfig, joining
 from controller.relay.upstream import Upstream
@@ -302,3 +303,47 @@ async def test_bytes_trickled_a_few_at_a_time_are_kept_in_few_pieces() -> None:
     assert chunks.size == len(sent)
     assert len(chunks.parts) <= 2 * (len(sent) // joining.COALESCE) + 2
     assert await chunks.joined() == sent
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_the_rest_of_a_refused_body_is_read_but_never_parsed(
+    monkeypatch: pytest.MonkeyPatch, framing: str
+) -> None:
+    """A body over --max-body-size (1 MiB here) is refused with 413 and "Connection: close"
+    while its client is still sending 24 MiB; the client gets to send all of it and reads
+    its 413, the rest reaches aiohttp's parser not at all (it cost a second of the loop for
+    oversized's 1.3 GB), and the controller goes on serving. Announced by its length, the
+    body is refused before any of it is parsed; chunked, after its first MiB."""
+    parsed = [0]
+    feed = web_protocol.RequestHandler.data_received
+
+    def counted(self: Any, data: bytes) -> None:
+        parsed[0] += len(data)
+        feed(self, data)
+
+    monkeypatch.setattr(web_protocol.RequestHandler, "data_received", counted)
+    config = ControllerConfig(host="127.0.0.1", port=0, max_body_size=MIB)
+    controller = await Controller.serve(config)
+    try:
+        port = int(controller.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = 24 * MIB
+        head = b"POST /worker_generate_stream HTTP/1.1\r\nHost: c\r\n"
+        if framing == "length":
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % size)
+        else:
+            writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * (256 << 10)
+        for _ in range(size // len(piece)):
+            writer.write(piece if framing == "length" else b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        answer = await reader.read(4096)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 413")
+        assert b"\r\nConnection: close\r\n" in answer
+        assert parsed[0] <= 2 * MIB
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{controller.url}/test_connection") as r:
+                assert r.status == 200
+    finally:
+        await controller.aclose()

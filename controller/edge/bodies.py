@@ -73,9 +73,13 @@ def too_large(limit: Limit) -> web.HTTPRequestEntityTooLarge:
     size, setting = limit
     message = f"request body is larger than {size} bytes ({setting})"
     body = protocol.encode({"error": "payload_too_large", "field": None, "message": message})
-    return web.HTTPRequestEntityTooLarge(
+    error = web.HTTPRequestEntityTooLarge(
         max_size=size, actual_size=size + 1, text=body.decode(), content_type=_JSON
     )
+    # "Connection: close": the rest of the body is read and dropped unparsed (see
+    # client_connections.py), so nothing after it on this connection would be read.
+    error.force_close()
+    return error
 
 
 def _refusal(exception: type[web.HTTPClientError], message: str) -> web.HTTPClientError:

@@ -46,7 +46,7 @@ from aiohttp import web
 
 from ..errors import BodyTimeoutError
 from .fair_reads import FairReads
-from .listening import ClientLimits
+from .listening import ClientLimits, LimitsReport
 from .listening import refusal as _refusal
 from .request_ids import Tagging
 
@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 HEAD, BODY, BUSY, IDLE, CLOSED = range(5)
 #: a timer that fires this early counts as on time (uvloop's clock ticks in milliseconds)
 _SLACK = 0.001
-#: refusals and evictions are summed up in one WARNING at most this often (seconds)
-REPORT_EVERY = 10.0
 #: client reads handed to aiohttp in one turn of the loop (see fair_reads.py): at least 16
 #: (what RESET_AFTER leaves), so the dispatch benchmark's 16 clients are never held; a burst
 #: of 64 a turn made turns of several milliseconds, each a normal request's wait
@@ -76,6 +74,7 @@ class _Client(asyncio.Protocol):
         "_timer",
         "body",
         "deadline",
+        "discarding",
         "held",
         "held_paused",
         "phase",
@@ -101,6 +100,8 @@ class _Client(asyncio.Protocol):
         #: reads waiting for their turn (see FairReads)
         self.held: list[bytes] | None = None
         self.held_paused = False
+        #: its body was refused (413): what comes is dropped as it comes, never parsed
+        self.discarding = False
 
     # -- asyncio.Protocol: everything goes on to aiohttp's protocol ------------------------
 
@@ -112,6 +113,8 @@ class _Client(asyncio.Protocol):
             inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         if self.phase == IDLE:
             # The first byte of the next request: the head's time starts. The timer needs
             # no moving: armed when the connection went idle, and re-armed when it fires
@@ -219,9 +222,8 @@ class ClientConnections:
             f"the controller holds {limits.max_connections} connections, each with a request "
             "in progress (max_connections)"
         )
-        #: what happened since the last report, and when the next may be logged
-        self._events: dict[str, int] = {}
-        self._report_at = 0.0
+        #: refusals and evictions, logged now and then
+        self._report = LimitsReport(limits)
 
     async def listen(
         self, host: str | None, port: int, *, ssl_context: ssl.SSLContext | None, backlog: int
@@ -302,6 +304,11 @@ class ClientConnections:
             response = await self._handler(request)
         except web.HTTPException as e:
             tagging.refused(request, e, value)
+            if e.status == 413 and client is not None:
+                # aiohttp reads a refused body to its end before closing (so that the
+                # client, still sending, gets to read its 413), up to 10 s: the rest is
+                # dropped here as it comes instead of parsed (1.3 GB cost a second of CPU).
+                client.discarding = True
             raise
         except Exception:
             tagging.failed(request)
@@ -380,21 +387,4 @@ class ClientConnections:
             transport.close()
 
     def _note(self, what: str) -> None:
-        """Count a refusal or an eviction, and say so now and then (never once per event:
-        an attack would flood the log)."""
-        events = self._events
-        events[what] = events.get(what, 0) + 1
-        now = self.loop.time()
-        if now < self._report_at:
-            return
-        self._report_at = now + REPORT_EVERY
-        self._events = {}
-        limits = self.limits
-        log.warning(
-            "Client connections at their limits (%d held; --max-connections %d, "
-            "--max-connections-per-source %d): %s",
-            self.held,
-            limits.max_connections,
-            limits.max_connections_per_source,
-            ", ".join(f"{n} {kind}" for kind, n in events.items()),
-        )
+        self._report.note(what, self.loop.time(), self.held)

@@ -1,8 +1,9 @@
 """What the standalone controller's listening socket needs before it opens: its TLS
-context, and connection caps that fit the descriptor limit."""
+context, connection caps that fit the descriptor limit, and the report of their refusals."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterable
 from typing import Any
@@ -13,9 +14,11 @@ from .. import protocol
 from ..config import ControllerConfig
 
 __all__ = [
+    "REPORT_EVERY",
     "RETRY_AFTER",
     "Caps",
     "ClientLimits",
+    "LimitsReport",
     "fit_to_descriptors",
     "listening_url",
     "refusal",
@@ -23,8 +26,12 @@ __all__ = [
     "soft_descriptor_limit",
 ]
 
+log = logging.getLogger("controller.edge.client_connections")
+
 #: descriptors kept for the listening socket, the state file, logs and DNS
 SPARE_DESCRIPTORS = 64
+#: refusals and evictions are summed up in one WARNING at most this often (seconds)
+REPORT_EVERY = 10.0
 
 
 def soft_descriptor_limit() -> int | None:
@@ -130,3 +137,30 @@ def refusal(message: str) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+class LimitsReport:
+    """Counts refusals and evictions at the connection caps, and says so now and then in
+    one WARNING (never once per event: an attack would flood the log)."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self._limits = limits
+        self._events: dict[str, int] = {}
+        self._report_at = 0.0
+
+    def note(self, what: str, now: float, held: int) -> None:
+        events = self._events
+        events[what] = events.get(what, 0) + 1
+        if now < self._report_at:
+            return
+        self._report_at = now + REPORT_EVERY
+        self._events = {}
+        limits = self._limits
+        log.warning(
+            "Client connections at their limits (%d held; --max-connections %d, "
+            "--max-connections-per-source %d): %s",
+            held,
+            limits.max_connections,
+            limits.max_connections_per_source,
+            ", ".join(f"{n} {kind}" for kind, n in events.items()),
+        )
