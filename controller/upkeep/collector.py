@@ -5,12 +5,15 @@ Python starts a full collection on its own after ten collections of the middle g
 burst (a thousand requests arriving together) those come quickly, and a full collection
 then walks every object of every request in flight: one took 31 ms of a 48 ms stall in the
 hostile benchmark's status fan-out (docs/performance.md). The young generations are
-collected as before; the standalone controller only takes over the timing of the full
-ones (:meth:`FullCollections.start`):
+collected by Python as before; the standalone controller takes over the timing of the
+full ones (:meth:`FullCollections.start`):
 
-- one is *due* once Python would have considered it (``FULL_AFTER`` middle collections
-  since the last) and the last one's length times ``1 / MAX_SHARE`` has passed since it
-  ended (full collections never take more than ``MAX_SHARE`` of the time);
+- the middle generation is collected every ``MIDDLE_EVERY`` young collections instead of
+  every 10, so that each walks less;
+- a full one is *due* once Python would have considered it (``FULL_AFTER`` middle
+  collections since the last: as many young ones as Python's own 10 times 10) and the
+  last one's length times ``1 / MAX_SHARE`` has passed since it ended (full collections
+  never take more than ``MAX_SHARE`` of the time);
 - a due collection runs at the next check (every ``CHECK_EVERY`` seconds) that finds the
   process calm (at most ``CALM`` middle collections since the check before: little is
   being allocated), or when it has waited ``LONGEST_WAIT`` seconds, busy or not, so that
@@ -34,18 +37,25 @@ __all__ = [
     "FULL_AFTER",
     "LONGEST_WAIT",
     "MAX_SHARE",
+    "MIDDLE_EVERY",
     "NEVER",
     "FullCollections",
 ]
 
 log = logging.getLogger(__name__)
 
-#: middle-generation collections after which a full one is due (Python's own default)
-FULL_AFTER = 10
+#: young collections between two of the middle generation (Python's default is 10): a
+#: middle collection walks what survived that many young ones, which in a burst (a
+#: thousand requests in flight) took 2-5 ms at 10, under 3 ms at 2
+MIDDLE_EVERY = 2
+#: middle-generation collections after which a full one is due: as many young ones as
+#: Python's defaults (10 middle collections of 10 young ones each)
+FULL_AFTER = 50
 #: seconds between two looks at whether a full collection is due and the moment calm
 CHECK_EVERY = 1.0
-#: middle-generation collections since the previous look at most, for the moment to be calm
-CALM = 1
+#: middle-generation collections since the previous look at most, for the moment to be
+#: calm (about 3,500 objects allocated and kept a while, at Python's young threshold)
+CALM = 5
 #: seconds a due full collection waits for calm at most
 LONGEST_WAIT = 30.0
 #: the largest share of the time full collections may take
@@ -100,8 +110,9 @@ class FullCollections:
         checking, on the running loop."""
         if self._task is not None:
             return
-        young, middle, _ = self._saved = self._gc.get_threshold()
-        self._gc.set_threshold(young, middle, NEVER)
+        self._saved = self._gc.get_threshold()
+        young = self._saved[0]
+        self._gc.set_threshold(young, MIDDLE_EVERY, NEVER)
         self._middle_seen = self._middle_collections()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="fc-controller full collections"
