@@ -127,7 +127,8 @@ class _Client(asyncio.Protocol):
             self._inner.data_received(data)
 
     def deliver(self, data: bytes) -> None:
-        self._inner.data_received(data)
+        if not self.discarding:  # held since, then its body refused
+            self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         self._owner.reads.flush(self)
