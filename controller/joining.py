@@ -1,12 +1,13 @@
-"""Chunks joined into one buffer a step per turn of the event loop.
+"""Chunks joined into one buffer a step at a time, in the lane all large work shares.
 
 A body of tens of MiB arrives, or is collected, in chunks of a few hundred KiB. Joining
 them in one step copies all of it at once (63 MiB: 45 ms, most of it touching fresh
 memory), and nothing else runs meanwhile. :func:`joined` copies :data:`JOIN_STEP` bytes
-per turn into one bytearray instead. The chunks are kept as they came until then: growing
-a bytearray as they arrived copied bodies that were refused later too, and with several
-growing at once, each regrowth below glibc's 32 MiB mmap threshold could move a whole
-array (up to 95 ms in one step, four 64 MiB arrays grown 1 MiB at a time in a script).
+a step (:func:`~controller.pacing.bulk_step`) into one bytearray instead. The chunks are
+kept as they came until then: growing a bytearray as they arrived copied bodies that were
+refused later too, and with several growing at once, each regrowth below glibc's 32 MiB
+mmap threshold could move a whole array (up to 95 ms in one step, four 64 MiB arrays
+grown 1 MiB at a time in a script).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .pacing import bulk_step
 
 __all__ = ["COALESCE", "JOIN_STEP", "Chunks", "joined"]
 
-#: bytes joined into one buffer between two turns of the loop
+#: bytes joined into one buffer between two steps of the lane (pacing.bulk_step)
 JOIN_STEP = 512 << 10
 #: chunks smaller than this are kept together, in pieces of about this size
 COALESCE = 64 << 10
@@ -62,7 +63,7 @@ class Chunks:
 
 
 async def joined(chunks: list[bytes]) -> bytes | bytearray:
-    """``chunks`` as one buffer, joined :data:`JOIN_STEP` bytes per turn of the loop when
+    """``chunks`` as one buffer, joined :data:`JOIN_STEP` bytes a step of the lane when
     they are more (``chunks`` is emptied, each chunk dropped once copied). Nothing changes
     the bytearray afterwards; it is read as bytes are."""
     if len(chunks) <= 1:

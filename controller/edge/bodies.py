@@ -3,9 +3,10 @@ arrives, and refused with the answer the client is due (413 past the limit, 408 
 ``--body-timeout``, 400 for a body cut short or that does not decode).
 
 A body of more than one chunk is kept as its chunks until all of it has come (a body
-refused past its limit is never copied), then joined a few MiB per turn of the loop into
-one bytearray (:func:`controller.joining.joined`). The bytearray is the body from then on;
-nothing changes it, and the JSON check and the relay read it as they read bytes.
+refused past its limit is never copied), then joined into one bytearray a step at a time
+in the lane of large work (:func:`controller.joining.joined`). The bytearray is the body
+from then on; nothing changes it, and the JSON check and the relay read it as they read
+bytes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ Limit = tuple[int, str]
 async def receive(request: web.Request, limit: Limit) -> bytes | bytearray:
     """The rest of ``request``'s body, refused past ``limit`` bytes as it arrives (the
     application's own limit is the larger of the two settings, so aiohttp's check never
-    fires first). One chunk comes back as it came, more joined into one buffer a few MiB
-    per turn of the loop (:func:`~controller.joining.joined`)."""
+    fires first). One chunk comes back as it came, more joined into one buffer a step at
+    a time (:func:`~controller.joining.joined`)."""
     try:
         return await _gathered(request, limit)
     except web.RequestPayloadError:

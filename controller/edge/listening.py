@@ -26,6 +26,8 @@ __all__ = [
     "soft_descriptor_limit",
 ]
 
+# The report moved here from client_connections.py; its logger keeps that name, which
+# operators filter on.
 log = logging.getLogger("controller.edge.client_connections")
 
 #: descriptors kept for the listening socket, the state file, logs and DNS

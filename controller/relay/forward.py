@@ -55,7 +55,8 @@ async def relay_document(
             document, outcome = _outcome(request, upstream, worker_name, path)
         finally:
             reach.release(upstream, request)
-        # Joined a few MiB per turn, not copied in one step (up to --max-worker-answer-size).
+        # Joined a step at a time (pacing.bulk_step), not in one go (up to
+        # --max-worker-answer-size).
         return (None if document is None else await document.joined()), outcome
 
 
