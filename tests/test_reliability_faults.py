@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -333,6 +333,19 @@ async def client_gone_delay(
     return worker.upstream_gone_at - left
 
 
+@pytest.fixture
+def settled_heap() -> Iterator[None]:
+    """The test process's heap set aside from full garbage collections, as the standalone
+    controller sets its start-up heap aside (cli.settle_heap): with what a thousand earlier
+    tests left behind, a full collection in this process takes 65-200 ms (a gc callback
+    over a full run), and one landing inside a timed disconnect made it 133 ms, twice."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("settled_heap")
 @pytest.mark.parametrize(
     ("knobs", "read_first"),
     [
