@@ -208,3 +208,27 @@ async def test_a_write_left_running_by_a_cancelled_save_lands_before_the_next(
     assert writes == [1, 2]
     saved = json.loads((tmp_path / "state.json").read_bytes())
     assert len(saved["workers"]) == 2
+
+
+async def test_the_saver_stops_when_a_change_comes_in_the_same_turn_as_the_stop(
+    tmp_path: Path,
+) -> None:
+    """A registry change and the stop (the saver's task cancelled) arriving together: the
+    saver ends at once. With asyncio.wait_for on Python 3.11 the change's wake-up swallowed
+    the cancellation, and shutdown waited out the saver's refresh (up to 30 s)."""
+    from controller.decisions.models import WorkerInfo
+    from controller.decisions.registry import Registry
+    from controller.sharing.state import StateFile
+
+    registry = Registry(expiration=90.0)
+    state = StateFile(str(tmp_path / "state.json"), registry, lambda: 1_000_000.0)
+    saver = asyncio.create_task(state.save_forever())
+    for _ in range(5):  # the saver reaches its wait for a change
+        await asyncio.sleep(0)
+    registry.register(WorkerInfo("http://127.0.0.1:9001", ("m",), 1, False), 0)
+    saver.cancel()
+    for _ in range(20):  # turns, not time: a saver that ends does so in a few
+        if saver.done():
+            break
+        await asyncio.sleep(0)
+    assert saver.cancelled()

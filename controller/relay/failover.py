@@ -238,7 +238,8 @@ class Relay:
         limit = self.config.drain_timeout
         log.info("Draining %d relayed request(s) for up to %g s", self.in_flight, limit)
         try:
-            await asyncio.wait_for(self._none_in_flight.wait(), limit)
+            async with asyncio.timeout(limit):  # not wait_for: see sharing/state.py
+                await self._none_in_flight.wait()
         except TimeoutError:
             cut = self.watch.close_all()
             log.warning("Drain timeout: ending %d stream(s) with an in-band error", cut)

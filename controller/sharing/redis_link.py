@@ -140,7 +140,8 @@ class SharedRegistry:
     async def wait_synced(self) -> None:
         """Return once merged with Redis, or after ``FIRST_SYNC_TIMEOUT`` without."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.synced.wait(), FIRST_SYNC_TIMEOUT)
+            async with asyncio.timeout(FIRST_SYNC_TIMEOUT):  # not wait_for: see state.py
+                await self.synced.wait()
 
     async def _session_once(self) -> None:
         try:

@@ -256,8 +256,12 @@ class StateFile:
         refresh = min(self.registry.expiration / 3, 30.0)
         try:
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
+                # result when a change and this task's cancellation come in the same turn,
+                # swallowing the cancellation (shutdown then waited the refresh out).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(subscription.wait(), refresh)
+                    async with asyncio.timeout(refresh):
+                        await subscription.wait()
                 # What changed does not matter: the whole registry is written.
                 subscription.take()
                 await self.save()
