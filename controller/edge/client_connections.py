@@ -3,7 +3,8 @@ long a request head, a request body and a kept-alive wait may take, and how many
 connections are held, in all and from one source address.
 
 aiohttp bounds none of these (its keep-alive timer starts only after a response, and data
-trickling in never trips it), so the controller listens with a protocol factory of its own.
+trickling in never trips it), so the controller listens with a protocol factory of its own,
+on listening sockets that take new connections a few per turn (:mod:`.accepting`).
 Each accepted connection is a :class:`_Client` wrapped around the protocol aiohttp's
 low-level ``web.Server`` makes (a documented protocol factory); it forwards every event and
 adds one timer per connection, moved lazily: a deadline is a float stored on the
@@ -45,6 +46,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from ..errors import BodyTimeoutError
+from .accepting import Listener
 from .fair_reads import FairReads
 from .listening import ClientLimits, LimitsReport
 from .listening import refusal as _refusal
@@ -214,7 +216,7 @@ class ClientConnections:
         self._per_source: dict[str, int] = {}
         #: connections idle or sending a head, the one longest so first
         self._reusable: dict[_Client, None] = {}
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._per_source_refusal = _refusal(
             f"this address holds {limits.max_connections_per_source} connections already "
             "(max_connections_per_source)"
@@ -228,19 +230,18 @@ class ClientConnections:
 
     async def listen(
         self, host: str | None, port: int, *, ssl_context: ssl.SSLContext | None, backlog: int
-    ) -> asyncio.Server:
-        """Open the listening socket; its connections are this object's from now on. A TLS
-        handshake must end within ``header_timeout`` (it comes before the head)."""
-        self._listener = await self.loop.create_server(
+    ) -> None:
+        """Open the listening socket; its connections are this object's from now on, taken
+        a few per turn (see accepting.py). A TLS handshake must end within
+        ``header_timeout`` (it comes before the head)."""
+        listener = Listener(
+            self.loop,
             lambda: _Client(self),
-            host or None,
-            port,
-            ssl=ssl_context,
-            ssl_handshake_timeout=self.limits.header_timeout if ssl_context else None,
-            backlog=backlog,
-            reuse_address=True,
+            ssl_context=ssl_context,
+            handshake_timeout=self.limits.header_timeout,
         )
-        return self._listener
+        await listener.open(host, port, backlog)
+        self._listener = listener
 
     @property
     def addresses(self) -> list[Any]:

@@ -1,0 +1,183 @@
+"""The standalone controller's listening sockets, whose new connections are taken a few
+per turn of the event loop.
+
+``loop.create_server`` (uvloop's and asyncio's) accepts every connection waiting in the
+kernel's queue in one callback: 256 clients connecting at once were one 15 ms callback
+(about 60 µs each: the descriptor, the transport, aiohttp's protocol), during which no
+other client was read or answered. Here each listening socket is watched with
+``add_reader`` and at most ``ACCEPTS_PER_TURN`` connections are taken per turn; the rest
+wait in the kernel's queue (``--backlog`` deep) for the next turns, between everyone
+else's work. Each taken connection becomes a transport and its protocol through
+``loop.connect_accepted_socket`` (with the TLS handshake, for a TLS listener), as
+``create_server`` would have made it.
+
+Binding follows ``create_server``: every address ``getaddrinfo`` gives for the host (all
+interfaces for none), ``SO_REUSEADDR``, IPv6 sockets IPv6-only, the port chosen by the
+system for each when 0 is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ACCEPTS_PER_TURN", "ACCEPT_RETRY_DELAY", "Listener"]
+
+log = logging.getLogger(__name__)
+
+#: connections taken from one listening socket per turn of the loop: a burst of 256 is 32
+#: turns of about half a millisecond each instead of one of 15 ms
+ACCEPTS_PER_TURN = 8
+#: how long accepting pauses when the process is out of descriptors or memory (seconds),
+#: as asyncio's own servers do, instead of spinning on a socket that stays readable
+ACCEPT_RETRY_DELAY = 1.0
+#: errors of accept() that mean "the process or system is out of a resource"
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Listener:
+    """Listening sockets for ``protocol_factory``'s connections (see the module's text).
+
+    :meth:`open` binds and starts accepting; :meth:`close` stops accepting and drops the
+    connections accepted but not yet made into transports (a TLS handshake under way).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+        per_turn: int = ACCEPTS_PER_TURN,
+    ) -> None:
+        self.loop = loop
+        self._factory = protocol_factory
+        self._ssl = ssl_context
+        self._handshake_timeout = handshake_timeout if ssl_context is not None else None
+        self.per_turn = per_turn
+        self.sockets: list[socket.socket] = []
+        #: connections between accept() and their protocol's connection_made
+        self._starting: set[asyncio.Task[Any]] = set()
+        self._paused: asyncio.TimerHandle | None = None
+
+    async def open(self, host: str | None, port: int, backlog: int) -> None:
+        """Bind to every address of ``host`` (all interfaces for ``None``) and listen."""
+        try:  # a literal address (or none: all interfaces) needs no resolver
+            infos = socket.getaddrinfo(
+                host or None,
+                port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST,
+            )
+        except socket.gaierror:  # a host name: resolved off the loop
+            infos = await self.loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        seen: set[tuple[int, Any]] = set()
+        try:
+            for family, kind, proto, _, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                try:
+                    sock = socket.socket(family, kind, proto)
+                except OSError:  # a family this system cannot open (IPv6 turned off)
+                    continue
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(address)
+                except OSError as e:
+                    reason = (e.strerror or str(e)).lower()
+                    message = f"error while attempting to bind on address {address!r}: {reason}"
+                    raise OSError(e.errno, message) from None
+                sock.listen(backlog)
+                sock.setblocking(False)
+            if not self.sockets:
+                raise OSError(f"no address to listen on for host {host!r}")
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._watch()
+
+    def close(self) -> None:
+        """Stop accepting: the sockets are closed, connections not yet made are dropped."""
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        self._close_sockets()
+        for task in list(self._starting):
+            task.cancel()
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        self._paused = None
+        for sock in self.sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _close_sockets(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(ValueError, OSError):  # never watched, or closed
+                self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def _accept(self, sock: socket.socket) -> None:
+        """The listening socket is readable: take up to ``per_turn`` connections."""
+        for _ in range(self.per_turn):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # none left: the next burst wakes this again
+            except ConnectionAbortedError:
+                continue  # gone before it was taken
+            except OSError as e:
+                if e.errno in _EXHAUSTED:
+                    self._pause(e)
+                else:  # the socket itself failed: nothing a retry would mend now
+                    log.error("accepting a connection failed: %s", e)
+                return
+            conn.setblocking(False)
+            task = self.loop.create_task(self._make(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    def _pause(self, error: OSError) -> None:
+        """Out of descriptors or memory: stop accepting for a moment (the kernel keeps the
+        waiting connections queued), then look again."""
+        log.error(
+            "accepting connections paused for %g s: %s (descriptor limit or memory reached)",
+            ACCEPT_RETRY_DELAY,
+            error.strerror or error,
+        )
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+        self._paused = self.loop.call_later(ACCEPT_RETRY_DELAY, self._watch)
+
+    async def _make(self, conn: socket.socket) -> None:
+        """Make a transport and protocol of an accepted connection (its TLS handshake
+        first, for a TLS listener); a connection that fails meanwhile is just closed."""
+        try:
+            await self.loop.connect_accepted_socket(
+                self._factory,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            # A client that went away or failed its handshake: its business, not an error.
+            log.debug("a new connection failed before its first byte: %s", e)
+            conn.close()

@@ -1,0 +1,195 @@
+"""New connections are taken a few per turn of the event loop (controller/edge/accepting.py):
+a burst of clients connecting at once cannot hold the loop while every one of them is
+made a transport and a protocol, and everyone is still let in.
+
+Like tests/test_hostile_pacing.py, these run on uvloop, the production loop, whose own
+``create_server`` took every waiting connection in one callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from controller import ControllerConfig
+from controller.edge import accepting
+from controller.edge.accepting import ACCEPTS_PER_TURN, Listener
+from controller.edge.client_connections import _Client
+from controller.server import Controller
+
+from .conftest import wait_until
+from .test_hostile_pacing import Turns, on_uvloop
+
+BURST = 120
+
+
+def connect_now(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to ``port`` made at once, blocking: the kernel completes each
+    handshake into the listening socket's queue while the loop (this one) does nothing."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sockets.append(sock)
+    return sockets
+
+
+def port_of(controller: Controller) -> int:
+    return int(controller.url.rsplit(":", 1)[1])
+
+
+def held(controller: Controller) -> int:
+    clients = controller.client_connections
+    assert clients is not None
+    return clients.held
+
+
+def test_a_burst_of_new_connections_is_taken_a_few_per_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """120 clients connecting at once are let in at most ACCEPTS_PER_TURN per turn of the
+    loop (uvloop's own server took all of them in one callback, 15 ms for 256), and each
+    is answered."""
+    made: Counter[int] = Counter()
+    turns = Turns()
+    connection_made = _Client.connection_made
+
+    def counted(self: _Client, transport: asyncio.BaseTransport) -> None:
+        made[turns.count] += 1
+        connection_made(self, transport)
+
+    monkeypatch.setattr(_Client, "connection_made", counted)
+
+    async def scenario() -> None:
+        config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0)
+        async with Controller.serve(config) as controller:
+            with turns:
+                sockets = connect_now(port_of(controller), BURST)
+                try:
+                    await wait_until(lambda: held(controller) == BURST, timeout=10)
+                    answers = await asyncio.gather(*(ask(s) for s in sockets))
+                finally:
+                    for sock in sockets:
+                        sock.close()
+        assert sum(made.values()) == BURST
+        assert max(made.values()) <= ACCEPTS_PER_TURN, made
+        # spread over that many turns (before, all were made in the same one)
+        assert len(made) > 1 and len(made) >= BURST // ACCEPTS_PER_TURN, made
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+    on_uvloop(scenario)
+
+
+async def ask(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, b"GET /test_connection HTTP/1.1\r\nHost: c\r\n\r\n")
+    answer = b""
+    while b'"success"' not in answer:
+        data = await loop.sock_recv(sock, 4096)
+        if not data:
+            break
+        answer += data
+    return answer
+
+
+def test_a_client_already_in_is_answered_before_a_burst_is_all_let_in() -> None:
+    """A client with a connection open asks while 120 new clients are waiting to be let in:
+    its answer comes while most of them are still waiting (before, the whole burst was
+    taken in first, in one callback)."""
+
+    async def scenario() -> None:
+        config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0)
+        async with Controller.serve(config) as controller:
+            port = port_of(controller)
+            [first] = connect_now(port, 1)
+            try:
+                await wait_until(lambda: held(controller) == 1)
+                burst = connect_now(port, BURST)
+                try:
+                    answer = await ask(first)
+                    held_at_answer = held(controller)
+                    await wait_until(lambda: held(controller) == 1 + BURST, timeout=10)
+                finally:
+                    for sock in burst:
+                        sock.close()
+            finally:
+                first.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert held_at_answer < 1 + BURST // 2, held_at_answer
+
+    on_uvloop(scenario)
+
+
+class Counting(asyncio.Protocol):
+    made = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Counting.made += 1
+
+
+def test_a_listener_out_of_descriptors_pauses_instead_of_spinning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When accept() fails for want of descriptors (EMFILE), the listener stops looking at
+    its socket (which stays readable: without the pause it would be retried every turn)
+    and says so; after ACCEPT_RETRY_DELAY it looks again and lets the waiting client in."""
+    monkeypatch.setattr(accepting, "ACCEPT_RETRY_DELAY", 0.2)
+    calls: list[str] = []
+    real_accept = socket.socket.accept
+
+    def accept(self: socket.socket) -> Any:
+        if not calls:
+            calls.append("EMFILE")
+            raise OSError(errno.EMFILE, "Too many open files")
+        calls.append("accepted")
+        return real_accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    Counting.made = 0
+
+    async def scenario() -> None:
+        listener = Listener(asyncio.get_running_loop(), Counting)
+        await listener.open("127.0.0.1", 0, 16)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            [client] = connect_now(port, 1)
+            try:
+                await wait_until(lambda: bool(calls))
+                for _ in range(50):  # fifty turns with the socket readable
+                    await asyncio.sleep(0)
+                assert calls == ["EMFILE"]
+                await wait_until(lambda: Counting.made == 1)
+            finally:
+                client.close()
+        finally:
+            listener.close()
+
+    with caplog.at_level(logging.ERROR, logger="controller.edge.accepting"):
+        on_uvloop(scenario)
+    assert calls[:2] == ["EMFILE", "accepted"]
+    assert "accepting connections paused for 0.2 s: Too many open files" in caplog.text
+
+
+def test_binding_a_port_in_use_names_the_address_and_closes_what_it_opened() -> None:
+    """A port another socket holds: OSError naming the address, as create_server said."""
+
+    async def scenario() -> None:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        listener = Listener(asyncio.get_running_loop(), Counting)
+        try:
+            with pytest.raises(OSError, match=rf"127\.0\.0\.1', {port}\).*in use"):
+                await listener.open("127.0.0.1", port, 16)
+        finally:
+            holder.close()
+        assert listener.sockets == []
+
+    on_uvloop(scenario)
