@@ -27,7 +27,8 @@ from controller.upkeep.collector import (
 
 class FakeGC:
     """Counts like :mod:`gc`: ``middle`` collections so far, ``since_full`` of them since
-    the last full one; a full collection takes ``length`` seconds of the fake clock."""
+    the last full one, ``oldest`` objects in the oldest generation (``looked`` times
+    listed); a full collection takes ``length`` seconds of the fake clock."""
 
     def __init__(self, clock: list[float]) -> None:
         self.clock = clock
@@ -36,6 +37,8 @@ class FakeGC:
         self.since_full = 0
         self.full = 0
         self.length = 0.0
+        self.oldest = 1000
+        self.looked = 0
 
     def get_threshold(self) -> tuple[int, int, int]:
         return self.threshold
@@ -45,6 +48,11 @@ class FakeGC:
 
     def get_count(self) -> tuple[int, int, int]:
         return (0, 0, self.since_full)
+
+    def get_objects(self, generation: int | None = None) -> list[Any]:
+        assert generation == 2
+        self.looked += 1
+        return [None] * self.oldest
 
     def get_stats(self) -> list[dict[str, Any]]:
         return [{"collections": 0}, {"collections": self.middle}, {"collections": self.full}]
@@ -56,9 +64,12 @@ class FakeGC:
         self.since_full = 0
         return 0
 
-    def allocate(self, middle_collections: int) -> None:
+    def allocate(self, middle_collections: int, kept: int | None = None) -> None:
+        """``middle_collections`` happen, and ``kept`` objects reach the oldest generation
+        (by default, 100 per middle collection)."""
         self.middle += middle_collections
         self.since_full += middle_collections
+        self.oldest += 100 * middle_collections if kept is None else kept
 
 
 def fake() -> tuple[FakeGC, FullCollections, list[float]]:
@@ -121,6 +132,34 @@ def test_full_collections_take_at_most_their_share_of_the_time() -> None:
     clock[0] += 1
     assert full.check()
     assert collector.full == 2
+
+
+def test_a_heap_that_has_not_grown_by_a_quarter_is_not_walked_again() -> None:
+    """With 10,000 objects in the oldest generation, FULL_AFTER middle collections that
+    leave 2,500 more (a quarter) run no full collection, and the oldest generation is not
+    listed again until FULL_AFTER more have happened; once more than a quarter is new,
+    one runs, and the next is measured against what it kept."""
+    clock = [100.0]
+    collector = FakeGC(clock)
+    collector.oldest = 10_000
+    full = FullCollections(collector=collector, clock=lambda: clock[0])
+    collector.allocate(FULL_AFTER, kept=2_500)
+    clock[0] += 1
+    looked = collector.looked
+    assert not full.check()
+    assert collector.looked == looked + 1
+    collector.allocate(FULL_AFTER - 1, kept=1)
+    clock[0] += 1
+    assert not full.check()
+    assert collector.looked == looked + 1  # not listed again before FULL_AFTER more
+    collector.allocate(1, kept=0)
+    clock[0] += 1
+    assert full.check()
+    assert collector.full == 1
+    collector.allocate(FULL_AFTER, kept=collector.oldest // 4)  # 12,501 kept: not enough
+    clock[0] += 1
+    assert not full.check()
+    assert collector.full == 1
 
 
 async def test_start_takes_the_full_collections_over_and_stop_gives_them_back() -> None:

@@ -11,7 +11,10 @@ full ones (:meth:`FullCollections.start`):
 - the middle generation is collected every ``MIDDLE_EVERY`` young collections instead of
   every 10, so that each walks less;
 - a full one is *due* once Python would have considered it (``FULL_AFTER`` middle
-  collections since the last: as many young ones as Python's own 10 times 10) and the
+  collections since the last: as many young ones as Python's own 10 times 10), the oldest
+  generation has grown by a quarter since the last (Python's own rule: a heap of long-lived
+  objects, such as the 65,536 changes the registry's feed keeps, is not walked again and
+  again for the little that changed: 40 ms each time in the hostile benchmark), and the
   last one's length times ``1 / MAX_SHARE`` has passed since it ended (full collections
   never take more than ``MAX_SHARE`` of the time);
 - a due collection runs at the next check (every ``CHECK_EVERY`` seconds) that finds the
@@ -73,6 +76,7 @@ class Collector(Protocol):
     ) -> None: ...
 
     def get_count(self) -> tuple[int, int, int]: ...
+    def get_objects(self, generation: int | None = ...) -> list[Any]: ...
     def get_stats(self) -> list[dict[str, Any]]: ...
     def collect(self, generation: int = ...) -> int: ...
 
@@ -100,6 +104,11 @@ class FullCollections:
         self._last_length = 0.0
         #: middle-generation collections counted at the previous look
         self._middle_seen = self._middle_collections()
+        #: middle-generation collections counted when the count towards FULL_AFTER began
+        #: (at the last full collection, or when the oldest generation had not grown enough)
+        self._counted_from = self._middle_seen - collector.get_count()[2]
+        #: objects in the oldest generation after the last full collection
+        self._long_lived = len(collector.get_objects(2))
         #: when the collection due now became due (None: none is)
         self._due_since: float | None = None
         self.collections = 0
@@ -141,10 +150,15 @@ class FullCollections:
         self._middle_seen = middle
         now = self._clock()
         spaced = now - self._last_end >= self._last_length / MAX_SHARE
-        if self._gc.get_count()[2] < FULL_AFTER or not spaced:
+        if middle - self._counted_from < FULL_AFTER or not spaced:
             self._due_since = None
             return False
         if self._due_since is None:
+            # Python's rule: objects new to the oldest generation since the last full
+            # collection must be more than a quarter of those it kept then.
+            if len(self._gc.get_objects(2)) - self._long_lived <= self._long_lived // 4:
+                self._counted_from = middle  # look again FULL_AFTER collections on
+                return False
             self._due_since = now
         waited = now - self._due_since
         if busy and waited < LONGEST_WAIT:
@@ -157,7 +171,8 @@ class FullCollections:
         found = self._gc.collect(2)
         self._last_end = self._clock()
         self._last_length = self._last_end - began
-        self._middle_seen = self._middle_collections()
+        self._middle_seen = self._counted_from = self._middle_collections()
+        self._long_lived = len(self._gc.get_objects(2))
         self._due_since = None
         self.collections += 1
         self.forced += forced
