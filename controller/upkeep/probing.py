@@ -47,10 +47,11 @@ MAX_POLL_BACKOFF = 60.0
 # Probes started in one turn of the event loop: each costs about half a millisecond of the
 # loop (a connection opened, a request written, an answer read), so a round of a thousand
 # goes on a few at a time, between everything else the loop has to do (8 a turn, and 32
-# answers, made turns of several milliseconds in the hostile benchmark's status fan-out).
-PROBES_PER_TURN = 4
+# answers, made turns of several milliseconds in the hostile benchmark's status fan-out; 4
+# and 8 still a millisecond or two; a round of a thousand takes 500 turns now).
+PROBES_PER_TURN = 2
 # /worker_get_status callers answered in one turn of the event loop.
-ANSWERS_PER_TURN = 8
+ANSWERS_PER_TURN = 4
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes | None:
