@@ -187,6 +187,9 @@ async def test_start_takes_the_full_collections_over_and_stop_gives_them_back() 
 
 @pytest.mark.usefixtures("restore_gc")
 async def test_python_starts_no_full_collection_once_taken_over() -> None:
+    """Taken over, Python starts no full collection however much is allocated, here cycles
+    kept until they reached the oldest generation (more than a quarter of what it held),
+    then dropped; the look after that busy second waits, the next, calm, runs one."""
     generations: list[int] = []
 
     def seen(phase: str, info: dict[str, int]) -> None:
@@ -201,13 +204,22 @@ async def test_python_starts_no_full_collection_once_taken_over() -> None:
     try:
         full.start()
         assert gc.get_threshold()[2] == NEVER
+        # Cycles kept long enough to reach the oldest generation, more than a quarter of
+        # what it holds, then dropped: garbage only a full collection frees.
+        old = len(gc.get_objects(2)) // 4 + 10_000
+        kept: list[Any] = []
         garbage = []
-        for _ in range(4 * FULL_AFTER * gc.get_threshold()[0] * gc.get_threshold()[1]):
+        young, middle_every = gc.get_threshold()[:2]
+        for i in range(max(4 * FULL_AFTER * young * middle_every, old + 100_000)):
             cycle: list[Any] = []
             cycle.append(cycle)
+            if i < old:
+                kept.append(cycle)
+                continue
             garbage.append(cycle)
             if len(garbage) > 1000:
                 garbage.clear()
+        del kept
         middle = generations.count(1)
         assert middle >= FULL_AFTER  # Python would have run full ones by now
         assert 2 not in generations
