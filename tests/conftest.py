@@ -9,6 +9,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -430,6 +431,21 @@ async def wait_until(
             if holds:
                 return
             await asyncio.sleep(0.005)
+
+
+async def ask_test_connection(sock: socket.socket) -> bytes:
+    """``GET /test_connection`` over a raw connected socket (made non-blocking here); the
+    answer's bytes, up to FastChat's ``"success"`` body or the connection's end."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, b"GET /test_connection HTTP/1.1\r\nHost: c\r\n\r\n")
+    answer = b""
+    while b'"success"' not in answer:
+        data = await loop.sock_recv(sock, 4096)
+        if not data:
+            break
+        answer += data
+    return answer
 
 
 def split_stream(raw: bytes) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from controller.edge.accepting import ACCEPTS_PER_TURN, Listener
 from controller.edge.client_connections import _Client
 from controller.server import Controller
 
-from .conftest import wait_until
+from .conftest import ask_test_connection, wait_until
 from .test_hostile_pacing import Turns, on_uvloop
 
 BURST = 120
@@ -72,7 +72,7 @@ def test_a_burst_of_new_connections_is_taken_a_few_per_turn(
                 sockets = connect_now(port_of(controller), BURST)
                 try:
                     await wait_until(lambda: held(controller) == BURST, timeout=10)
-                    answers = await asyncio.gather(*(ask(s) for s in sockets))
+                    answers = await asyncio.gather(*(ask_test_connection(s) for s in sockets))
                 finally:
                     for sock in sockets:
                         sock.close()
@@ -83,19 +83,6 @@ def test_a_burst_of_new_connections_is_taken_a_few_per_turn(
         assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
 
     on_uvloop(scenario)
-
-
-async def ask(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    await loop.sock_sendall(sock, b"GET /test_connection HTTP/1.1\r\nHost: c\r\n\r\n")
-    answer = b""
-    while b'"success"' not in answer:
-        data = await loop.sock_recv(sock, 4096)
-        if not data:
-            break
-        answer += data
-    return answer
 
 
 def test_a_client_already_in_is_answered_before_a_burst_is_all_let_in() -> None:
@@ -112,7 +99,7 @@ def test_a_client_already_in_is_answered_before_a_burst_is_all_let_in() -> None:
                 await wait_until(lambda: held(controller) == 1)
                 burst = connect_now(port, BURST)
                 try:
-                    answer = await ask(first)
+                    answer = await ask_test_connection(first)
                     held_at_answer = held(controller)
                     await wait_until(lambda: held(controller) == 1 + BURST, timeout=10)
                 finally:

@@ -29,6 +29,7 @@ from .conftest import (
     ControllerProcess,
     RunController,
     SpawnController,
+    ask_test_connection,
     post_ok,
     register_body,
     wait_until,
@@ -366,20 +367,8 @@ async def test_256_clients_connecting_at_once_are_all_let_in(
         errors = [t.exception() for t in done if t.exception() is not None]
         pytest.fail(f"{256 - len(sockets)} of 256 connections were not let in: {errors[:3]}")
 
-    loop = asyncio.get_running_loop()
-
-    async def ask(sock: socket.socket) -> bytes:
-        await loop.sock_sendall(sock, b"GET /test_connection HTTP/1.1\r\nHost: c\r\n\r\n")
-        answer = b""
-        while b'"success"' not in answer:
-            data = await loop.sock_recv(sock, 4096)
-            if not data:
-                break
-            answer += data
-        return answer
-
     try:
-        answers = await asyncio.gather(*(ask(s) for s in sockets))
+        answers = await asyncio.gather(*(ask_test_connection(s) for s in sockets))
     finally:
         for sock in sockets:
             sock.close()
