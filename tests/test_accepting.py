@@ -180,3 +180,42 @@ def test_binding_a_port_in_use_names_the_address_and_closes_what_it_opened() -> 
         assert listener.sockets == []
 
     on_uvloop(scenario)
+
+
+def test_a_connection_whose_protocol_fails_to_be_made_is_closed_and_the_next_let_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A protocol factory that raises (a bug) costs that one connection: it is closed (its
+    client reads the end), the error is logged once, and the next connection is let in."""
+    made: list[int] = []
+
+    def factory() -> asyncio.Protocol:
+        made.append(len(made))
+        if len(made) == 1:
+            raise RuntimeError("broken factory")
+        return Counting()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        listener = Listener(loop, factory)
+        await listener.open("127.0.0.1", 0, 16)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(5):  # only ends a failing run
+                assert await reader.read() == b""  # closed by the controller
+            writer.close()
+            Counting.made = 0
+            [second] = connect_now(port, 1)
+            try:
+                await wait_until(lambda: Counting.made == 1)
+            finally:
+                second.close()
+        finally:
+            listener.close()
+
+    with caplog.at_level(logging.ERROR, logger="controller.edge.accepting"):
+        on_uvloop(scenario)
+    assert len(made) == 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["making a transport of a new connection failed"]

@@ -1,8 +1,9 @@
 """The standalone controller's listening sockets, whose new connections are taken a few
 per turn of the event loop.
 
-``loop.create_server`` (uvloop's and asyncio's) accepts every connection waiting in the
-kernel's queue in one callback: 256 clients connecting at once were one 15 ms callback
+``loop.create_server`` accepts the connections waiting in the kernel's queue in one
+callback (uvloop's every one of them, asyncio's up to the backlog): 256 clients connecting
+at once were one 15 ms callback
 (about 60 µs each: the descriptor, the transport, aiohttp's protocol), during which no
 other client was read or answered. Here each listening socket is watched with
 ``add_reader`` and at most ``ACCEPTS_PER_TURN`` connections are taken per turn; the rest
@@ -180,4 +181,7 @@ class Listener:
         except (OSError, ssl.SSLError, TimeoutError) as e:
             # A client that went away or failed its handshake: its business, not an error.
             log.debug("a new connection failed before its first byte: %s", e)
+            conn.close()
+        except Exception:  # a bug: said once, and the connection closed, the server goes on
+            log.exception("making a transport of a new connection failed")
             conn.close()
