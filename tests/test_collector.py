@@ -175,14 +175,39 @@ async def test_start_takes_the_full_collections_over_and_stop_gives_them_back() 
             await asyncio.Event().wait()  # until cancelled
 
     full = FullCollections(collector=collector, clock=lambda: clock[0], sleep=sleep)
-    collector.allocate(FULL_AFTER)
     full.start()
+    collector.allocate(FULL_AFTER)  # before the first look
     assert collector.threshold == (700, MIDDLE_EVERY, NEVER)
     await woken.wait()
     assert collector.full == 1  # the first look found it due and calm
     await full.stop()
     assert collector.threshold == (700, 10, 10)
     assert looks == [module.CHECK_EVERY] * 4
+
+
+async def test_the_oldest_generation_is_measured_when_the_collections_are_taken_over() -> None:
+    """Made while the start-up objects are still in the oldest generation (10,000), started
+    once they are frozen out of it (none left): the first calm look after 500 objects
+    reached it runs a full collection, growth measured from the start, not from the 10,000."""
+    clock = [0.0]
+    collector = FakeGC(clock)
+    collector.oldest = 10_000
+
+    async def never(seconds: float) -> None:
+        await asyncio.Event().wait()
+
+    full = FullCollections(collector=collector, clock=lambda: clock[0], sleep=never)
+    collector.oldest = 0  # cli.settle_heap: gc.freeze()
+    full.start()
+    try:
+        collector.allocate(FULL_AFTER, kept=500)
+        clock[0] += 1
+        assert not full.check()  # due, but that second was busy
+        clock[0] += 1
+        assert full.check()  # calm
+        assert collector.full == 1
+    finally:
+        await full.stop()
 
 
 @pytest.mark.usefixtures("restore_gc")

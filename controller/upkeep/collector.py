@@ -103,12 +103,13 @@ class FullCollections:
         self._last_end = clock()
         self._last_length = 0.0
         #: middle-generation collections counted at the previous look
-        self._middle_seen = self._middle_collections()
+        self._middle_seen = 0
         #: middle-generation collections counted when the count towards FULL_AFTER began
         #: (at the last full collection, or when the oldest generation had not grown enough)
-        self._counted_from = self._middle_seen - collector.get_count()[2]
+        self._counted_from = 0
         #: objects in the oldest generation after the last full collection
-        self._long_lived = len(collector.get_objects(2))
+        self._long_lived = 0
+        self._baseline()
         #: when the collection due now became due (None: none is)
         self._due_since: float | None = None
         self.collections = 0
@@ -122,7 +123,10 @@ class FullCollections:
         self._saved = self._gc.get_threshold()
         young = self._saved[0]
         self._gc.set_threshold(young, MIDDLE_EVERY, NEVER)
-        self._middle_seen = self._middle_collections()
+        # Measured again now: the standalone controller starts this once its start-up
+        # objects are frozen out of the oldest generation (cli.settle_heap), which measured
+        # before would put the first collection off until the heap grew past their count.
+        self._baseline()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="fc-controller full collections"
         )
@@ -182,6 +186,13 @@ class FullCollections:
             found,
             self._last_length * 1000,
         )
+
+    def _baseline(self) -> None:
+        """Where the counts towards the next full collection start: Python's own count of
+        middle collections since its last full one, and the oldest generation as it is."""
+        self._middle_seen = self._middle_collections()
+        self._counted_from = self._middle_seen - self._gc.get_count()[2]
+        self._long_lived = len(self._gc.get_objects(2))
 
     def _middle_collections(self) -> int:
         collections: int = self._gc.get_stats()[1]["collections"]
