@@ -9,10 +9,12 @@ Like tests/test_hostile_pacing.py, these run on uvloop, the production loop, who
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -120,6 +122,27 @@ class Counting(asyncio.Protocol):
         Counting.made += 1
 
 
+@contextlib.asynccontextmanager
+async def listening(factory: Callable[[], asyncio.Protocol]) -> AsyncIterator[int]:
+    """A Listener for ``factory`` on a loopback port (yielded), closed at the end."""
+    listener = Listener(asyncio.get_running_loop(), factory)
+    await listener.open("127.0.0.1", 0, 16)
+    try:
+        yield listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+
+
+async def one_let_in(port: int) -> None:
+    """One client connects to ``port``; returns once its protocol has been made."""
+    Counting.made = 0
+    [client] = connect_now(port, 1)
+    try:
+        await wait_until(lambda: Counting.made == 1)
+    finally:
+        client.close()
+
+
 def test_a_listener_out_of_descriptors_pauses_instead_of_spinning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,10 +164,7 @@ def test_a_listener_out_of_descriptors_pauses_instead_of_spinning(
     Counting.made = 0
 
     async def scenario() -> None:
-        listener = Listener(asyncio.get_running_loop(), Counting)
-        await listener.open("127.0.0.1", 0, 16)
-        port = listener.sockets[0].getsockname()[1]
-        try:
+        async with listening(Counting) as port:
             [client] = connect_now(port, 1)
             try:
                 await wait_until(lambda: bool(calls))
@@ -154,8 +174,6 @@ def test_a_listener_out_of_descriptors_pauses_instead_of_spinning(
                 await wait_until(lambda: Counting.made == 1)
             finally:
                 client.close()
-        finally:
-            listener.close()
 
     with caplog.at_level(logging.ERROR, logger="controller.edge.accepting"):
         on_uvloop(scenario)
@@ -196,23 +214,12 @@ def test_a_connection_whose_protocol_fails_to_be_made_is_closed_and_the_next_let
         return Counting()
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        listener = Listener(loop, factory)
-        await listener.open("127.0.0.1", 0, 16)
-        port = listener.sockets[0].getsockname()[1]
-        try:
+        async with listening(factory) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             async with asyncio.timeout(5):  # only ends a failing run
                 assert await reader.read() == b""  # closed by the controller
             writer.close()
-            Counting.made = 0
-            [second] = connect_now(port, 1)
-            try:
-                await wait_until(lambda: Counting.made == 1)
-            finally:
-                second.close()
-        finally:
-            listener.close()
+            await one_let_in(port)
 
     with caplog.at_level(logging.ERROR, logger="controller.edge.accepting"):
         on_uvloop(scenario)
