@@ -16,7 +16,7 @@ import random
 import socket
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from controller import ControllerConfig, jsonbody, nesting, pacing, protocol
 from controller.edge.client_connections import READS_PER_TURN
 from controller.edge.fair_reads import (
+    BULK,
     BURST_PER_TURN,
     QUIET_PER_TURN,
     RESET_AFTER,
@@ -452,13 +453,39 @@ class _Reader:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.held: list[bytes] | None = None
+        self.held: list[bytes | memoryview] | None = None
         self.held_paused = False
+        self.discarding = False
         self.transport: asyncio.Transport | None = None
         self.delivered: list[bytes] = []
 
     def deliver(self, data: bytes) -> None:
         self.delivered.append(data)
+
+
+class _Socket:
+    """A transport as FairReads uses it; ``resumed_with``: what its reader had been
+    handed when reading resumed (the slice handed on with it comes right after)."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        self.reading = True
+        self.resumed_with: list[bytes] = []
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        assert self.reading
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        assert not self.reading and self.reader.held is None
+        self.reading = True
+        self.resumed_with.append(b"".join(self.reader.delivered))
 
 
 class _StepLoop:
@@ -524,27 +551,47 @@ def test_a_source_with_nothing_waiting_goes_before_a_burst_up_to_its_own_share()
     assert all(r.delivered == [b"o"] for r in others[QUIET_PER_TURN:])  # in the rotation
 
 
-def test_large_reads_count_for_their_size() -> None:
-    """Thirteen connections of one address each send a read of 256 KiB (oversized's
-    bodies come in uvloop's reads of that size): a turn hands on at most per_turn units
-    of UNIT bytes (and the read that crosses the line), not per_turn reads, which would
-    be 13 reads and 3.25 MiB to copy and parse in one turn; the rest follow turn by turn
-    under the same bound. Small reads still count one each."""
+def test_large_reads_go_in_slices_of_a_turns_share() -> None:
+    """Thirteen connections of one address each send a read of 500,000 bytes (uvloop
+    reads oversized's bodies in pieces of about that size, and aiohttp copies each into
+    new memory: 1.5-3 ms each): none is handed on at once, no connection gets more than
+    BULK bytes in a turn and no turn hands on more than 2 x BULK (before: at least a whole
+    read, 500,000 bytes); every connection gets its bytes whole and in order, its socket
+    not read again until its last slice. Reads of up to BULK bytes still count one more per
+    UNIT; small reads count one each; a refused body's reads, dropped, go whole."""
     loop = _StepLoop()
     reads = FairReads(loop, 24)  # type: ignore[arg-type]  # the loop's call_soon is enough
     senders = [_Reader("10.0.0.3") for _ in range(13)]
-    big = b"x" * (256 << 10)
-    per_read = 1 + len(big) // UNIT
-    bound = -(-24 // per_read)  # reads until the count reaches 24
-    now = sum(reads.received(r, big) for r in senders)
-    assert now == bound < 13
-    later: list[int] = []
-    while sum(len(r.delivered) for r in senders) < 13 - now:
-        before = sum(len(r.delivered) for r in senders)
+    for sender in senders:
+        sender.transport = _Socket(sender)  # type: ignore[assignment]
+    big = [bytes([65 + i]) * 250_000 + bytes([97 + i]) * 250_000 for i in range(13)]
+    assert not any(reads.received(r, data) for r, data in zip(senders, big, strict=True))
+    per_turn: list[int] = []
+    while any(r.held for r in senders):
+        before = sum(map(len, (d for r in senders for d in r.delivered)))
         loop.end_turn()
-        later.append(sum(len(r.delivered) for r in senders) - before)
-        assert len(later) <= 13
-    assert max(later) <= bound and all(r.held is None for r in senders)
+        per_turn.append(sum(map(len, (d for r in senders for d in r.delivered))) - before)
+        assert len(per_turn) <= 13 * 500_000 // BULK + 13
+    assert max(per_turn) == 2 * BULK
+    assert max(len(d) for r in senders for d in r.delivered) == BULK
+    assert [b"".join(r.delivered) for r in senders] == big
+    assert all(type(d) is bytes for r in senders for d in r.delivered)
+    # each socket paused once, and read again only with its last slice
+    sockets = [cast(_Socket, r.transport) for r in senders]
+    assert [t.resumed_with for t in sockets] == [
+        [big[i][: -len(r.delivered[-1])]] for i, r in enumerate(senders)
+    ]
+
+    refused = _Reader("10.0.0.3")
+    refused.discarding = True
+    assert not reads.received(refused, big[0] + big[1])
+    loop.end_turn()
+    assert refused.delivered == [big[0] + big[1]] and refused.held is None
+
+    fits = FairReads(_StepLoop(), 24)  # type: ignore[arg-type]
+    per_read = 1 + BULK // UNIT
+    now = sum(fits.received(_Reader("10.0.0.5"), b"x" * BULK) for _ in range(13))
+    assert now == -(-24 // per_read)  # reads until the count reaches 24
     small = FairReads(_StepLoop(), 24)  # type: ignore[arg-type]
     request = b"GET / HTTP/1.1\r\nHost: c\r\n\r\n"
     assert sum(small.received(_Reader("10.0.0.4"), request) for _ in range(30)) == 24

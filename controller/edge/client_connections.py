@@ -100,7 +100,7 @@ class _Client(asyncio.Protocol):
         #: the body still arriving (in ``BODY``)
         self.body: Any = None
         #: reads waiting for their turn (see FairReads)
-        self.held: list[bytes] | None = None
+        self.held: list[bytes | memoryview] | None = None
         self.held_paused = False
         #: its body was refused (413): what comes is dropped as it comes, never parsed
         self.discarding = False

@@ -13,7 +13,11 @@ address with none waiting is handed on at once (up to :data:`QUIET_PER_TURN` suc
 turn), however many reads other addresses have waiting: a client that is not part of a
 burst does not queue behind it. A large read counts as several (one more per :data:`UNIT`
 it holds), so a turn copies and parses a bounded amount of a large body, however many
-connections are sending one.
+connections are sending one. A read larger than :data:`BULK` always waits and is handed
+on in slices of at most that, a connection's slice a turn (uvloop reads up to 512,000 bytes
+at a time, and aiohttp copies each into new memory: 1.5-3 ms a read in the hostile
+benchmark's oversized bodies), its socket not read again until the last slice; the reads
+of a connection whose body was refused (dropped, not parsed) go whole.
 
 The count of a turn's reads is reset in the turn after it reaches :data:`RESET_AFTER`, not
 after every turn: steady traffic then schedules one callback per ``RESET_AFTER`` reads
@@ -27,7 +31,16 @@ import asyncio
 from collections import deque
 from typing import Protocol
 
-__all__ = ["BURST_PER_TURN", "QUIET_PER_TURN", "RESET_AFTER", "UNIT", "FairReads", "Reader"]
+__all__ = [
+    "BULK",
+    "BURST_PER_TURN",
+    "HELD_MOST",
+    "QUIET_PER_TURN",
+    "RESET_AFTER",
+    "UNIT",
+    "FairReads",
+    "Reader",
+]
 
 #: reads counted before the count is reset in the next turn
 RESET_AFTER = 8
@@ -40,20 +53,40 @@ QUIET_PER_TURN = 16
 #: hands on 24 reads of a large body's 256 KiB each would copy and parse 6 MiB
 UNIT = 16 << 10
 _UNIT_BITS = UNIT.bit_length() - 1
+#: bytes of one connection's held reads handed on in one turn at most (a larger read goes
+#: in slices): aiohttp's own buffer of a body (read_bufsize 64 KiB) then never fills past
+#: its mark, so aiohttp never pauses the socket, and never resumes it while reads are held
+BULK = 64 << 10
+#: bytes a connection's held reads may come to after its turn, at most
+HELD_MOST = 1 << 20
 
 
 class Reader(Protocol):
     """A client connection as :class:`FairReads` sees it."""
 
     source: str
-    #: reads held back, oldest first (``None`` when none are)
-    held: list[bytes] | None
+    #: reads held back, oldest first (``None`` when none are); the first may be the rest
+    #: of a read handed on in part
+    held: list[bytes | memoryview] | None
     #: this object stopped the transport's reading while reads are held
     held_paused: bool
+    #: its body was refused: what it sends is dropped, so held reads go whole
+    discarding: bool
     transport: asyncio.Transport | None
 
     def deliver(self, data: bytes) -> None:
         """Hand ``data`` to aiohttp's protocol."""
+
+
+def _room(reader: Reader) -> int | None:
+    """How much of ``reader``'s held reads go in one turn: :data:`BULK`, or more when
+    over :data:`HELD_MOST` are held (aiohttp resumed the socket meanwhile and another read
+    came: what is held stays bounded); all of a refused body's (dropped, not parsed)."""
+    if reader.discarding:
+        return None
+    held = reader.held
+    over = sum(map(len, held)) - HELD_MOST if held else 0
+    return over if over > BULK else BULK
 
 
 class FairReads:
@@ -78,7 +111,12 @@ class FairReads:
     def received(self, reader: Reader, data: bytes) -> bool:
         """A read from ``reader``'s socket: ``True`` when the caller is to hand it on now,
         else held for a later turn (``False``)."""
-        if reader.held is None and not self._queues and self._passed < self.per_turn:
+        if (
+            reader.held is None
+            and not self._queues
+            and self._passed < self.per_turn
+            and len(data) <= BULK
+        ):
             self._passed += 1 + (len(data) >> _UNIT_BITS)
             if self._passed >= RESET_AFTER and not self._scheduled:
                 self._schedule()
@@ -87,7 +125,7 @@ class FairReads:
         # to QUIET_PER_TURN reads a turn), so that its request does not queue behind it.
         queues = self._queues
         quiet = queues and reader.held is None and reader.source not in queues
-        if quiet and self._quiet < QUIET_PER_TURN:
+        if quiet and self._quiet < QUIET_PER_TURN and len(data) <= BULK:
             self._quiet += 1 + (len(data) >> _UNIT_BITS)
             return True
         self.held_back += 1
@@ -126,27 +164,53 @@ class FairReads:
         self._scheduled = False
         self._passed = self._quiet = 0
         queues = self._queues
+        again: list[Reader] = []  # handed on in part: the rest waits for a later turn
         while queues and self._passed < BURST_PER_TURN:
             source = next(iter(queues))
             queue = queues.pop(source)
             reader = queue.popleft()
             if queue:
                 queues[source] = queue  # to the end of the rotation
-            held = reader.held
-            self._passed += 1 + (sum(map(len, held)) >> _UNIT_BITS if held else 0)
-            self._hand_on(reader)
+            self._passed += 1 + (self._hand_on(reader, _room(reader)) >> _UNIT_BITS)
+            if reader.held:
+                again.append(reader)
+        for reader in again:
+            queues.setdefault(reader.source, deque()).append(reader)
         if queues or self._passed >= RESET_AFTER:
             self._schedule()
 
     @staticmethod
-    def _hand_on(reader: Reader) -> None:
-        held, reader.held = reader.held, None
-        if reader.held_paused:
+    def _hand_on(reader: Reader, room: int | None = None) -> int:
+        """Hand on ``reader``'s held reads, at most ``room`` bytes of them (all when
+        ``None``; a read is cut where the room ends, the rest kept first in line);
+        returns how many bytes went. Its socket is read again once nothing is held."""
+        held = reader.held
+        if not held:
+            reader.held = None
+            return 0
+        if room is None or sum(map(len, held)) <= room:
+            pieces, reader.held = held, None
+        else:
+            pieces, left = [], room
+            while left:
+                first = held[0]
+                if len(first) <= left:
+                    pieces.append(held.pop(0))
+                    left -= len(first)
+                else:
+                    view = memoryview(first)
+                    pieces.append(view[:left])
+                    held[0] = view[left:]
+                    left = 0
+        if reader.held is None and reader.held_paused:
             # Reading resumes before aiohttp sees the data, so that a pause it asks for
             # now (its buffer full) stands.
             reader.held_paused = False
             transport = reader.transport
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()
-        if held:
-            reader.deliver(held[0] if len(held) == 1 else b"".join(held))
+        given = 0
+        for piece in pieces:  # one by one: joined, they would be copied once more
+            given += len(piece)
+            reader.deliver(piece if type(piece) is bytes else bytes(piece))
+        return given
