@@ -53,11 +53,11 @@ QUIET_PER_TURN = 16
 #: hands on 24 reads of a large body's 256 KiB each would copy and parse 6 MiB
 UNIT = 16 << 10
 _UNIT_BITS = UNIT.bit_length() - 1
-#: bytes of one connection's held reads handed on in one turn at most (a larger read goes
-#: in slices): aiohttp's own buffer of a body (read_bufsize 64 KiB) then never fills past
-#: its mark, so aiohttp never pauses the socket, and never resumes it while reads are held
+#: bytes of one connection's held reads handed on in one turn (a larger read goes in
+#: slices), unless more are needed to keep within HELD_MOST
 BULK = 64 << 10
-#: bytes a connection's held reads may come to after its turn, at most
+#: bytes a connection's held reads may come to after its turn, at most: aiohttp resumes a
+#: socket itself when its own buffer drains, so another read can come while some are held
 HELD_MOST = 1 << 20
 
 
@@ -76,17 +76,6 @@ class Reader(Protocol):
 
     def deliver(self, data: bytes) -> None:
         """Hand ``data`` to aiohttp's protocol."""
-
-
-def _room(reader: Reader) -> int | None:
-    """How much of ``reader``'s held reads go in one turn: :data:`BULK`, or more when
-    over :data:`HELD_MOST` are held (aiohttp resumed the socket meanwhile and another read
-    came: what is held stays bounded); all of a refused body's (dropped, not parsed)."""
-    if reader.discarding:
-        return None
-    held = reader.held
-    over = sum(map(len, held)) - HELD_MOST if held else 0
-    return over if over > BULK else BULK
 
 
 class FairReads:
@@ -171,7 +160,7 @@ class FairReads:
             reader = queue.popleft()
             if queue:
                 queues[source] = queue  # to the end of the rotation
-            self._passed += 1 + (self._hand_on(reader, _room(reader)) >> _UNIT_BITS)
+            self._passed += 1 + (self._hand_on(reader, in_slices=True) >> _UNIT_BITS)
             if reader.held:
                 again.append(reader)
         for reader in again:
@@ -180,15 +169,15 @@ class FairReads:
             self._schedule()
 
     @staticmethod
-    def _hand_on(reader: Reader, room: int | None = None) -> int:
-        """Hand on ``reader``'s held reads, at most ``room`` bytes of them (all when
-        ``None``; a read is cut where the room ends, the rest kept first in line);
-        returns how many bytes went. Its socket is read again once nothing is held."""
-        held = reader.held
-        if not held:
-            reader.held = None
-            return 0
-        if room is None or sum(map(len, held)) <= room:
+    def _hand_on(reader: Reader, *, in_slices: bool = False) -> int:
+        """Hand on ``reader``'s held reads: all of them, or ``in_slices``, :data:`BULK`
+        bytes (more when over :data:`HELD_MOST` are held; all of a refused body's, which
+        are dropped, not parsed), a read cut where the slice ends and the rest kept first
+        in line. Returns how many bytes went. Its socket is read again once none is held."""
+        held = reader.held or []
+        total = sum(map(len, held))
+        room = max(BULK, total - HELD_MOST) if in_slices and not reader.discarding else total
+        if total <= room:
             pieces, reader.held = held, None
         else:
             pieces, left = [], room
