@@ -214,9 +214,10 @@ class ClientConnections:
         # request_factory makes them); the attribute's type says BaseRequest.
         server.request_handler = self._handle  # type: ignore[assignment]
         self.held = 0
-        #: reads handed to aiohttp a slice per loop turn, fairly between source addresses
-        self.reads = FairReads(self.loop, READS_PER_TURN)
+        #: connections held per source address
         self._per_source: dict[str, int] = {}
+        #: reads handed to aiohttp a slice per loop turn, fairly between source addresses
+        self.reads = FairReads(self.loop, READS_PER_TURN, self._per_source)
         #: connections idle or sending a head, the one longest so first
         self._reusable: dict[_Client, None] = {}
         self._listener: Listener | None = None

@@ -5,10 +5,13 @@ When a thousand requests arrive at once (a thousand clients calling ``/worker_ge
 together), uvloop hands every read to aiohttp in one turn of the loop, aiohttp parses them
 all and makes a thousand tasks, which all run in the next turn: other clients' requests
 wait behind every one of them. :class:`FairReads` lets ``per_turn`` reads through in one
-turn; past that, a connection's read waits (its socket no longer read meanwhile) in a queue
-of its source address, and the queues are served in rotation, one read each, in the next
-turns, :data:`BURST_PER_TURN` a turn (fewer than ``per_turn``: each read is a request's
-work in the turn after, which everyone else's waits behind). Meanwhile a read from an
+turn, and while more than one source address holds connections, :data:`SOURCE_SHARE` of
+any one address; past that, a connection's read waits (its socket no longer read
+meanwhile) in a queue of its source address, and the queues are served in rotation, one
+read each, in the next turns, at most :data:`BURST_PER_TURN` a turn (each read is a
+request's work in the turn after, which everyone else's waits behind): half as many after
+a turn that took longer than :data:`TURN_BUDGET`, one more after one that did not, so
+that costly requests (registrations) go fewer a turn than cheap ones. Meanwhile a read from an
 address with none waiting is handed on at once (up to :data:`QUIET_PER_TURN` such reads a
 turn), however many reads other addresses have waiting: a client that is not part of a
 burst does not queue behind it. A large read counts as several (one more per :data:`UNIT`
@@ -28,7 +31,9 @@ rather than one per read, and a turn lets through at most ``per_turn`` reads and
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable, Sized
 from typing import Protocol
 
 __all__ = [
@@ -37,6 +42,8 @@ __all__ = [
     "HELD_MOST",
     "QUIET_PER_TURN",
     "RESET_AFTER",
+    "SOURCE_SHARE",
+    "TURN_BUDGET",
     "UNIT",
     "FairReads",
     "Reader",
@@ -47,6 +54,14 @@ RESET_AFTER = 8
 #: held reads handed on in one turn (24 a turn made turns of 3 ms in the hostile
 #: benchmark's connect burst: 256 clients' stream requests)
 BURST_PER_TURN = 8
+#: seconds a turn of the loop should last at most while reads wait: past it, fewer held
+#: reads are handed on in the next (half as many, down to one); under it, one more (each
+#: held read is a request's work in the turn after: a registration's is 0.3 ms, a status
+#: call's 0.1 ms, and other work, such as relaying streams, shares the turn)
+TURN_BUDGET = 0.001
+#: seconds since the last turn that handed held reads on past which the time since is
+#: not taken for one turn's length (the loop was idle, or nobody's reads were held)
+_NOT_ONE_TURN = 0.05
 #: reads from sources with none waiting handed on in one turn while others wait
 QUIET_PER_TURN = 16
 #: a read counts once for each of these (a power of two) it holds, plus one: a turn that
@@ -56,6 +71,11 @@ _UNIT_BITS = UNIT.bit_length() - 1
 #: bytes of one connection's held reads handed on in one turn (a larger read goes in
 #: slices), unless more are needed to keep within HELD_MOST
 BULK = 64 << 10
+#: reads of one source address handed on at once between two resets of the count, while
+#: other addresses hold connections too: past it, its reads wait their turn in rotation
+#: (sixteen connections registering workers as fast as they could made every turn 2-5 ms
+#: of registrations, which each other client's request waited out)
+SOURCE_SHARE = 1
 #: bytes a connection's held reads may come to after its turn, at most: aiohttp resumes a
 #: socket itself when its own buffer drains, so another read can come while some are held
 HELD_MOST = 1 << 20
@@ -83,11 +103,42 @@ class FairReads:
     later turns, a source address at a time in rotation. ``held_back`` counts the reads
     that had to wait (for tests and the curious)."""
 
-    __slots__ = ("_loop", "_passed", "_queues", "_quiet", "_scheduled", "held_back", "per_turn")
+    __slots__ = (
+        "_burst",
+        "_by_source",
+        "_clock",
+        "_last_turn",
+        "_loop",
+        "_passed",
+        "_queues",
+        "_quiet",
+        "_scheduled",
+        "_sources",
+        "held_back",
+        "per_turn",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        per_turn: int,
+        sources: Sized = (),
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._loop = loop
+        self._clock = clock
+        #: held reads handed on in the next turn (see TURN_BUDGET)
+        self._burst = BURST_PER_TURN
+        #: when the last turn that handed held reads on began (None: none has yet)
+        self._last_turn: float | None = None
         self.per_turn = max(1, per_turn)
+        #: the source addresses holding connections (its size is all that is read): with
+        #: more than one, a source's reads are counted against SOURCE_SHARE
+        self._sources = sources
+        #: reads handed on since the count was last reset, per source (counted only while
+        #: more than one source holds connections)
+        self._by_source: dict[str, int] = {}
         #: reads handed on since the count was last reset (see RESET_AFTER)
         self._passed = 0
         #: reads handed on this turn, past the count, from sources with none waiting
@@ -105,6 +156,7 @@ class FairReads:
             and not self._queues
             and self._passed < self.per_turn
             and len(data) <= BULK
+            and (len(self._sources) < 2 or self._within_share(reader.source))
         ):
             self._passed += 1 + (len(data) >> _UNIT_BITS)
             if self._passed >= RESET_AFTER and not self._scheduled:
@@ -145,6 +197,18 @@ class FairReads:
             else:
                 reader.held = None
 
+    def _within_share(self, source: str) -> bool:
+        """Count a read of ``source`` if it is within its share of the count
+        (:data:`SOURCE_SHARE`); ``False`` (not counted) when it is past it."""
+        counts = self._by_source
+        if not counts and not self._scheduled:
+            self._schedule()  # the shares start over in the next turn
+        passed = counts.get(source, 0)
+        if passed >= SOURCE_SHARE:
+            return False
+        counts[source] = passed + 1
+        return True
+
     def _schedule(self) -> None:
         self._scheduled = True
         self._loop.call_soon(self._next_turn)
@@ -152,9 +216,15 @@ class FairReads:
     def _next_turn(self) -> None:
         self._scheduled = False
         self._passed = self._quiet = 0
+        if self._by_source:
+            self._by_source.clear()
         queues = self._queues
+        if not queues:
+            return
+        self._pace()
         again: list[Reader] = []  # handed on in part: the rest waits for a later turn
-        while queues and self._passed < BURST_PER_TURN:
+        burst = self._burst
+        while queues and self._passed < burst:
             source = next(iter(queues))
             queue = queues.pop(source)
             reader = queue.popleft()
@@ -167,6 +237,18 @@ class FairReads:
             queues.setdefault(reader.source, deque()).append(reader)
         if queues or self._passed >= RESET_AFTER:
             self._schedule()
+
+    def _pace(self) -> None:
+        """How many held reads this turn hands on: half the last turn's when the loop's
+        last turn took longer than :data:`TURN_BUDGET`, one more when it did not."""
+        now = self._clock()
+        last, self._last_turn = self._last_turn, now
+        if last is None or now - last > _NOT_ONE_TURN:
+            return
+        if now - last > TURN_BUDGET:
+            self._burst = max(1, self._burst >> 1)
+        elif self._burst < BURST_PER_TURN:
+            self._burst += 1
 
     @staticmethod
     def _hand_on(reader: Reader, *, in_slices: bool = False) -> int:

@@ -1,0 +1,77 @@
+"""How FairReads shares a turn of the loop between source addresses when several send at
+once, and how many held reads it hands on a turn as turns grow long or short."""
+
+from __future__ import annotations
+
+from controller.edge.fair_reads import BURST_PER_TURN, SOURCE_SHARE, TURN_BUDGET, FairReads
+
+from .test_hostile_pacing import _Reader, _StepLoop
+
+
+def offer(reads: FairReads, reader: _Reader, data: bytes) -> bool:
+    """A read arrives, as a connection hands it on: at once if told so."""
+    if reads.received(reader, data):
+        reader.deliver(data)
+        return True
+    return False
+
+
+def test_while_two_addresses_hold_connections_each_gets_its_share_of_a_turn() -> None:
+    """Sixteen connections of one address send a read each in one turn (a client
+    registering workers as fast as it can). While it is the only address holding
+    connections, all sixteen go on at once (the dispatch benchmark's clients are never
+    held). Once another address holds connections too, SOURCE_SHARE of them go on at once
+    and the rest in later turns, while the other address's read goes on at once, and so
+    does its next in the next turn."""
+    loop = _StepLoop()
+    sources = {"10.0.0.1": 16}
+    reads = FairReads(loop, 24, sources)  # type: ignore[arg-type]  # call_soon is enough
+    alone = [_Reader("10.0.0.1") for _ in range(16)]
+    assert all(offer(reads, r, b"a") for r in alone)
+    loop.end_turn()
+    assert reads.held_back == 0
+
+    sources["10.0.0.2"] = 1
+    flood = [_Reader("10.0.0.1") for _ in range(16)]
+    went = [r for r in flood if offer(reads, r, b"f")]
+    assert len(went) == SOURCE_SHARE
+    other = _Reader("10.0.0.2")
+    assert offer(reads, other, b"o")
+    turns = 0
+    while any(r.held for r in flood):
+        loop.end_turn()
+        turns += 1
+        if turns == 1:
+            assert offer(reads, other, b"p")  # the flood still waits; this does not
+    assert all(r.delivered == [b"f"] for r in flood)
+    assert other.delivered == [b"o", b"p"]
+    assert turns >= (16 - SOURCE_SHARE) // BURST_PER_TURN
+
+
+def test_held_reads_a_turn_halve_after_a_long_turn_and_grow_back_after_short_ones() -> None:
+    """200 reads wait. The first turn hands on BURST_PER_TURN of them; after each turn
+    longer than TURN_BUDGET the next hands on half as many, down to one; after each
+    shorter one, one more, up to BURST_PER_TURN again. A gap of seconds (the loop was
+    idle) is not taken for a turn's length. Every read goes on once, in order."""
+    loop = _StepLoop()
+    now = [0.0]
+    reads = FairReads(loop, 1, clock=lambda: now[0])  # type: ignore[arg-type]
+    burst = [_Reader("10.0.0.1") for _ in range(200)]
+    for i, reader in enumerate(burst):
+        offer(reads, reader, b"%d" % i)
+
+    def turn(length: float) -> int:
+        before = sum(len(r.delivered) for r in burst)
+        now[0] += length
+        loop.end_turn()
+        return sum(len(r.delivered) for r in burst) - before
+
+    assert turn(TURN_BUDGET / 4) == BURST_PER_TURN
+    long = [turn(TURN_BUDGET * 3) for _ in range(5)]
+    assert long == [BURST_PER_TURN // 2, BURST_PER_TURN // 4, BURST_PER_TURN // 8, 1, 1]
+    short = [turn(TURN_BUDGET / 4) for _ in range(BURST_PER_TURN + 1)]
+    assert short == [*range(2, BURST_PER_TURN + 1), BURST_PER_TURN, BURST_PER_TURN]
+    assert turn(5.0) == BURST_PER_TURN  # idle, not long
+    while any(r.held for r in burst):
+        turn(TURN_BUDGET / 4)
+    assert [r.delivered for r in burst] == [[b"%d" % i] for i in range(200)]
