@@ -64,3 +64,29 @@ def test_a_refresh_that_changes_models_moves_the_worker_between_indexes(
     assert registry.update(first, first.generation, WorkerStatus(("n",), 1, 0))
     assert names(registry, "m") == [info(2).name]
     assert names(registry, "n") == [info(1).name]
+
+
+def test_listed_models_are_those_a_live_worker_of_the_kind_serves(clock: FakeClock) -> None:
+    """A model is listed while some live worker serves it: a fleet of one model expired
+    but not yet swept lists nothing, a worker that heartbeats keeps its models listed, a
+    manual registration never expires, and each kind lists only its own workers'
+    models (a model served by both kinds is in both lists)."""
+    registry = Registry(10, clock)
+    for n in range(2000):
+        registry.register(info(n, "fleet"), 0)
+    registry.register(info(3000, "kept", "shared"), 0)
+    registry.register(WorkerInfo("http://10.0.1.1:21002", ("manual",), 1, False), 0)
+    registry.register(WorkerInfo("http://10.0.1.2:21002", ("llava", "shared"), 1, True, True), 0)
+    assert registry.model_names() == ["fleet", "kept", "llava", "manual", "shared"]
+    clock.advance(8)
+    assert registry.heartbeat(info(3000).name, 0)
+    clock.advance(3)  # the fleet and the multimodal worker expired; nothing swept yet
+
+    assert registry.model_names() == ["kept", "manual", "shared"]
+    assert registry.model_names(False) == ["kept", "manual", "shared"]
+    assert registry.model_names(True) == []
+    registry.register(WorkerInfo("http://10.0.1.2:21002", ("llava", "shared"), 1, True, True), 0)
+    assert registry.model_names(True) == ["llava", "shared"]
+    assert registry.heartbeat(info(1999).name, 0) is False  # expired: it must register again
+    registry.register(info(1999, "fleet"), 0)
+    assert registry.model_names(False) == ["fleet", "kept", "manual", "shared"]
