@@ -201,3 +201,28 @@ async def test_a_hanging_registration_probe_holds_up_no_other_worker(
     stuck.release.set()
     await pending
     assert await post_ok(http, controller, "/list_models") == {"models": ["m"]}
+
+
+def test_the_feed_keeps_only_what_a_listener_has_not_taken() -> None:
+    """Without listeners the feed keeps no change (it still counts them); with two, it
+    keeps what the slower one has not taken, and a listener that leaves lets the rest go.
+    Kept changes are objects the garbage collector walks on every full collection."""
+    feed = ChangeFeed()
+    info = WorkerInfo("http://10.0.0.1:21002", ("m",), 1.0, True)
+    for queue in range(1000):
+        feed.append(ChangeKind.HEARTBEAT, info, queue, 0.0)
+    assert feed.counts[ChangeKind.HEARTBEAT] == 1000
+    assert feed.since(0) is None and feed.since(999) is None and feed.since(1000) == []
+    quick, slow = feed.subscribe(), feed.subscribe()
+    for queue in range(5):
+        feed.append(ChangeKind.HEARTBEAT, info, queue, 0.0)
+    taken = quick.take()
+    assert taken is not None and [c.version for c in taken] == [1001, 1002, 1003, 1004, 1005]
+    feed.append(ChangeKind.REMOVED, info, 0, 0.0, "expired")
+    kept = feed.since(1000)
+    assert kept is not None and len(kept) == 6  # the slow listener has taken none
+    later = slow.take()
+    assert later is not None and [c.version for c in later] == list(range(1001, 1007))
+    assert feed.since(1005) is not None and feed.since(1004) is None  # quick lags by one
+    quick.close()
+    assert feed.since(1005) is None and feed.since(1006) == []

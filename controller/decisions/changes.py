@@ -6,7 +6,10 @@ state file, the parent link; later a shared registry) each hold a :class:`Subscr
 with their own cursor and drain it at their own pace, batching as they like, so no request
 waits on a backend and a slow or broken backend never slows a heartbeat. A listener that
 falls further behind than the feed keeps is told so (its batch is ``None``) and
-resynchronises from the registry itself.
+resynchronises from the registry itself. The feed keeps only what some listener has not
+taken yet (nothing without listeners): changes kept for nobody made the heap the garbage
+collector walks larger (8,000 workers registering and expiring left 35,000 objects, and
+full collections of 25-46 ms, in the hostile benchmark).
 
 The feed also counts what it is given, by kind and removals by reason, in plain numbers
 the metrics read when scraped: a count needs no listener, so no expiry goes uncounted
@@ -96,12 +99,13 @@ class ChangeFeed:
     ) -> Change:
         self._version += 1
         change = Change(self._version, kind, info, queue_length, at, reason, owner)
-        self._log.append(change)
         self.counts[kind] += 1
         if kind is ChangeKind.REMOVED:
             self.removals[reason] += 1
-        for subscriber in self._subscribers:
-            subscriber._notify(kind)
+        if self._subscribers:
+            self._log.append(change)
+            for subscriber in self._subscribers:
+                subscriber._notify(kind)
         return change
 
     def subscribe(self, kinds: Iterable[ChangeKind] | None = None) -> Subscription:
@@ -112,7 +116,8 @@ class ChangeFeed:
         return subscription
 
     def since(self, version: int) -> list[Change] | None:
-        """The changes after ``version``; ``None`` when some of them are no longer kept."""
+        """The changes after ``version``; ``None`` when some of them are no longer kept
+        (a change is kept until every listener has taken it, at most ``retention``)."""
         missing = self._version - version
         if missing <= 0:
             return []
@@ -125,6 +130,15 @@ class ChangeFeed:
     def _unsubscribe(self, subscription: Subscription) -> None:
         if subscription in self._subscribers:
             self._subscribers.remove(subscription)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Forget the changes every listener has taken."""
+        subscribers = self._subscribers
+        oldest = min(s.cursor for s in subscribers) if subscribers else self._version
+        log = self._log
+        for _ in range(len(log) - (self._version - oldest)):
+            log.popleft()
 
 
 class Subscription:
@@ -152,8 +166,10 @@ class Subscription:
         the registry afresh instead.
         """
         self._ready.clear()
-        changes = self._feed.since(self.cursor)
-        self.cursor = self._feed.version
+        feed = self._feed
+        changes = feed.since(self.cursor)
+        self.cursor = feed.version
+        feed._trim()
         if changes is None or self.kinds is None:
             return changes
         kinds = self.kinds
