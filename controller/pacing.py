@@ -10,12 +10,15 @@ after, in the order they asked, so timers, streams and other requests get turns 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
 
 __all__ = ["STEP_GAP", "Pacer", "bulk_step"]
+
+log = logging.getLogger(__name__)
 
 
 class Pacer:
@@ -30,7 +33,8 @@ class Pacer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._passed = 0
         self._scheduled = False
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        #: callers of turn waiting (their futures) and callbacks waiting (see call)
+        self._waiting: deque[asyncio.Future[None] | Callable[[], object]] = deque()
         self.slices = 0
 
     @property
@@ -57,6 +61,15 @@ class Pacer:
         self._schedule()
         await waiter
 
+    def call(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` now if the slice has room, else in a later turn, in line with
+        the callers of :meth:`turn` (for work done in a callback, not a task)."""
+        if self.try_pass():
+            callback()
+            return
+        self._waiting.append(callback)
+        self._schedule()
+
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
@@ -71,7 +84,13 @@ class Pacer:
             self.slices += 1
         while waiting and self._passed < self.per_turn:
             waiter = waiting.popleft()
-            if not waiter.done():  # a waiter cancelled meanwhile takes no place
+            if not isinstance(waiter, asyncio.Future):
+                self._passed += 1
+                try:
+                    waiter()
+                except Exception:  # one failing callback must not strand the rest
+                    log.exception("A paced callback failed")
+            elif not waiter.done():  # a waiter cancelled meanwhile takes no place
                 waiter.set_result(None)
                 self._passed += 1
         if waiting or self._passed:

@@ -449,6 +449,43 @@ async def test_a_pacer_lets_a_slice_through_per_turn_and_skips_those_who_left() 
     assert sorted(per_turn.values(), reverse=True) == [3, 3, 3, 1]
 
 
+async def test_paced_callbacks_share_the_slices_with_the_callers_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Callbacks given to a pacer of 2 per turn, some of them before a caller of turn and
+    some after: they run 2 a turn, in the order they came; one that raises is logged and
+    the rest still run."""
+    pacer = Pacer(2)
+    went: list[tuple[int, str]] = []
+
+    def callback(name: str) -> Callable[[], None]:
+        def call() -> None:
+            went.append((turns.count, name))
+            if name == "c2":
+                raise RuntimeError("a failing callback")
+
+        return call
+
+    async def caller() -> None:
+        await pacer.turn()
+        went.append((turns.count, "t"))
+
+    turns = Turns()
+    with turns:
+        for name in ("c0", "c1", "c2"):
+            pacer.call(callback(name))
+        task = asyncio.ensure_future(caller())
+        await asyncio.sleep(0)  # the caller asks after the first three
+        for name in ("c3", "c4"):
+            pacer.call(callback(name))
+        await task
+        await wait_until(lambda: len(went) == 6)
+    assert [name for _, name in went] == ["c0", "c1", "c2", "t", "c3", "c4"]
+    per_turn = Counter(turn for turn, _ in went)
+    assert sorted(per_turn.values()) == [2, 2, 2]
+    assert "A paced callback failed" in caplog.text
+
+
 class _Reader:
     """A client connection as FairReads sees it, recording what it is handed."""
 

@@ -10,12 +10,11 @@ low-level ``web.Server`` makes (a documented protocol factory); it forwards ever
 adds one timer per connection, moved lazily: a deadline is a float stored on the
 connection, and the timer, when it fires early, only re-arms itself. The request's
 lifecycle comes from wrapping the server's public ``request_handler`` attribute (one
-coroutine frame per request), which aiohttp's protocol reads when it is made, so the wrap
-is in place before the first connection; the same frame gives each request its id and
-counts its answer (:class:`~controller.edge.request_ids.Tagging`). Nothing here reaches
-below aiohttp's public API (``relay/sink.py`` stays the one place that does). A read
-costs a phase check and :class:`~controller.edge.fair_reads.FairReads`' count of the
-turn's reads; a request, one frame, a few stores and the tagging's calls.
+coroutine frame per request, which also gives each request its id and counts its answer:
+:class:`~controller.edge.request_ids.Tagging`), read by aiohttp's protocol when it is made.
+Nothing here reaches below aiohttp's public API. A read costs a phase check and
+:class:`~controller.edge.fair_reads.FairReads`' count; a request, one frame, a few stores
+and the tagging's calls.
 
 A connection is, in turn:
 
@@ -38,6 +37,7 @@ as the connection opens, then a close.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -46,10 +46,10 @@ from typing import Any, cast
 from aiohttp import web
 
 from ..errors import BodyTimeoutError
+from ..pacing import Pacer
 from .accepting import Listener
 from .fair_reads import FairReads
-from .listening import ClientLimits, LimitsReport
-from .listening import refusal as _refusal
+from .listening import ClientLimits, LimitsReport, refusals
 from .request_ids import Tagging
 
 __all__ = ["ClientConnections", "ClientLimits"]
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 HEAD, BODY, BUSY, IDLE, CLOSED = range(5)
 #: a timer that fires this early counts as on time (uvloop's clock ticks in milliseconds)
 _SLACK = 0.001
+TIME_UPS_PER_TURN = 8  # connections whose time is up dealt with in one turn, at most
 #: client reads handed to aiohttp in one turn of the loop (see fair_reads.py): at least 16
 #: (what RESET_AFTER leaves), so the dispatch benchmark's 16 clients are never held; a burst
 #: of 64 a turn made turns of several milliseconds, each a normal request's wait
@@ -221,16 +222,10 @@ class ClientConnections:
         #: connections idle or sending a head, the one longest so first
         self._reusable: dict[_Client, None] = {}
         self._listener: Listener | None = None
-        self._per_source_refusal = _refusal(
-            f"this address holds {limits.max_connections_per_source} connections already "
-            "(max_connections_per_source)"
-        )
-        self._full_refusal = _refusal(
-            f"the controller holds {limits.max_connections} connections, each with a request "
-            "in progress (max_connections)"
-        )
+        self._per_source_refusal, self._full_refusal = refusals(limits)
         #: refusals and evictions, logged now and then
         self._report = LimitsReport(limits)
+        self._time_ups = Pacer(TIME_UPS_PER_TURN)
 
     async def listen(
         self, host: str | None, port: int, *, ssl_context: ssl.SSLContext | None, backlog: int
@@ -335,7 +330,15 @@ class ClientConnections:
         return response
 
     def time_up(self, client: _Client) -> None:
-        """A connection's phase ran out of time."""
+        """A connection's phase ran out of time: dealt with now, or in a later turn past
+        TIME_UPS_PER_TURN (200 slow clients timed out in one turn held the loop 23 ms)."""
+        self._time_ups.call(functools.partial(self._time_up, client))
+
+    def _time_up(self, client: _Client) -> None:
+        if client.phase == CLOSED:
+            return
+        if client.deadline is not None:  # a new phase began while it waited its turn
+            return client.arm(client.deadline, self.loop)
         if client.phase == BODY:
             body, client.body = client.body, None
             client.phase = BUSY

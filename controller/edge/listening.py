@@ -22,6 +22,7 @@ __all__ = [
     "fit_to_descriptors",
     "listening_url",
     "refusal",
+    "refusals",
     "server_ssl_context",
     "soft_descriptor_limit",
 ]
@@ -139,6 +140,17 @@ def refusal(message: str) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def refusals(limits: ClientLimits) -> tuple[bytes, bytes]:
+    """The canned refusals at ``max_connections_per_source`` and at ``max_connections``."""
+    return refusal(
+        f"this address holds {limits.max_connections_per_source} connections already "
+        "(max_connections_per_source)"
+    ), refusal(
+        f"the controller holds {limits.max_connections} connections, each with a request "
+        "in progress (max_connections)"
+    )
 
 
 class LimitsReport:
