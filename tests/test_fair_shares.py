@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from controller.edge.fair_reads import BURST_PER_TURN, SOURCE_SHARE, TURN_BUDGET, FairReads
 
-from .test_hostile_pacing import _Reader, _StepLoop
+from .test_hostile_pacing import _frozen_clock, _Reader, _StepLoop
 
 
 def offer(reads: FairReads, reader: _Reader, data: bytes) -> bool:
@@ -25,7 +25,7 @@ def test_while_two_addresses_hold_connections_each_gets_its_share_of_a_turn() ->
     does its next in the next turn."""
     loop = _StepLoop()
     sources = {"10.0.0.1": 16}
-    reads = FairReads(loop, 24, sources)  # type: ignore[arg-type]  # call_soon is enough
+    reads = FairReads(loop, 24, sources, clock=_frozen_clock)  # type: ignore[arg-type]
     alone = [_Reader("10.0.0.1") for _ in range(16)]
     assert all(offer(reads, r, b"a") for r in alone)
     loop.end_turn()

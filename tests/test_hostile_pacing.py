@@ -526,6 +526,12 @@ class _Socket:
         self.resumed_with.append(b"".join(self.reader.delivered))
 
 
+def _frozen_clock() -> float:
+    """A clock for FairReads that never moves: its turns never count as long, however slow
+    the machine running the test (see test_fair_shares.py for what long turns do)."""
+    return 0.0
+
+
 class _StepLoop:
     """Just enough of a loop for FairReads: callbacks run when the test says a turn ends."""
 
@@ -550,7 +556,7 @@ def test_steady_reads_schedule_one_reset_per_reset_after_reads_and_bursts_stay_c
     and the rest follow in later turns, BURST_PER_TURN a turn (each read is a request's
     work in the turn after, which other clients wait behind)."""
     loop = _StepLoop()
-    reads = FairReads(loop, 64)  # type: ignore[arg-type]  # the loop's call_soon is enough
+    reads = FairReads(loop, 64, clock=_frozen_clock)  # type: ignore[arg-type]  # call_soon is enough
     reader = _Reader("10.0.0.1")
     for _ in range(160):
         assert reads.received(reader, b"x")
@@ -576,7 +582,7 @@ def test_a_source_with_nothing_waiting_goes_before_a_burst_up_to_its_own_share()
     nothing waiting are handed on at once meanwhile, QUIET_PER_TURN of them a turn (the
     rest wait like anyone's); a second read of the bursting address still waits."""
     loop = _StepLoop()
-    reads = FairReads(loop, 8)  # type: ignore[arg-type]  # the loop's call_soon is enough
+    reads = FairReads(loop, 8, clock=_frozen_clock)  # type: ignore[arg-type]  # call_soon is enough
     burst = [_Reader("10.0.0.1") for _ in range(40)]
     passed = [r for r in burst if reads.received(r, b"b")]
     assert len(passed) <= 8 and reads.held_back == 40 - len(passed)
@@ -598,7 +604,7 @@ def test_large_reads_go_in_slices_of_a_turns_share() -> None:
     not read again until its last slice. Reads of up to BULK bytes still count one more per
     UNIT; small reads count one each; a refused body's reads, dropped, go whole."""
     loop = _StepLoop()
-    reads = FairReads(loop, 24)  # type: ignore[arg-type]  # the loop's call_soon is enough
+    reads = FairReads(loop, 24, clock=_frozen_clock)  # type: ignore[arg-type]  # call_soon is enough
     senders = [_Reader("10.0.0.3") for _ in range(13)]
     for sender in senders:
         sender.transport = _Socket(sender)  # type: ignore[assignment]
@@ -626,11 +632,11 @@ def test_large_reads_go_in_slices_of_a_turns_share() -> None:
     loop.end_turn()
     assert refused.delivered == [big[0] + big[1]] and refused.held is None
 
-    fits = FairReads(_StepLoop(), 24)  # type: ignore[arg-type]
+    fits = FairReads(_StepLoop(), 24, clock=_frozen_clock)  # type: ignore[arg-type]
     per_read = 1 + BULK // UNIT
     now = sum(fits.received(_Reader("10.0.0.5"), b"x" * BULK) for _ in range(13))
     assert now == -(-24 // per_read)  # reads until the count reaches 24
-    small = FairReads(_StepLoop(), 24)  # type: ignore[arg-type]
+    small = FairReads(_StepLoop(), 24, clock=_frozen_clock)  # type: ignore[arg-type]
     request = b"GET / HTTP/1.1\r\nHost: c\r\n\r\n"
     assert sum(small.received(_Reader("10.0.0.4"), request) for _ in range(30)) == 24
 
@@ -704,7 +710,7 @@ def test_what_a_connection_holds_stays_bounded_when_more_comes_while_it_waits() 
     and in order. Without the bound, 500,000 bytes a turn against 64 KiB handed on grew
     past 50 MB in the hostile benchmark."""
     loop = _StepLoop()
-    reads = FairReads(loop, 24)  # type: ignore[arg-type]  # the loop's call_soon is enough
+    reads = FairReads(loop, 24, clock=_frozen_clock)  # type: ignore[arg-type]  # call_soon is enough
     reader = _Reader("10.0.0.3")
     sent = [bytes([i % 251]) * 500_000 for i in range(40)]
     assert not reads.received(reader, sent[0])
