@@ -16,20 +16,68 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["STEP_GAP", "Pacer", "bulk_step"]
+__all__ = ["STEP_GAP", "TURN_BUDGET", "Allowance", "Pacer", "bulk_step"]
 
 log = logging.getLogger(__name__)
+
+
+#: seconds a turn of the loop should last at most while work waits for turns: past it, an
+#: :class:`Allowance` lets half as much through in the next turn
+TURN_BUDGET = 0.001
+#: seconds between two turns' looks past which the time between is not taken for one
+#: turn's length (the loop was idle, or nothing waited in between)
+_NOT_ONE_TURN = 0.05
+
+
+class Allowance:
+    """How many pieces of waiting work a turn of the loop lets through: ``most`` at first,
+    half as many after a turn that took longer than :data:`TURN_BUDGET` (down to one), one
+    more after a shorter one, so that costly work (registrations, a status round's probes)
+    goes fewer a turn than cheap work while everyone else waits out the turns. A turn's
+    length is the time between two calls of :meth:`next_turn`, one a turn while work
+    waits. ``clock`` is injectable for tests."""
+
+    __slots__ = ("_clock", "_last", "most", "now")
+
+    def __init__(self, most: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.most = self.now = max(1, most)
+        self._clock = clock
+        self._last: float | None = None
+
+    def next_turn(self) -> int:
+        """A turn begins: how many pieces of work it lets through."""
+        now = self._clock()
+        last, self._last = self._last, now
+        if last is not None and now - last <= _NOT_ONE_TURN:
+            if now - last > TURN_BUDGET:
+                self.now = max(1, self.now >> 1)
+            elif self.now < self.most:
+                self.now += 1
+        return self.now
 
 
 class Pacer:
     """At most ``per_turn`` callers of :meth:`turn` go on in one turn of the loop (a
     slice); the others wait for the next turns, first come first served. Made on the
-    loop it serves. ``slices`` counts the turns that had to be waited for (for tests)."""
+    loop it serves. With an ``allowance``, a slice shrinks after a long turn (see
+    :class:`Allowance`). ``slices`` counts the turns that had to be waited for (for tests)."""
 
-    __slots__ = ("_loop", "_passed", "_scheduled", "_waiting", "per_turn", "slices")
+    __slots__ = (
+        "_allowance",
+        "_loop",
+        "_passed",
+        "_scheduled",
+        "_waiting",
+        "limit",
+        "per_turn",
+        "slices",
+    )
 
-    def __init__(self, per_turn: int) -> None:
+    def __init__(self, per_turn: int, allowance: Allowance | None = None) -> None:
         self.per_turn = max(1, per_turn)
+        #: the slice of this turn: per_turn, or less after long turns given an allowance
+        self.limit = self.per_turn
+        self._allowance = allowance
         self._loop: asyncio.AbstractEventLoop | None = None
         self._passed = 0
         self._scheduled = False
@@ -40,11 +88,11 @@ class Pacer:
     @property
     def free(self) -> bool:
         """Whether a caller may go on in this turn without waiting."""
-        return self._passed < self.per_turn and not self._waiting
+        return self._passed < self.limit and not self._waiting
 
     def try_pass(self) -> bool:
         """Go on in this turn if the slice has room (``True``); else call :meth:`turn`."""
-        if self._passed < self.per_turn and not self._waiting:
+        if self._passed < self.limit and not self._waiting:
             self._passed += 1
             if not self._scheduled:
                 self._schedule()
@@ -82,7 +130,9 @@ class Pacer:
         waiting = self._waiting
         if waiting:
             self.slices += 1
-        while waiting and self._passed < self.per_turn:
+            if self._allowance is not None:
+                self.limit = min(self.per_turn, self._allowance.next_turn())
+        while waiting and self._passed < self.limit:
             waiter = waiting.popleft()
             if not isinstance(waiter, asyncio.Future):
                 self._passed += 1

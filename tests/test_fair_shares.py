@@ -3,7 +3,12 @@ once, and how many held reads it hands on a turn as turns grow long or short."""
 
 from __future__ import annotations
 
-from controller.edge.fair_reads import BURST_PER_TURN, SOURCE_SHARE, TURN_BUDGET, FairReads
+import asyncio
+import itertools
+from collections import Counter
+
+from controller.edge.fair_reads import BURST_PER_TURN, SOURCE_SHARE, FairReads
+from controller.pacing import TURN_BUDGET, Allowance, Pacer
 
 from .test_hostile_pacing import _frozen_clock, _Reader, _StepLoop
 
@@ -75,3 +80,39 @@ def test_held_reads_a_turn_halve_after_a_long_turn_and_grow_back_after_short_one
     while any(r.held for r in burst):
         turn(TURN_BUDGET / 4)
     assert [r.delivered for r in burst] == [[b"%d" % i] for i in range(200)]
+
+
+async def test_a_pacer_with_an_allowance_lets_fewer_through_while_turns_are_long() -> None:
+    """Thirty callers of a pacer of 4 a turn with an allowance (status probes and a
+    round's answers are paced so): while each turn of the loop lasts 3 ms, 4 go on in the
+    first turn and the next (whose length is the first known), then 2, then 1 a turn; once
+    turns last 0.1 ms, one more a turn, up to 4. Every caller goes on, in order."""
+    now = [0.0]
+    step = [TURN_BUDGET * 3]
+    turn = [0]
+
+    async def clock_turns() -> None:
+        while True:
+            turn[0] += 1
+            now[0] += step[0]
+            if turn[0] == 8:
+                step[0] = TURN_BUDGET / 10
+            await asyncio.sleep(0)
+
+    pacer = Pacer(4, Allowance(4, clock=lambda: now[0]))
+    went: list[tuple[int, int]] = []
+
+    async def caller(i: int) -> None:
+        await pacer.turn()
+        went.append((turn[0], i))
+
+    ticking = asyncio.ensure_future(clock_turns())
+    try:
+        await asyncio.gather(*(caller(i) for i in range(30)))
+    finally:
+        ticking.cancel()
+    assert [i for _, i in went] == list(range(30))
+    per_turn = [n for _, n in sorted(Counter(t for t, _ in went).items())]
+    assert per_turn[:4] == [4, 4, 2, 1]  # the first turn after sets the first length
+    assert max(per_turn[4:]) == 4 and 1 in per_turn[4:]
+    assert all(b <= a + 1 for a, b in itertools.pairwise(per_turn[3:]))

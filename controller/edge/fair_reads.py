@@ -10,8 +10,10 @@ any one address; past that, a connection's read waits (its socket no longer read
 meanwhile) in a queue of its source address, and the queues are served in rotation, one
 read each, in the next turns, at most :data:`BURST_PER_TURN` a turn (each read is a
 request's work in the turn after, which everyone else's waits behind): half as many after
-a turn that took longer than :data:`TURN_BUDGET`, one more after one that did not, so
-that costly requests (registrations) go fewer a turn than cheap ones. Meanwhile a read from an
+a turn that took longer than 1 ms, one more after one that did not
+(:class:`~controller.pacing.Allowance`: each held read is a request's work in the turn
+after, a registration's 0.3 ms, a status call's 0.1 ms), so that costly requests go fewer
+a turn than cheap ones. Meanwhile a read from an
 address with none waiting is handed on at once (up to :data:`QUIET_PER_TURN` such reads a
 turn), however many reads other addresses have waiting: a client that is not part of a
 burst does not queue behind it. A large read counts as several (one more per :data:`UNIT`
@@ -36,6 +38,8 @@ from collections import deque
 from collections.abc import Callable, Sized
 from typing import Protocol
 
+from ..pacing import Allowance
+
 __all__ = [
     "BULK",
     "BURST_PER_TURN",
@@ -43,7 +47,6 @@ __all__ = [
     "QUIET_PER_TURN",
     "RESET_AFTER",
     "SOURCE_SHARE",
-    "TURN_BUDGET",
     "UNIT",
     "FairReads",
     "Reader",
@@ -54,14 +57,6 @@ RESET_AFTER = 8
 #: held reads handed on in one turn (24 a turn made turns of 3 ms in the hostile
 #: benchmark's connect burst: 256 clients' stream requests)
 BURST_PER_TURN = 8
-#: seconds a turn of the loop should last at most while reads wait: past it, fewer held
-#: reads are handed on in the next (half as many, down to one); under it, one more (each
-#: held read is a request's work in the turn after: a registration's is 0.3 ms, a status
-#: call's 0.1 ms, and other work, such as relaying streams, shares the turn)
-TURN_BUDGET = 0.001
-#: seconds since the last turn that handed held reads on past which the time since is
-#: not taken for one turn's length (the loop was idle, or nobody's reads were held)
-_NOT_ONE_TURN = 0.05
 #: reads from sources with none waiting handed on in one turn while others wait
 QUIET_PER_TURN = 16
 #: a read counts once for each of these (a power of two) it holds, plus one: a turn that
@@ -74,8 +69,9 @@ BULK = 64 << 10
 #: reads of one source address handed on at once between two resets of the count, while
 #: other addresses hold connections too: past it, its reads wait their turn in rotation
 #: (sixteen connections registering workers as fast as they could made every turn 2-5 ms
-#: of registrations, which each other client's request waited out)
-SOURCE_SHARE = 1
+#: of registrations, which each other client's request waited out); two, so that a client
+#: with two requests in one turn is not held for the second
+SOURCE_SHARE = 2
 #: bytes a connection's held reads may come to after its turn, at most: aiohttp resumes a
 #: socket itself when its own buffer drains, so another read can come while some are held
 HELD_MOST = 1 << 20
@@ -104,10 +100,8 @@ class FairReads:
     that had to wait (for tests and the curious)."""
 
     __slots__ = (
-        "_burst",
+        "_allowance",
         "_by_source",
-        "_clock",
-        "_last_turn",
         "_loop",
         "_passed",
         "_queues",
@@ -127,11 +121,8 @@ class FairReads:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._loop = loop
-        self._clock = clock
-        #: held reads handed on in the next turn (see TURN_BUDGET)
-        self._burst = BURST_PER_TURN
-        #: when the last turn that handed held reads on began (None: none has yet)
-        self._last_turn: float | None = None
+        #: held reads handed on a turn
+        self._allowance = Allowance(BURST_PER_TURN, clock)
         self.per_turn = max(1, per_turn)
         #: the source addresses holding connections (its size is all that is read): with
         #: more than one, a source's reads are counted against SOURCE_SHARE
@@ -221,9 +212,8 @@ class FairReads:
         queues = self._queues
         if not queues:
             return
-        self._pace()
+        burst = self._allowance.next_turn()
         again: list[Reader] = []  # handed on in part: the rest waits for a later turn
-        burst = self._burst
         while queues and self._passed < burst:
             source = next(iter(queues))
             queue = queues.pop(source)
@@ -237,18 +227,6 @@ class FairReads:
             queues.setdefault(reader.source, deque()).append(reader)
         if queues or self._passed >= RESET_AFTER:
             self._schedule()
-
-    def _pace(self) -> None:
-        """How many held reads this turn hands on: half the last turn's when the loop's
-        last turn took longer than :data:`TURN_BUDGET`, one more when it did not."""
-        now = self._clock()
-        last, self._last_turn = self._last_turn, now
-        if last is None or now - last > _NOT_ONE_TURN:
-            return
-        if now - last > TURN_BUDGET:
-            self._burst = max(1, self._burst >> 1)
-        elif self._burst < BURST_PER_TURN:
-            self._burst += 1
 
     @staticmethod
     def _hand_on(reader: Reader, *, in_slices: bool = False) -> int:

@@ -26,7 +26,7 @@ from ..decisions.registry import Registry
 from ..errors import BadRequestError, ForbiddenError, release
 from ..jsonbody import read_async
 from ..logtext import brief_names
-from ..pacing import Pacer
+from ..pacing import Allowance, Pacer
 from ..protocol import RegisterRequest, worker_url
 from ..relay.connections import WorkerConnections, probe_share
 from ..relay.guard import RefusedAddress
@@ -50,6 +50,7 @@ MAX_POLL_BACKOFF = 60.0
 # answers, made turns of several milliseconds in the hostile benchmark's status fan-out; 4
 # and 8 still a millisecond or two; a round of a thousand takes 500 turns now).
 PROBES_PER_TURN = 2
+# (Both fewer after a turn longer than a millisecond: see pacing.Allowance.)
 # /worker_get_status callers answered in one turn of the event loop.
 ANSWERS_PER_TURN = 4
 
@@ -116,8 +117,8 @@ class Prober:
         self._status: tuple[float, int, WorkerStatus] | None = None
         self._status_round: asyncio.Future[WorkerStatus] | None = None
         #: pace the starts of probes and the answers to a round's callers
-        self.pacer = Pacer(PROBES_PER_TURN)
-        self.answers = Pacer(ANSWERS_PER_TURN)
+        self.pacer = Pacer(PROBES_PER_TURN, Allowance(PROBES_PER_TURN))
+        self.answers = Pacer(ANSWERS_PER_TURN, Allowance(ANSWERS_PER_TURN))
 
     async def probe(self, worker_name: str, *, poll: bool = False) -> WorkerStatus | None:
         """Ask a worker for its status; ``None`` if it fails to answer well in time.
