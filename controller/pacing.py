@@ -30,12 +30,13 @@ _NOT_ONE_TURN = 0.05
 
 
 class Allowance:
-    """How many pieces of waiting work a turn of the loop lets through: ``most`` at first,
-    half as many after a turn that took longer than :data:`TURN_BUDGET` (down to one), one
-    more after a shorter one, so that costly work (registrations, a status round's probes)
-    goes fewer a turn than cheap work while everyone else waits out the turns. A turn's
-    length is the time between two calls of :meth:`next_turn`, one a turn while work
-    waits. ``clock`` is injectable for tests."""
+    """How many pieces of waiting work a turn of the loop lets through: ``most`` at first
+    (and again after a while without work waiting), half as many after a turn that took
+    longer than :data:`TURN_BUDGET` (down to one), one more after a shorter one, so that
+    costly work (registrations, a status round's probes) goes fewer a turn than cheap
+    work while everyone else waits out the turns. A turn's length is the time between two
+    calls of :meth:`next_turn`, one a turn while work waits. ``clock`` is injectable for
+    tests."""
 
     __slots__ = ("_clock", "_last", "most", "now")
 
@@ -48,11 +49,12 @@ class Allowance:
         """A turn begins: how many pieces of work it lets through."""
         now = self._clock()
         last, self._last = self._last, now
-        if last is not None and now - last <= _NOT_ONE_TURN:
-            if now - last > TURN_BUDGET:
-                self.now = max(1, self.now >> 1)
-            elif self.now < self.most:
-                self.now += 1
+        if last is None or now - last > _NOT_ONE_TURN:
+            self.now = self.most  # nothing waited for a while: start afresh
+        elif now - last > TURN_BUDGET:
+            self.now = max(1, self.now >> 1)
+        elif self.now < self.most:
+            self.now += 1
         return self.now
 
 
@@ -132,6 +134,8 @@ class Pacer:
             self.slices += 1
             if self._allowance is not None:
                 self.limit = min(self.per_turn, self._allowance.next_turn())
+        else:
+            self.limit = self.per_turn  # nobody waits: the next come at once, as many
         while waiting and self._passed < self.limit:
             waiter = waiting.popleft()
             if not isinstance(waiter, asyncio.Future):

@@ -57,7 +57,8 @@ def test_held_reads_a_turn_halve_after_a_long_turn_and_grow_back_after_short_one
     """200 reads wait. The first turn hands on BURST_PER_TURN of them; after each turn
     longer than TURN_BUDGET the next hands on half as many, down to one; after each
     shorter one, one more, up to BURST_PER_TURN again. A gap of seconds (the loop was
-    idle) is not taken for a turn's length. Every read goes on once, in order."""
+    idle) is not taken for a turn's length: the count starts afresh. Every read goes on
+    once, in order."""
     loop = _StepLoop()
     now = [0.0]
     reads = FairReads(loop, 1, clock=lambda: now[0])  # type: ignore[arg-type]
@@ -76,7 +77,8 @@ def test_held_reads_a_turn_halve_after_a_long_turn_and_grow_back_after_short_one
     assert long == [BURST_PER_TURN // 2, BURST_PER_TURN // 4, BURST_PER_TURN // 8, 1, 1]
     short = [turn(TURN_BUDGET / 4) for _ in range(BURST_PER_TURN + 1)]
     assert short == [*range(2, BURST_PER_TURN + 1), BURST_PER_TURN, BURST_PER_TURN]
-    assert turn(5.0) == BURST_PER_TURN  # idle, not long
+    assert turn(TURN_BUDGET * 3) == BURST_PER_TURN // 2
+    assert turn(5.0) == BURST_PER_TURN  # a pause, not a long turn: it starts afresh
     while any(r.held for r in burst):
         turn(TURN_BUDGET / 4)
     assert [r.delivered for r in burst] == [[b"%d" % i] for i in range(200)]

@@ -9,14 +9,13 @@ turn, and while more than one source address holds connections, :data:`SOURCE_SH
 any one address; past that, a connection's read waits (its socket no longer read
 meanwhile) in a queue of its source address, and the queues are served in rotation, one
 read each, in the next turns, at most :data:`BURST_PER_TURN` a turn (each read is a
-request's work in the turn after, which everyone else's waits behind): half as many after
-a turn that took longer than 1 ms, one more after one that did not
-(:class:`~controller.pacing.Allowance`: each held read is a request's work in the turn
-after, a registration's 0.3 ms, a status call's 0.1 ms), so that costly requests go fewer
-a turn than cheap ones. Meanwhile a read from an
-address with none waiting is handed on at once (up to :data:`QUIET_PER_TURN` such reads a
-turn), however many reads other addresses have waiting: a client that is not part of a
-burst does not queue behind it. A large read counts as several (one more per :data:`UNIT`
+request's work in the turn after, a registration's 0.3 ms, a status call's 0.1 ms, which
+everyone else's waits behind): half as many after a turn that took longer than 1 ms, one
+more after one that did not (:class:`~controller.pacing.Allowance`), so that costly
+requests go fewer a turn than cheap ones. Meanwhile a read from an address with none
+waiting is handed on at once (up to :data:`QUIET_PER_TURN` such reads a turn), however
+many reads other addresses have waiting: a client that is not part of a burst does not
+queue behind it. A large read counts as several (one more per :data:`UNIT`
 it holds), so a turn copies and parses a bounded amount of a large body, however many
 connections are sending one. A read larger than :data:`BULK` always waits and is handed
 on in slices of at most that, a connection's slice a turn (uvloop reads up to 512,000 bytes

@@ -50,8 +50,8 @@ MAX_POLL_BACKOFF = 60.0
 # answers, made turns of several milliseconds in the hostile benchmark's status fan-out; 4
 # and 8 still a millisecond or two; a round of a thousand takes 500 turns now).
 PROBES_PER_TURN = 2
-# (Both fewer after a turn longer than a millisecond: see pacing.Allowance.)
-# /worker_get_status callers answered in one turn of the event loop.
+# /worker_get_status callers answered in one turn of the event loop. (Both these, fewer
+# after a turn longer than a millisecond: see pacing.Allowance.)
 ANSWERS_PER_TURN = 4
 
 
