@@ -10,11 +10,13 @@ after, in the order they asked, so timers, streams and other requests get turns 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["STEP_GAP", "TURN_BUDGET", "Allowance", "Pacer", "bulk_step"]
 
@@ -120,6 +122,21 @@ class Pacer:
         self._waiting.append(callback)
         self._schedule()
 
+    def settle(self, waiters: list[asyncio.Future[Any]], done: asyncio.Future[Any]) -> None:
+        """Hand ``done``'s outcome on to ``waiters`` (a done callback of ``done``): its
+        result a slice a turn, in their order, so that a thousand callers of one shared
+        round do not all resume in one turn; an error or a cancellation to all at once."""
+        if done.cancelled():
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        error = done.exception()
+        for waiter in waiters:
+            if error is None:
+                self.call(functools.partial(_set_result, waiter, done.result()))
+            elif not waiter.done():
+                waiter.set_exception(error)
+
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
@@ -149,6 +166,11 @@ class Pacer:
                 self._passed += 1
         if waiting or self._passed:
             self._schedule()
+
+
+def _set_result(waiter: asyncio.Future[Any], value: object) -> None:
+    if not waiter.done():  # its caller left meanwhile
+        waiter.set_result(value)
 
 
 #: seconds from the end of one step of large work to the start of the next, at least

@@ -118,3 +118,36 @@ async def test_a_pacer_with_an_allowance_lets_fewer_through_while_turns_are_long
     assert per_turn[:4] == [4, 4, 2, 1]  # the first turn after sets the first length
     assert max(per_turn[4:]) == 4 and 1 in per_turn[4:]
     assert all(b <= a + 1 for a, b in itertools.pairwise(per_turn[3:]))
+
+
+async def test_a_pacer_hands_a_shared_outcome_on_a_slice_a_turn_or_an_error_at_once() -> None:
+    """Five callers wait for one shared round, one of them gone (cancelled): with a
+    pacer of 2 a turn, the round's result reaches 2 of them at once and the rest in the
+    next turns, in order, the gone one taking its place without being touched. A round
+    that fails reaches every caller at once with its error; a cancelled round cancels
+    them all."""
+    loop = asyncio.get_running_loop()
+    pacer = Pacer(2)
+    done: asyncio.Future[str] = loop.create_future()
+    callers: list[asyncio.Future[str]] = [loop.create_future() for _ in range(5)]
+    callers[1].cancel()
+    done.set_result("status")
+    pacer.settle(callers, done)
+    settled = [sum(c.done() for c in callers)]
+    while settled[-1] < 5:
+        await asyncio.sleep(0)
+        settled.append(sum(c.done() for c in callers))
+    assert settled[0] == 2 and settled[-1] == 5 and len(settled) >= 3
+    assert [c.result() for c in callers if not c.cancelled()] == ["status"] * 4
+
+    failed: asyncio.Future[str] = loop.create_future()
+    failed.set_exception(ValueError("the round failed"))
+    waiting: list[asyncio.Future[str]] = [loop.create_future() for _ in range(5)]
+    pacer.settle(waiting, failed)
+    assert all(isinstance(c.exception(), ValueError) for c in waiting)
+
+    cancelled: asyncio.Future[str] = loop.create_future()
+    cancelled.cancel()
+    left: list[asyncio.Future[str]] = [loop.create_future() for _ in range(3)]
+    pacer.settle(left, cancelled)
+    assert all(c.cancelled() for c in left)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable
 
@@ -116,6 +117,7 @@ class Prober:
         #: count then, and the answer; and the round under way, if any
         self._status: tuple[float, int, WorkerStatus] | None = None
         self._status_round: asyncio.Future[WorkerStatus] | None = None
+        self._round_callers: list[asyncio.Future[WorkerStatus]] = []
         #: pace the starts of probes and the answers to a round's callers
         self.pacer = Pacer(PROBES_PER_TURN, Allowance(PROBES_PER_TURN))
         self.answers = Pacer(ANSWERS_PER_TURN, Allowance(ANSWERS_PER_TURN))
@@ -312,11 +314,15 @@ class Prober:
             return cached[2]
         if self._status_round is None:
             # A task, not a coroutine awaited by its first caller: a caller that gives up
-            # (its client left) must not cancel the round the others wait for.
+            # (its client left) must not cancel the round the others wait for. Its callers
+            # resume a slice a turn, not a thousand in one turn.
             self._status_round = asyncio.ensure_future(self._aggregate())
-        status = await asyncio.shield(self._status_round)
-        # The callers go on a slice at a time, not a thousand answers in one turn.
-        await self.answers.turn()
+            callers: list[asyncio.Future[WorkerStatus]] = []
+            self._round_callers = callers
+            self._status_round.add_done_callback(functools.partial(self.answers.settle, callers))
+        caller = asyncio.get_running_loop().create_future()
+        self._round_callers.append(caller)
+        status: WorkerStatus = await caller
         return status
 
     async def _aggregate(self) -> WorkerStatus:
