@@ -1,5 +1,6 @@
 """How FairReads shares a turn of the loop between source addresses when several send at
-once, and how many held reads it hands on a turn as turns grow long or short."""
+once, how many held reads it hands on a turn as turns grow long or short, and how a pacer
+with an allowance, or handing on a shared round's outcome, spaces its work over turns."""
 
 from __future__ import annotations
 
