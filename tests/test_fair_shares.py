@@ -8,7 +8,7 @@ import asyncio
 import itertools
 from collections import Counter
 
-from controller.edge.fair_reads import BURST_PER_TURN, SOURCE_SHARE, FairReads
+from controller.edge.fair_reads import BULK, BURST_PER_TURN, SOURCE_SHARE, FairReads
 from controller.pacing import TURN_BUDGET, Allowance, Pacer
 
 from .test_hostile_pacing import _frozen_clock, _Reader, _StepLoop
@@ -83,6 +83,70 @@ def test_held_reads_a_turn_halve_after_a_long_turn_and_grow_back_after_short_one
     while any(r.held for r in burst):
         turn(TURN_BUDGET / 4)
     assert [r.delivered for r in burst] == [[b"%d" % i] for i in range(200)]
+
+
+class _Uploader(_Reader):
+    """A connection sending a large body, and aiohttp's side of it: whatever is handed on
+    wakes its body reader in the next turn, and the reader's step resumes the socket (as
+    aiohttp 3.14 does whenever it drains its buffer, paused or not)."""
+
+    def __init__(self, loop: _StepLoop, body: bytes) -> None:
+        super().__init__("10.0.0.3")
+        self.loop = loop
+        self.unsent = [body[i : i + 256_000] for i in range(0, len(body), 256_000)]
+        self.reading = True
+        self.socket_reads = 0
+
+    # the transport
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def deliver(self, data: bytes) -> None:
+        super().deliver(data)
+        self.loop.call_soon(self.resume_reading)  # the body reader's step
+
+    def poll(self, reads: FairReads) -> None:
+        """The loop polls: a read of up to 256,000 bytes if the socket is being read."""
+        if self.reading and self.unsent:
+            self.socket_reads += 1
+            offer(reads, self, self.unsent.pop(0))
+
+
+def test_a_held_body_gets_a_slice_a_turn_though_aiohttp_resumes_its_socket() -> None:
+    """Three connections send bodies of 5 MB in reads of 256,000 bytes (uvloop's), and
+    aiohttp's body reader resumes each socket whenever it takes what was handed on. Each
+    still gets at most BULK bytes a turn, its socket read again only once what it holds is
+    handed on, and its bytes arrive whole and in order. Before, the socket was read every
+    turn while a slice went on: a connection held more each turn until HELD_MOST (1 MiB),
+    and from then on was handed a whole socket read a turn (256 KiB), copied and parsed."""
+    loop = _StepLoop()
+    reads = FairReads(loop, 24, clock=_frozen_clock)  # type: ignore[arg-type]
+    bodies = [bytes([65 + i]) * 5_000_000 for i in range(3)]
+    senders = [_Uploader(loop, body) for body in bodies]
+    for sender in senders:
+        sender.transport = sender  # type: ignore[assignment]
+    turns = 0
+    while any(s.unsent or s.held for s in senders):
+        before = [sum(map(len, s.delivered)) for s in senders]
+        loop.end_turn()
+        handed = [sum(map(len, s.delivered)) - b for s, b in zip(senders, before, strict=True)]
+        assert max(handed) <= BULK, f"turn {turns}: {handed}"
+        for sender in senders:
+            sender.poll(reads)
+        turns += 1
+        assert turns < 3 * 5_000_000 // BULK + 100
+    assert [b"".join(s.delivered) for s in senders] == bodies
+    # a read each time what it held had gone on: 256,000 bytes a read, BULK a turn
+    assert all(s.socket_reads == len(range(0, 5_000_000, 256_000)) for s in senders)
 
 
 async def test_a_pacer_with_an_allowance_lets_fewer_through_while_turns_are_long() -> None:

@@ -101,6 +101,7 @@ class FairReads:
     __slots__ = (
         "_allowance",
         "_by_source",
+        "_handed",
         "_loop",
         "_passed",
         "_queues",
@@ -136,6 +137,8 @@ class FairReads:
         self._scheduled = False
         #: connections with reads held, per source address, in the order they are served
         self._queues: dict[str, deque[Reader]] = {}
+        #: connections handed on in part in the last turn (see _pause_again)
+        self._handed: list[Reader] = []
         self.held_back = 0
 
     def received(self, reader: Reader, data: bytes) -> bool:
@@ -209,6 +212,8 @@ class FairReads:
         if self._by_source:
             self._by_source.clear()
         queues = self._queues
+        if self._handed:
+            self._pause_again()
         if not queues:
             return
         burst = self._allowance.next_turn()
@@ -224,8 +229,23 @@ class FairReads:
                 again.append(reader)
         for reader in again:
             queues.setdefault(reader.source, deque()).append(reader)
+        self._handed = again
         if queues or self._passed >= RESET_AFTER:
             self._schedule()
+
+    def _pause_again(self) -> None:
+        """Stop reading the sockets of the connections handed on in part in the last turn,
+        which aiohttp read again meanwhile: its body reader resumes the socket whenever it
+        drains aiohttp's buffer, and a slice handed on woke it. This runs after that
+        reader's step (the slice scheduled it first) and before the loop polls again, so a
+        held connection gets one slice a turn, not a socket read as well (256 KiB a turn
+        each in the hostile benchmark's oversized bodies, until HELD_MOST)."""
+        handed, self._handed = self._handed, []
+        for reader in handed:
+            transport = reader.transport
+            if reader.held and transport is not None and transport.is_reading():
+                transport.pause_reading()
+                reader.held_paused = True
 
     @staticmethod
     def _hand_on(reader: Reader, *, in_slices: bool = False) -> int:
