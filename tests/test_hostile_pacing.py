@@ -110,26 +110,32 @@ async def bulk_worker(size: int) -> tuple[asyncio.Server, str]:
 
 
 @pytest.mark.parametrize(
-    ("size", "expected"),
+    ("size", "at_once", "expected"),
     [
-        pytest.param(12 * MIB, "whole", id="within-the-answer-limit"),
-        pytest.param(64 * MIB, "refused", id="past-the-answer-limit"),
+        pytest.param(12 * MIB, 1, "whole", id="within-the-answer-limit"),
+        pytest.param(64 * MIB, 1, "refused", id="past-the-answer-limit"),
+        pytest.param(12 * MIB, 4, "whole", id="four-at-once"),
     ],
 )
 def test_a_bulk_answer_is_read_one_read_a_turn(
-    monkeypatch: pytest.MonkeyPatch, size: int, expected: str
+    monkeypatch: pytest.MonkeyPatch, size: int, at_once: int, expected: str
 ) -> None:
     """A worker pouring a document into its connection: the controller reads at most one
     bulk read (64 KiB or more) from it per turn of the loop, so other clients get turns
     between, and the answer is still relayed whole (within --max-worker-answer-size) or
     refused with the worker error document (past it). uvloop alone would read up to 32
-    reads of 256 KiB in one turn."""
+    reads of 256 KiB in one turn. Four such answers at once are still one bulk read a
+    turn in all, once each connection's first has come (before, one each: four reads of
+    256 KiB a turn)."""
     reads: Counter[int] = Counter()
     received = Upstream.data_received
+    began: set[int] = set()  # connections that read in bulk: their first came unpaced
 
     def counted(self: Upstream, data: bytes) -> None:
         if len(data) >= BULK_READ:
-            reads[turns.count] += 1
+            if id(self) in began:
+                reads[turns.count] += 1
+            began.add(id(self))
         received(self, data)
 
     monkeypatch.setattr(Upstream, "data_received", counted)
@@ -147,23 +153,28 @@ def test_a_bulk_answer_is_read_one_read_a_turn(
                 body = register_body(url, worker_status=STATUS, check_heart_beat=False)
                 async with http.post(f"{controller.url}/register_worker", json=body) as r:
                     assert r.status == 200
-                with turns:
+
+                async def call() -> None:
                     async with http.post(
                         f"{controller.url}/worker_generate", json={"model": "m"}
                     ) as r:
                         answers.append((r.status, await r.read()))
+
+                with turns:
+                    await asyncio.gather(*(call() for _ in range(at_once)))
         finally:
             await controller.aclose()
             server.close()
 
     on_uvloop(scenario)
-    [(status, answer)] = answers
-    assert status == 200
-    if expected == "whole":
-        assert len(answer) == size
-    else:
-        assert json.loads(answer) == {"text": SERVER_ERROR_MSG, "error_code": 50006}
-    assert sum(reads.values()) > 8  # read in many pieces, each counted
+    assert len(answers) == at_once
+    for status, answer in answers:
+        assert status == 200
+        if expected == "whole":
+            assert len(answer) == size
+        else:
+            assert json.loads(answer) == {"text": SERVER_ERROR_MSG, "error_code": 50006}
+    assert sum(reads.values()) > 8 * at_once  # read in many pieces, each counted
     assert max(reads.values()) == 1
 
 

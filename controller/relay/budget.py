@@ -7,11 +7,17 @@ that cannot reserve its answer fails at once. So no relay ever waits for another
 bytes, except in one case handled here: when every byte held belongs to streams that are
 waiting, the one holding most is let go on, since only finishing its message frees any.
 The budget may thus be passed by at most one stream's message (16 MiB) and one read.
+
+The relays also share their bulk reads: a connection that has just read 64 KiB or more
+from its worker reads again in a later turn of the loop, and only one such connection a
+turn does (:attr:`Budget.bulk_reads`), however many workers are pouring answers at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from ..pacing import Pacer
 
 __all__ = ["Budget"]
 
@@ -19,11 +25,14 @@ __all__ = ["Budget"]
 class Budget:
     """A count of bytes held across relays, and the streams waiting for it to free."""
 
-    __slots__ = ("_held_by_parked", "_parked", "limit", "used")
+    __slots__ = ("_held_by_parked", "_parked", "bulk_reads", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        #: connections reading in bulk read again one a turn, in the order they read: four
+        #: answers of 256 MiB at once were four reads of 256 KiB in every turn (1-2 ms)
+        self.bulk_reads = Pacer(1)
         #: waiting streams: their resume callback and how many bytes each holds
         self._parked: dict[Callable[[], object], int] = {}
         self._held_by_parked = 0

@@ -148,14 +148,16 @@ class Holding:
             self._wake()
 
     def _yield_turn(self) -> None:
-        """Read nothing more until the loop's next turn: uvloop reads a readable socket up
-        to 32 times in a row (256 KiB each) before it looks at anything else, so a worker
-        sending in bulk (a huge answer) would hold the loop for every other client."""
+        """Read nothing more until a later turn of the loop: uvloop reads a readable socket
+        up to 32 times in a row (256 KiB each) before it looks at anything else, so a
+        worker sending in bulk (a huge answer) would hold the loop for every other client.
+        Reading resumes in the next turn, or later when other connections read in bulk
+        too: one of them a turn (the budget's ``bulk_reads``)."""
         transport = self.transport
         if not self._yielding and transport is not None:
             self._yielding = True
             transport.pause_reading()
-            self._loop.call_soon(self._read_on)
+            self._loop.call_soon(self._budget.bulk_reads.call, self._read_on)
 
     def _read_on(self) -> None:
         self._yielding = False
