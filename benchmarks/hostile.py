@@ -219,7 +219,9 @@ class Hostile:
     def start_hostile_worker(self) -> subprocess.Popen[bytes]:
         port = free_port()
         proc = self.start(
-            "hostile-worker", self.python_tool("hostile_worker.py", "--port", str(port))
+            "hostile-worker",
+            self.python_tool("hostile_worker.py", "--port", str(port)),
+            hostile=True,
         )
         self.worker_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
