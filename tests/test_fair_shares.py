@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
+from collections.abc import Callable
 
-from controller.edge.fair_reads import BULK, BURST_PER_TURN, SOURCE_SHARE, FairReads
+from controller.edge.fair_reads import BULK, BURST_PER_TURN, DRAIN_GAP, SOURCE_SHARE, FairReads
 from controller.pacing import TURN_BUDGET, Allowance, Pacer
 
 from .test_hostile_pacing import _frozen_clock, _Reader, _StepLoop
@@ -147,6 +148,84 @@ def test_a_held_body_gets_a_slice_a_turn_though_aiohttp_resumes_its_socket() -> 
     assert [b"".join(s.delivered) for s in senders] == bodies
     # a read each time what it held had gone on: 256,000 bytes a read, BULK a turn
     assert all(s.socket_reads == len(range(0, 5_000_000, 256_000)) for s in senders)
+
+
+class _Refused(_Reader):
+    """A connection whose body was refused (413) and which keeps sending, as its own
+    transport: ``read`` is what the loop's poll does while its socket is being read."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__("10.0.0.3")
+        self.name = name
+        self.discarding = True
+        self.transport = self  # type: ignore[assignment]
+        self.reading = True
+        self.closing = False
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+class _TimerLoop(_StepLoop):
+    """A _StepLoop whose timers fire when the test says (``fire``), with their delays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        self.timers.append((delay, callback))
+        return object()
+
+    def fire(self) -> float:
+        (delay, callback), *self.timers = self.timers
+        callback()
+        return delay
+
+
+def test_refused_bodies_are_read_one_read_every_drain_gap_in_turn() -> None:
+    """Three connections whose bodies were refused keep sending (thirteen 100 MiB bodies
+    at once, in the hostile benchmark). Each read is dropped and its socket no longer
+    read; then one socket is read again every DRAIN_GAP, in turn, skipping a connection
+    that closed meanwhile. Before, each was read again in the next turn: three reads a
+    turn, drained as fast as the kernel delivered them."""
+    loop = _TimerLoop()
+    reads = FairReads(loop, 24, clock=_frozen_clock)  # type: ignore[arg-type]
+    senders = [_Refused(name) for name in "abc"]
+
+    def poll() -> list[str]:
+        came = [s.name for s in senders if s.reading and not s.closing]
+        for sender in senders:
+            if sender.reading and not sender.closing:
+                reads.dropped(sender)
+        return came
+
+    assert poll() == ["a", "b", "c"]  # read before the refusal: all at once, once
+    assert not any(s.reading for s in senders)
+    order: list[str] = []
+    for _ in range(6):
+        loop.end_turn()
+        assert poll() == []  # turns pass: nobody is read until the timer fires
+        assert loop.fire() == DRAIN_GAP
+        order += poll()
+    assert order == ["a", "b", "c", "a", "b", "c"]
+    senders[1].closing = True
+    for _ in range(4):
+        loop.fire()
+        order += poll()
+    assert order[6:] == ["a", "c", "a", "c"]
+    reads.flush(senders[0], deliver=False)  # its connection is lost
+    loop.fire()
+    assert poll() == ["c"] and loop.timers
 
 
 async def test_a_pacer_with_an_allowance_lets_fewer_through_while_turns_are_long() -> None:

@@ -117,9 +117,9 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
-            # Dropped, at the pace of everyone's reads (held ones are dropped by deliver):
-            # thirteen refused bodies sending at once were 3 MiB of copies every turn.
-            self._owner.reads.received(self, data)
+            # Dropped, the socket read again in turn with other refused bodies' (held
+            # reads are dropped by deliver): 13 of them at once were 3 MiB a turn.
+            self._owner.reads.dropped(self)
             return
         if self.phase == IDLE:
             # The first byte of the next request: the head's time starts. The timer needs

@@ -21,7 +21,8 @@ connections are sending one. A read larger than :data:`BULK` always waits and is
 on in slices of at most that, a connection's slice a turn (uvloop reads up to 512,000 bytes
 at a time, and aiohttp copies each into new memory: 1.5-3 ms a read in the hostile
 benchmark's oversized bodies), its socket not read again until the last slice; the reads
-of a connection whose body was refused (dropped, not parsed) go whole.
+of a connection whose body was refused (dropped, not parsed) go whole, and such
+connections' sockets are read one at a time, one read every :data:`DRAIN_GAP` in all.
 
 The count of a turn's reads is reset in the turn after it reaches :data:`RESET_AFTER`, not
 after every turn: steady traffic then schedules one callback per ``RESET_AFTER`` reads
@@ -42,6 +43,7 @@ from ..pacing import Allowance
 __all__ = [
     "BULK",
     "BURST_PER_TURN",
+    "DRAIN_GAP",
     "HELD_MOST",
     "QUIET_PER_TURN",
     "RESET_AFTER",
@@ -71,6 +73,12 @@ BULK = 64 << 10
 #: of registrations, which each other client's request waited out); two, so that a client
 #: with two requests in one turn is not held for the second
 SOURCE_SHARE = 2
+#: seconds between two reads of refused bodies (dropped as they come), whichever
+#: connections they come from: thirteen bodies of 100 MiB refused at once were drained as
+#: fast as they came, and the kernel's work receiving them kept the controller's core busy
+#: for 1.7 s (256 KiB a read: at most 256 MB/s, within aiohttp's 10 s of lingering for
+#: 2.5 GB)
+DRAIN_GAP = 0.001
 #: bytes a connection's held reads may come to after its turn, at most: aiohttp resumes a
 #: socket itself when its own buffer drains, so another read can come while some are held
 HELD_MOST = 1 << 20
@@ -101,6 +109,8 @@ class FairReads:
     __slots__ = (
         "_allowance",
         "_by_source",
+        "_drain_timer",
+        "_draining",
         "_handed",
         "_loop",
         "_passed",
@@ -139,6 +149,9 @@ class FairReads:
         self._queues: dict[str, deque[Reader]] = {}
         #: connections handed on in part in the last turn (see _pause_again)
         self._handed: list[Reader] = []
+        #: refused bodies' connections waiting to be read again, in turn (see dropped)
+        self._draining: dict[Reader, None] = {}
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.held_back = 0
 
     def received(self, reader: Reader, data: bytes) -> bool:
@@ -176,9 +189,33 @@ class FairReads:
             self._schedule()
         return False
 
+    def dropped(self, reader: Reader) -> None:
+        """A read of ``reader``'s refused body came and was dropped: its socket is read
+        again in turn with the other refused bodies', one read every DRAIN_GAP in all."""
+        transport = reader.transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+        self._draining[reader] = None
+        if self._drain_timer is None:
+            self._drain_timer = self._loop.call_later(DRAIN_GAP, self._drain_next)
+
+    def _drain_next(self) -> None:
+        self._drain_timer = None
+        draining = self._draining
+        while draining:
+            reader = next(iter(draining))
+            del draining[reader]
+            transport = reader.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+                break
+        if draining:
+            self._drain_timer = self._loop.call_later(DRAIN_GAP, self._drain_next)
+
     def flush(self, reader: Reader, *, deliver: bool = True) -> None:
         """Hand on ``reader``'s held reads now (its client sent its last byte: they go
         before the end), or drop them (``deliver=False``: the connection is lost)."""
+        self._draining.pop(reader, None)
         if reader.held is not None:
             queue = self._queues.get(reader.source)
             if queue is not None:
