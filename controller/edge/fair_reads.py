@@ -74,10 +74,10 @@ BULK = 64 << 10
 #: with two requests in one turn is not held for the second
 SOURCE_SHARE = 2
 #: seconds between two reads of refused bodies (dropped as they come), whichever
-#: connections they come from: thirteen bodies of 100 MiB refused at once were drained as
-#: fast as they came, and the kernel's work receiving them kept the controller's core busy
-#: for 1.7 s (256 KiB a read: at most 256 MB/s, within aiohttp's 10 s of lingering for
-#: 2.5 GB)
+#: connections they come from, so that what a client sends after its 413 costs the
+#: controller a bounded rate of reads: thirteen bodies of 100 MiB refused at once were
+#: drained as fast as they came (850 MB in 1.7 s). At 256 KiB a read, at most 256 MB/s:
+#: 2.5 GB within aiohttp's 10 s of lingering
 DRAIN_GAP = 0.001
 #: bytes a connection's held reads may come to after its turn, at most: aiohttp resumes a
 #: socket itself when its own buffer drains, so another read can come while some are held
