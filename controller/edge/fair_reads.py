@@ -181,10 +181,7 @@ class FairReads:
             self._queues.setdefault(reader.source, deque()).append(reader)
         else:
             reader.held.append(data)
-        transport = reader.transport
-        if transport is not None and transport.is_reading():
-            transport.pause_reading()
-            reader.held_paused = True
+        self._pause_held(reader)
         if not self._scheduled:
             self._schedule()
         return False
@@ -279,10 +276,17 @@ class FairReads:
         each in the hostile benchmark's oversized bodies, until HELD_MOST)."""
         handed, self._handed = self._handed, []
         for reader in handed:
-            transport = reader.transport
-            if reader.held and transport is not None and transport.is_reading():
-                transport.pause_reading()
-                reader.held_paused = True
+            if reader.held:
+                self._pause_held(reader)
+
+    @staticmethod
+    def _pause_held(reader: Reader) -> None:
+        """Stop reading ``reader``'s socket while it has reads held, if it is being read
+        (``held_paused``: resumed when the last held read is handed on)."""
+        transport = reader.transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+            reader.held_paused = True
 
     @staticmethod
     def _hand_on(reader: Reader, *, in_slices: bool = False) -> int:
