@@ -35,6 +35,7 @@ from controller.edge.fair_reads import (
     UNIT,
     FairReads,
 )
+from controller.edge.handlers import REGISTRATIONS_PER_TURN
 from controller.jsonbody import BodyReader
 from controller.jsoncuts import PIECE
 from controller.nesting import TEXT_SLICE
@@ -454,6 +455,48 @@ async def test_a_burst_of_requests_is_read_a_slice_per_turn_fairly_between_sourc
     [other_turn] = [turn for turn, source in delivered if source == "127.0.0.2"]
     assert other_turn == first
     assert max(per_turn) - first >= 300 // READS_PER_TURN - 1  # the burst took turns
+
+
+async def test_registrations_reach_the_registry_a_few_a_turn(
+    run_controller: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty workers registering at once over kept-alive connections (a fleet coming up,
+    or one address registering as fast as it can, as the hostile benchmark's mass-expiry
+    does): every one is answered 200 and registered, and at most REGISTRATIONS_PER_TURN
+    of them reach the registry in one turn of the loop, so another client's request waits
+    out a registration or two, not a turn's worth of reads. Before, a whole turn's reads
+    went on together (24 here)."""
+    at: Counter[int] = Counter()
+    register = Prober.register
+
+    async def counted(self: Prober, *args: Any, **kwargs: Any) -> bool:
+        at[turns.count] += 1
+        return await register(self, *args, **kwargs)
+
+    monkeypatch.setattr(Prober, "register", counted)
+    config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0)
+    controller = await run_controller(config)
+    turns = Turns()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def ask(path: str, body: Any = None) -> int:
+            async with http.post(f"{controller.url}{path}", json=body) as r:
+                await r.read()
+                return r.status
+
+        # Forty connections opened first, so that the registrations arrive together.
+        assert await asyncio.gather(*(ask("/list_models") for _ in range(40))) == [200] * 40
+        bodies = [
+            register_body(f"http://127.0.0.1:1/w{i}", worker_status=STATUS) for i in range(40)
+        ]
+        with turns:
+            statuses = await asyncio.gather(*(ask("/register_worker", b) for b in bodies))
+    assert statuses == [200] * 40
+    assert len(controller.registry) == 40
+    assert sum(at.values()) == 40
+    assert max(at.values()) <= REGISTRATIONS_PER_TURN
+    assert len(at) >= 40 // REGISTRATIONS_PER_TURN  # they took turns
 
 
 async def test_a_pacer_lets_a_slice_through_per_turn_and_skips_those_who_left() -> None:
