@@ -59,7 +59,7 @@ def _forbidden(error: ForbiddenError) -> web.Response:
 #: registrations that go on in one turn of the loop, fewer after a long turn (see
 #: pacing.Allowance); the others wait for the turns after, in order. A registration is the
 #: costliest control request (0.3 ms: its body, the address policy, the registry, a log
-#: line): sixteen connections registering workers as fast as they could ran three or four
+#: line): sixteen connections registering workers as fast as they could ran two or three
 #: a turn, and every other client's request waited out 2-3 ms of them
 REGISTRATIONS_PER_TURN = 2
 
