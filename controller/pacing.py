@@ -89,11 +89,6 @@ class Pacer:
         self._waiting: deque[asyncio.Future[None] | Callable[[], object]] = deque()
         self.slices = 0
 
-    @property
-    def free(self) -> bool:
-        """Whether a caller may go on in this turn without waiting."""
-        return self._passed < self.limit and not self._waiting
-
     def try_pass(self) -> bool:
         """Go on in this turn if the slice has room (``True``); else call :meth:`turn`."""
         if self._passed < self.limit and not self._waiting:
