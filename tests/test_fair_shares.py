@@ -86,30 +86,39 @@ def test_held_reads_a_turn_halve_after_a_long_turn_and_grow_back_after_short_one
     assert [r.delivered for r in burst] == [[b"%d" % i] for i in range(200)]
 
 
-class _Uploader(_Reader):
-    """A connection sending a large body, and aiohttp's side of it: whatever is handed on
-    wakes its body reader in the next turn, and the reader's step resumes the socket (as
-    aiohttp 3.14 does whenever it drains its buffer, paused or not)."""
+class _OwnTransport(_Reader):
+    """A connection from 10.0.0.3 that is its own transport: its socket is read while
+    ``reading``, and it is closing once ``closing``."""
 
-    def __init__(self, loop: _StepLoop, body: bytes) -> None:
+    def __init__(self) -> None:
         super().__init__("10.0.0.3")
-        self.loop = loop
-        self.unsent = [body[i : i + 256_000] for i in range(0, len(body), 256_000)]
+        self.transport = self  # type: ignore[assignment]
         self.reading = True
-        self.socket_reads = 0
+        self.closing = False
 
-    # the transport
     def is_reading(self) -> bool:
         return self.reading
 
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
     def pause_reading(self) -> None:
         self.reading = False
 
     def resume_reading(self) -> None:
         self.reading = True
+
+
+class _Uploader(_OwnTransport):
+    """A connection sending a large body, and aiohttp's side of it: whatever is handed on
+    wakes its body reader in the next turn, and the reader's step resumes the socket (as
+    aiohttp 3.14 does whenever it drains its buffer, paused or not)."""
+
+    def __init__(self, loop: _StepLoop, body: bytes) -> None:
+        super().__init__()
+        self.loop = loop
+        self.unsent = [body[i : i + 256_000] for i in range(0, len(body), 256_000)]
+        self.socket_reads = 0
 
     def deliver(self, data: bytes) -> None:
         super().deliver(data)
@@ -133,8 +142,6 @@ def test_a_held_body_gets_a_slice_a_turn_though_aiohttp_resumes_its_socket() -> 
     reads = FairReads(loop, 24, clock=_frozen_clock)  # type: ignore[arg-type]
     bodies = [bytes([65 + i]) * 5_000_000 for i in range(3)]
     senders = [_Uploader(loop, body) for body in bodies]
-    for sender in senders:
-        sender.transport = sender  # type: ignore[assignment]
     turns = 0
     while any(s.unsent or s.held for s in senders):
         before = [sum(map(len, s.delivered)) for s in senders]
@@ -150,29 +157,13 @@ def test_a_held_body_gets_a_slice_a_turn_though_aiohttp_resumes_its_socket() -> 
     assert all(s.socket_reads == len(range(0, 5_000_000, 256_000)) for s in senders)
 
 
-class _Refused(_Reader):
-    """A connection whose body was refused (413) and which keeps sending, as its own
-    transport: ``read`` is what the loop's poll does while its socket is being read."""
+class _Refused(_OwnTransport):
+    """A connection whose body was refused (413) and which keeps sending."""
 
     def __init__(self, name: str) -> None:
-        super().__init__("10.0.0.3")
+        super().__init__()
         self.name = name
         self.discarding = True
-        self.transport = self  # type: ignore[assignment]
-        self.reading = True
-        self.closing = False
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
 
 
 class _TimerLoop(_StepLoop):
