@@ -8,8 +8,12 @@ Every row is one measurement window of the same controller, started once under
   16 connections and 32 closed-loop streams through the controller to the bench workers
   (``loadgen.py``);
 - the attack, from 127.0.0.3 (``attacks.py``), starting when the window opens, against the
-  controller and, for the worker-side attacks, through ``hostile_worker.py``; both at a
-  lower priority than the normal traffic's generators, which share their core.
+  controller and, for the worker-side attacks, through ``hostile_worker.py``; both in the
+  idle scheduling class, below the normal traffic's generators, which share their core.
+
+With ``--floor``, each attack also runs once, just before its row, against a stand-in
+(``attack_sink.py``) instead of the controller: the normal traffic's p99 then is what the
+attack costs it without the controller's part, the floor of that row on this machine.
 
 Figures per row: the controller's largest loop lag in the window (until the attack ended,
 if later), the normal traffic's dispatch latency p99 and stream TTFC p99 against the quiet
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -71,8 +76,6 @@ LEAD = 1.5
 PACED_RATE = 200.0
 #: the paced generator's connections: enough that one slow answer does not queue the rest
 PACED_CONNECTIONS = 16
-#: how much lower the attacker's and misbehaving workers' priority is (see Hostile.start)
-NICE = 10
 STREAMS = 32
 #: the controller's flags: a short expiration for mass-expiry (workers registered with
 #: check_heart_beat false, as the bench workers are, never expire), room for its 8,000
@@ -88,6 +91,16 @@ FLAGS = [
 #: shorter connection timeouts, passed when the controller has them, so that the slow and
 #: idle attacks see them act within a window
 SHORT_TIMEOUTS = {"--header-timeout": "2", "--body-timeout": "3", "--idle-timeout": "2"}
+#: what a row keeps of its attack's run against the stand-in (``--floor``)
+FLOOR_FIGURES = ("dispatch_ms", "dispatch_schedule_lag_ms", "ttfc_ms", "attacker")
+
+
+def idle_class() -> list[str]:
+    """The command prefix that starts a process in the idle scheduling class (``chrt``, of
+    util-linux); ``nice -n 19`` where there is no ``chrt``."""
+    if shutil.which("chrt"):
+        return ["chrt", "--idle", "0"]
+    return ["nice", "-n", "19"]
 
 
 class LagLog:
@@ -176,15 +189,19 @@ class Hostile:
     def python_tool(self, script: str, *args: str) -> list[str]:
         return [str(self.bench.tools_python), str(Path(__file__).parent / script), *args]
 
-    def start(self, name: str, cmd: list[str], *, hostile: bool = False) -> subprocess.Popen[bytes]:
-        """Start a tool on the load cores; ``hostile`` ones (the misbehaving workers) at a
-        lower priority (``NICE``), so that on a small machine they take CPU mostly when the
-        normal traffic's generators leave it: an attacker on another host would not slow
-        them at all. (``attacks.py`` lowers its own priority once its payload is built.)"""
+    def start(
+        self, name: str, cmd: list[str], *, hostile: bool = False, cores: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a tool on the load cores (or ``cores``); ``hostile`` ones (the misbehaving
+        workers, the stand-in) in the idle scheduling class, so that on a small machine they
+        take CPU only when the normal traffic's generators leave it, and give it up the
+        moment one wakes (a nice value only weighs the shares): an attacker on another host
+        would not slow them at all. (``attacks.py`` moves itself to that class once its
+        payload is built.)"""
         if hostile:
-            cmd = ["nice", "-n", str(NICE), *cmd]
+            cmd = [*idle_class(), *cmd]
         proc: subprocess.Popen[bytes] = self.bench.procs.start(
-            name, cmd, cores=self.bench.load_cores
+            name, cmd, cores=self.bench.load_cores if cores is None else cores
         )
         return proc
 
@@ -216,26 +233,36 @@ class Hostile:
         ]
         return FLAGS + extra
 
-    def start_hostile_worker(self) -> subprocess.Popen[bytes]:
+    def start_server(
+        self, script: str, ready: str, cores: str | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``script --port P`` as a hostile tool and wait until it answers GET
+        ``ready``; the process and its base URL."""
         port = free_port()
+        name = script.removesuffix(".py").replace("_", "-")
         proc = self.start(
-            "hostile-worker",
-            self.python_tool("hostile_worker.py", "--port", str(port)),
-            hostile=True,
+            name, self.python_tool(script, "--port", str(port)), hostile=True, cores=cores
         )
-        self.worker_url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(OSError):
-                http_json(f"{self.worker_url}/counts", timeout=1.0)
-                return proc
+                http_json(f"{url}{ready}", timeout=1.0)
+                return proc, url
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("hostile_worker.py did not start; see its log")
+                raise BenchError(f"{script} did not start; see its log")
             time.sleep(0.1)
 
     def run(self) -> dict[str, Any]:
         bench = self.bench
-        worker = self.start_hostile_worker()
+        worker, self.worker_url = self.start_server("hostile_worker.py", "/counts")
+        # The stand-in goes on the controller's core: the kernel's part in receiving an
+        # attack's bytes lands there, as it would for the controller.
+        sink = None
+        if bench.args.floor:
+            sink, self.sink_url = self.start_server(
+                "attack_sink.py", "/test_connection", cores=bench.controller_cores
+            )
         lag_file = bench.workdir / "hostile-loop-lag.txt"
         controller_flags = self.controller_flags()
         rows: list[dict[str, Any]] = []
@@ -252,23 +279,34 @@ class Hostile:
                     Attack(QUIET_AFTER, "none, after the attacks"),
                 ]
                 for attack in plan:
-                    row = self.window(url, pid, lags, attack)
+                    floor = None
+                    if sink and attack.key not in (QUIET, QUIET_AFTER):
+                        floor = self.window(url, pid, lags, attack, self.sink_url)
+                    row = self.window(url, pid, lags, attack, url)
                     row.update(attack=attack.key, label=attack.label)
+                    if floor:
+                        row["floor"] = {key: floor[key] for key in FLOOR_FIGURES}
                     rows.append(row)
                     self.log(row)
         finally:
-            self.bench.procs.stop(worker, grace=1.0)
+            for proc in (worker, sink):
+                if proc:
+                    self.bench.procs.stop(proc, grace=1.0)
         return {
             "controller_flags": controller_flags,
             "window_s": self.window_s,
             "paced_rate": PACED_RATE,
             "paced_connections": PACED_CONNECTIONS,
             "streams": STREAMS,
+            "floor": bool(sink),
             "rows": rows,
         }
 
-    def window(self, url: str, pid: int, lags: LagLog, row: Attack) -> dict[str, Any]:
+    def window(self, url: str, pid: int, lags: LagLog, row: Attack, target: str) -> dict[str, Any]:
+        """One row: normal traffic to ``url``, the attack (if any) to ``target``."""
         attack, prep = row.key, row.prep
+        if target != url:
+            attack += "-floor"
         w = self.window_s + row.longer
         start_at = time.monotonic() + LEAD + prep
         window = flags(start_at=f"{start_at:.6f}", duration=w, local_addr=NORMAL_ADDR)
@@ -308,16 +346,16 @@ class Hostile:
             ),
         )
         attacker = None
-        if attack not in (QUIET, QUIET_AFTER):
+        if row.key not in (QUIET, QUIET_AFTER):
             args = flags(
-                attack,
-                url=url,
+                row.key,
+                url=target,
                 worker=self.worker_url,
                 start_at=f"{start_at:.6f}",
                 duration=w,
                 local_addr=ATTACK_ADDR,
             )
-            cmd = self.python_tool("attacks.py", *args, "--nice", str(NICE))
+            cmd = self.python_tool("attacks.py", *args, "--idle")
             attacker = self.start(f"hostile-{attack}", cmd)
         try:
             seen = self.collect(attacker, LEAD + prep + w + 90) if attacker else None
@@ -359,6 +397,9 @@ class Hostile:
             return "-" if value is None else f"{value:.1f} ms"
 
         seen = (row["attacker"] or {}).get("seen", "")
+        floor = row.get("floor")
+        if floor:
+            seen += f" (floor: dispatch p99 {ms(floor['dispatch_ms']['p99'])})"
         print(
             f"  hostile {row['attack']:>16}: lag {row['loop_lag_ms']:.0f} ms, dispatch p99 "
             f"{ms(row['dispatch_ms']['p99'])}, TTFC p99 {ms(row['ttfc_ms']['p99'])}; {seen}",

@@ -424,6 +424,7 @@ def hostile_table(hostile: dict[str, Any]) -> tuple[str, list[Check]]:
         "loop lag max ms",
         "dispatch p99 ms (x quiet)",
         "TTFC p99 ms (x quiet)",
+        *(["floor: dispatch p99 ms (x quiet)"] if hostile.get("floor") else []),
         "peak RSS MiB",
         "peak fds",
         "result",
@@ -473,6 +474,11 @@ def hostile_table(hostile: dict[str, Any]) -> tuple[str, list[Check]]:
                 f"{row['loop_lag_ms']:.0f}",
                 versus(dispatch, base_dispatch),
                 versus(ttfc, base_ttfc),
+                *(
+                    [versus(get(row, "floor", "dispatch_ms", "p99"), base_dispatch)]
+                    if hostile.get("floor")
+                    else []
+                ),
                 fmt(row.get("peak_rss_mib"), ".0f"),
                 str(row.get("peak_fds", "-")),
                 verdict,
@@ -485,6 +491,13 @@ def hostile_table(hostile: dict[str, Any]) -> tuple[str, list[Check]]:
 
     notes: list[str] = []
     for row in rows:
+        floor = ratio(get(row, "floor", "dispatch_ms", "p99"), base_dispatch)
+        if floor is not None and floor > HOSTILE_P99_RATIO:
+            notes.append(
+                f"hostile {row['attack']}: aimed at the stand-in, not the controller, the "
+                f"attack alone took the normal traffic's dispatch p99 to {floor:.1f}x quiet: "
+                "on this machine the load side misses the target by itself"
+            )
         late = get(row, "dispatch_schedule_lag_ms", "p99")
         if late is not None and late > 20:
             notes.append(

@@ -620,6 +620,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the hostile scenario runs only this attack (repeatable; default: all)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="the hostile scenario also runs each attack against a stand-in for the "
+        "controller, just before its row: the normal traffic's p99 without the "
+        "controller's part in the attack",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=BENCH_DIR / "results" / "latest.json",
