@@ -31,12 +31,13 @@ from .test_hostile_pacing import Turns, on_uvloop
 BURST = 120
 
 
-def connect_now(port: int, count: int) -> list[socket.socket]:
-    """``count`` connections to ``port`` made at once, blocking: the kernel completes each
-    handshake into the listening socket's queue while the loop (this one) does nothing."""
+def connect_now(port: int, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """``count`` connections to ``port`` from ``source`` made at once, blocking: the kernel
+    completes each handshake into the listening socket's queue while the loop (this one)
+    does nothing."""
     sockets = []
     for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port))
+        sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
         sockets.append(sock)
     return sockets
 
@@ -115,6 +116,41 @@ def test_a_client_already_in_is_answered_before_a_burst_is_all_let_in() -> None:
     on_uvloop(scenario)
 
 
+def test_a_newcomer_from_another_address_is_let_in_ahead_of_a_flood_from_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """120 connections from one address wait to be let in when a client from another
+    connects behind them: it is let in before most of the flood, and everyone is
+    answered. (The kernel's queue is first come, first served: before, it was let in
+    after all 120.)"""
+    sources: list[str] = []
+    connection_made = _Client.connection_made
+
+    def noted(self: _Client, transport: asyncio.BaseTransport) -> None:
+        sources.append(transport.get_extra_info("peername")[0])
+        connection_made(self, transport)
+
+    monkeypatch.setattr(_Client, "connection_made", noted)
+
+    async def scenario() -> None:
+        config = ControllerConfig(host="127.0.0.1", port=0, load_poll_interval=0)
+        async with Controller.serve(config) as controller:
+            port = port_of(controller)
+            flood = connect_now(port, BURST, source="127.0.0.3")
+            [newcomer] = connect_now(port, 1, source="127.0.0.2")
+            clients = [newcomer, *flood]
+            try:
+                answers = await asyncio.gather(*(ask_test_connection(s) for s in clients))
+            finally:
+                for sock in clients:
+                    sock.close()
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+    on_uvloop(scenario)
+    assert sorted(sources) == ["127.0.0.2"] + ["127.0.0.3"] * BURST
+    assert sources.index("127.0.0.2") < BURST // 3, sources.index("127.0.0.2")
+
+
 class Counting(asyncio.Protocol):
     made = 0
 
@@ -141,6 +177,58 @@ async def one_let_in(port: int) -> None:
         await wait_until(lambda: Counting.made == 1)
     finally:
         client.close()
+
+
+def test_the_lines_hold_no_more_than_the_room_the_caller_gives() -> None:
+    """A listener told that 10 connections fit never has more than 10 taken and waiting to
+    be let in (the rest wait in the kernel's queue), and lets all 100 in."""
+
+    async def scenario() -> None:
+        Counting.made = 0
+        listener = Listener(asyncio.get_running_loop(), Counting, room=lambda: 10)
+        await listener.open("127.0.0.1", 0, 256)
+        clients = connect_now(listener.sockets[0].getsockname()[1], 100)
+        most = 0
+        try:
+            async with asyncio.timeout(10):  # only ends a failing run
+                while Counting.made < 100:
+                    most = max(most, listener.taken)
+                    await asyncio.sleep(0)
+        finally:
+            listener.close()
+            for sock in clients:
+                sock.close()
+        assert 0 < most <= 10, most
+
+    on_uvloop(scenario)
+
+
+def test_closing_a_listener_closes_the_connections_waiting_to_be_let_in() -> None:
+    """Connections taken but not yet let in when the listener closes are closed: their
+    clients read the end, none is let in afterwards."""
+
+    async def scenario() -> None:
+        Counting.made = 0
+        listener = Listener(asyncio.get_running_loop(), Counting, per_turn=1)
+        await listener.open("127.0.0.1", 0, 256)
+        clients = connect_now(listener.sockets[0].getsockname()[1], 20)
+        try:
+            while not listener.taken:  # the turn they are taken in, 1 let in a turn after
+                await asyncio.sleep(0)
+            listener.close()
+            made = Counting.made
+            loop = asyncio.get_running_loop()
+            for sock in clients[made:]:
+                sock.setblocking(False)
+                async with asyncio.timeout(5):  # only ends a failing run
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await loop.sock_recv(sock, 1) == b""
+            assert listener.taken == 0 and Counting.made == made < 20
+        finally:
+            for sock in clients:
+                sock.close()
+
+    on_uvloop(scenario)
 
 
 def test_a_listener_out_of_descriptors_pauses_instead_of_spinning(

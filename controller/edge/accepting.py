@@ -1,16 +1,26 @@
-"""The standalone controller's listening sockets, whose new connections are taken a few
-per turn of the event loop.
+"""The standalone controller's listening sockets, whose new connections are let in a few
+per turn of the event loop, taking turns between source addresses.
 
 ``loop.create_server`` accepts the connections waiting in the kernel's queue in one
 callback (uvloop's every one of them, asyncio's up to the backlog): 256 clients connecting
 at once were one 15 ms callback
 (about 60 µs each: the descriptor, the transport, aiohttp's protocol), during which no
 other client was read or answered. Here each listening socket is watched with
-``add_reader`` and at most ``ACCEPTS_PER_TURN`` connections are taken per turn; the rest
-wait in the kernel's queue (``--backlog`` deep) for the next turns, between everyone
-else's work. Each taken connection becomes a transport and its protocol through
-``loop.connect_accepted_socket`` (with the TLS handshake, for a TLS listener), as
-``create_server`` would have made it.
+``add_reader``, and at most ``ACCEPTS_PER_TURN`` connections are let in per turn: made a
+transport and its protocol through ``loop.connect_accepted_socket`` (with the TLS
+handshake, for a TLS listener), as ``create_server`` would have made them.
+
+The kernel's queue is first come, first served: a client connecting behind a thousand
+connections of one flooding address waited for all of them, 125 turns (60-90 ms in the
+hostile benchmark's status fan-out). So up to ``TAKES_PER_TURN`` connections a turn are
+taken from it (``accept()`` alone, about 10 µs each) into a line per source address, and
+the connections let in each turn are drawn from those lines in turn, one from each: a
+newcomer from another address is let in within a turn or two of being taken, however long
+the flood's line. The lines hold no more than the room the caller says is left (the
+controller's: ``--max-connections`` less the connections it holds), so the descriptors
+they take are within the caps' (but a turn's ``ACCEPTS_PER_TURN`` are always taken: at
+the cap, letting one in is what makes room, by closing an idle one); beyond that the
+kernel's queue (``--backlog`` deep) keeps them.
 
 Binding follows ``create_server``: every address ``getaddrinfo`` gives for the host (all
 interfaces for none), ``SO_REUSEADDR``, IPv6 sockets IPv6-only, the port chosen by the
@@ -25,16 +35,21 @@ import errno
 import logging
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ACCEPTS_PER_TURN", "ACCEPT_RETRY_DELAY", "Listener"]
+__all__ = ["ACCEPTS_PER_TURN", "ACCEPT_RETRY_DELAY", "MAX_TAKEN", "TAKES_PER_TURN", "Listener"]
 
 log = logging.getLogger(__name__)
 
-#: connections taken from one listening socket per turn of the loop: a burst of 256 is 32
-#: turns of about half a millisecond each instead of one of 15 ms
+#: connections let in per turn of the loop: a burst of 256 is 32 turns of about half a
+#: millisecond each instead of one of 15 ms
 ACCEPTS_PER_TURN = 8
+#: connections taken from one listening socket's queue per turn, into the lines per address
+TAKES_PER_TURN = 32
+#: the room in the lines of a listener whose caller does not say
+MAX_TAKEN = 4096
 #: how long accepting pauses when the process is out of descriptors or memory (seconds),
 #: as asyncio's own servers do, instead of spinning on a socket that stays readable
 ACCEPT_RETRY_DELAY = 1.0
@@ -46,7 +61,8 @@ class Listener:
     """Listening sockets for ``protocol_factory``'s connections (see the module's text).
 
     :meth:`open` binds and starts accepting; :meth:`close` stops accepting and drops the
-    connections accepted but not yet made into transports (a TLS handshake under way).
+    connections accepted but not yet made into transports (waiting in a line, or their TLS
+    handshake under way).
     """
 
     def __init__(
@@ -57,15 +73,24 @@ class Listener:
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | None = None,
         per_turn: int = ACCEPTS_PER_TURN,
+        room: Callable[[], int] = lambda: MAX_TAKEN,
     ) -> None:
         self.loop = loop
         self._factory = protocol_factory
         self._ssl = ssl_context
         self._handshake_timeout = handshake_timeout if ssl_context is not None else None
         self.per_turn = per_turn
+        #: how many connections may wait in the lines now
+        self._room = room
         self.sockets: list[socket.socket] = []
-        #: connections between accept() and their protocol's connection_made
-        self._starting: set[asyncio.Task[Any]] = set()
+        #: connections taken, not yet let in: a line per source address, in the order the
+        #: addresses take their turns (one whose turn came goes to the back)
+        self._lines: dict[str, deque[socket.socket]] = {}
+        self.taken = 0
+        #: the next turn's letting in, when some are still waiting
+        self._letting: asyncio.Handle | None = None
+        #: connections between being let in and their protocol's connection_made
+        self._starting: dict[asyncio.Task[None], socket.socket] = {}
         self._paused: asyncio.TimerHandle | None = None
 
     async def open(self, host: str | None, port: int, backlog: int) -> None:
@@ -116,6 +141,13 @@ class Listener:
             self._paused.cancel()
             self._paused = None
         self._close_sockets()
+        if self._letting is not None:
+            self._letting.cancel()
+            self._letting = None
+        lines, self._lines, self.taken = self._lines, {}, 0
+        for line in lines.values():
+            for conn in line:
+                conn.close()
         for task in list(self._starting):
             task.cancel()
 
@@ -134,12 +166,17 @@ class Listener:
             sock.close()
 
     def _accept(self, sock: socket.socket) -> None:
-        """The listening socket is readable: take up to ``per_turn`` connections."""
-        for _ in range(self.per_turn):
+        """The listening socket is readable: take up to ``TAKES_PER_TURN`` connections into
+        their addresses' lines, then let this turn's in (unless a turn's letting in is
+        already due: it comes next)."""
+        room = max(self.per_turn, self._room())
+        for _ in range(TAKES_PER_TURN):
+            if self.taken >= room:
+                break  # the rest wait in the kernel's queue
             try:
-                conn, _ = sock.accept()
+                conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return  # none left: the next burst wakes this again
+                break  # none left: the next burst wakes this again
             except ConnectionAbortedError:
                 continue  # gone before it was taken
             except OSError as e:
@@ -147,11 +184,36 @@ class Listener:
                     self._pause(e)
                 else:  # the socket itself failed: nothing a retry would mend now
                     log.error("accepting a connection failed: %s", e)
-                return
+                break
             conn.setblocking(False)
+            self._lines.setdefault(address[0], deque()).append(conn)
+            self.taken += 1
+        if self._letting is None:
+            self._let_in()
+
+    def _let_in(self) -> None:
+        """Let in up to ``per_turn`` connections, one from each address's line in turn; the
+        next turn lets in more while any wait."""
+        self._letting = None
+        for _ in range(self.per_turn):
+            if not self._lines:
+                return
+            address = next(iter(self._lines))
+            line = self._lines.pop(address)
+            conn = line.popleft()
+            if line:  # to the back: every other address goes first
+                self._lines[address] = line
+            self.taken -= 1
             task = self.loop.create_task(self._make(conn))
-            self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
+            self._starting[task] = conn
+            task.add_done_callback(self._started)
+        if self._lines:
+            self._letting = self.loop.call_soon(self._let_in)
+
+    def _started(self, task: asyncio.Task[None]) -> None:
+        conn = self._starting.pop(task)
+        if task.cancelled():  # perhaps before it began: _make did not close it then
+            conn.close()
 
     def _pause(self, error: OSError) -> None:
         """Out of descriptors or memory: stop accepting for a moment (the kernel keeps the

@@ -238,6 +238,7 @@ class ClientConnections:
             lambda: _Client(self),
             ssl_context=ssl_context,
             handshake_timeout=self.limits.header_timeout,
+            room=lambda: self.limits.max_connections - self.held,
         )
         await listener.open(host, port, backlog)
         self._listener = listener
