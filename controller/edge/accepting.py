@@ -11,7 +11,7 @@ transport and its protocol through ``loop.connect_accepted_socket`` (with the TL
 handshake, for a TLS listener), as ``create_server`` would have made them.
 
 The kernel's queue is first come, first served: a client connecting behind a thousand
-connections of one flooding address waited for all of them, 125 turns (60-90 ms in the
+connections of one flooding address waited for all of them, 125 turns (50-90 ms in the
 hostile benchmark's status fan-out). So up to ``TAKES_PER_TURN`` connections a turn are
 taken from it (``accept()`` alone, about 10 µs each) into a line per source address, and
 the connections let in each turn are drawn from those lines in turn, one from each: a
