@@ -16,9 +16,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-__all__ = ["STEP_GAP", "TURN_BUDGET", "Allowance", "Pacer", "bulk_step"]
+__all__ = ["STEP_GAP", "TURN_BUDGET", "Allowance", "Lines", "Pacer", "bulk_step"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,42 @@ class Allowance:
         elif self.now < self.most:
             self.now += 1
         return self.now
+
+
+class Lines(dict[str, deque[T]], Generic[T]):
+    """Items waiting in a line per key (a source address), served in turn: :meth:`take`
+    gives the first of the line whose turn it is, and that line goes to the back, so one
+    address with a long line never keeps the others waiting behind it. A dict of the
+    lines, in the order of their turns (``key in lines``, ``bool(lines)``: as fast as a
+    dict's)."""
+
+    __slots__ = ()
+
+    def add(self, key: str, item: T) -> None:
+        """``item`` joins the back of ``key``'s line (a new line's turn comes last)."""
+        line = self.get(key)
+        if line is None:
+            self[key] = line = deque()
+        line.append(item)
+
+    def take(self) -> T:
+        """The first item of the first line (there must be one); its line, if any are
+        left in it, goes to the back."""
+        key = next(iter(self))
+        line = self.pop(key)
+        item = line.popleft()
+        if line:
+            self[key] = line
+        return item
+
+    def remove(self, key: str, item: T) -> None:
+        """Take ``item`` out of ``key``'s line (``ValueError`` if it is not there), the
+        line with it if it was the last."""
+        line = self.get(key)
+        if line is not None:
+            line.remove(item)
+            if not line:
+                del self[key]
 
 
 class Pacer:

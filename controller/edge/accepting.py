@@ -35,9 +35,10 @@ import errno
 import logging
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+from ..pacing import Lines
 
 __all__ = ["ACCEPTS_PER_TURN", "ACCEPT_RETRY_DELAY", "MAX_TAKEN", "TAKES_PER_TURN", "Listener"]
 
@@ -85,7 +86,7 @@ class Listener:
         self.sockets: list[socket.socket] = []
         #: connections taken, not yet let in: a line per source address, in the order the
         #: addresses take their turns (one whose turn came goes to the back)
-        self._lines: dict[str, deque[socket.socket]] = {}
+        self._lines: Lines[socket.socket] = Lines()
         self.taken = 0
         #: the next turn's letting in, when some are still waiting
         self._letting: asyncio.Handle | None = None
@@ -144,7 +145,7 @@ class Listener:
         if self._letting is not None:
             self._letting.cancel()
             self._letting = None
-        lines, self._lines, self.taken = self._lines, {}, 0
+        lines, self._lines, self.taken = self._lines, Lines(), 0
         for line in lines.values():
             for conn in line:
                 conn.close()
@@ -186,7 +187,7 @@ class Listener:
                     log.error("accepting a connection failed: %s", e)
                 break
             conn.setblocking(False)
-            self._lines.setdefault(address[0], deque()).append(conn)
+            self._lines.add(address[0], conn)
             self.taken += 1
         if self._letting is None:
             self._let_in()
@@ -198,11 +199,7 @@ class Listener:
         for _ in range(self.per_turn):
             if not self._lines:
                 return
-            address = next(iter(self._lines))
-            line = self._lines.pop(address)
-            conn = line.popleft()
-            if line:  # to the back: every other address goes first
-                self._lines[address] = line
+            conn = self._lines.take()  # its address's line to the back
             self.taken -= 1
             task = self.loop.create_task(self._make(conn))
             self._starting[task] = conn

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable, Sized
 from typing import Protocol
 
-from ..pacing import Allowance
+from ..pacing import Allowance, Lines
 
 __all__ = [
     "BULK",
@@ -146,7 +145,7 @@ class FairReads:
         self._quiet = 0
         self._scheduled = False
         #: connections with reads held, per source address, in the order they are served
-        self._queues: dict[str, deque[Reader]] = {}
+        self._queues: Lines[Reader] = Lines()
         #: connections handed on in part in the last turn (see _pause_again)
         self._handed: list[Reader] = []
         #: refused bodies' connections waiting to be read again, in turn (see dropped)
@@ -178,7 +177,7 @@ class FairReads:
         self.held_back += 1
         if reader.held is None:
             reader.held = [data]
-            self._queues.setdefault(reader.source, deque()).append(reader)
+            self._queues.add(reader.source, reader)
         else:
             reader.held.append(data)
         self._pause_held(reader)
@@ -214,11 +213,7 @@ class FairReads:
         before the end), or drop them (``deliver=False``: the connection is lost)."""
         self._draining.pop(reader, None)
         if reader.held is not None:
-            queue = self._queues.get(reader.source)
-            if queue is not None:
-                queue.remove(reader)
-                if not queue:
-                    del self._queues[reader.source]
+            self._queues.remove(reader.source, reader)
             if deliver:
                 self._hand_on(reader)
             else:
@@ -253,16 +248,12 @@ class FairReads:
         burst = self._allowance.next_turn()
         again: list[Reader] = []  # handed on in part: the rest waits for a later turn
         while queues and self._passed < burst:
-            source = next(iter(queues))
-            queue = queues.pop(source)
-            reader = queue.popleft()
-            if queue:
-                queues[source] = queue  # to the end of the rotation
+            reader = queues.take()
             self._passed += 1 + (self._hand_on(reader, in_slices=True) >> _UNIT_BITS)
             if reader.held:
                 again.append(reader)
         for reader in again:
-            queues.setdefault(reader.source, deque()).append(reader)
+            queues.add(reader.source, reader)
         self._handed = again
         if queues or self._passed >= RESET_AFTER:
             self._schedule()
